@@ -1,0 +1,230 @@
+"""Proxy configuration: one frozen dataclass built from the environment.
+
+Reads every variable, collects every problem, and raises one ConfigError listing them all.
+Does no I/O beyond reading the mapping it is given (file paths are checked by the parts that open them).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from sidecar.model import ServiceKey, Upstream
+
+# The proxy's fixed ports (DESIGN.md §1); the webhook and manifests use the same numbers.
+OUTBOUND_PORT = 15001
+INBOUND_PORT = 15443
+ADMIN_PORT = 15090
+PROXY_PORTS = frozenset({OUTBOUND_PORT, INBOUND_PORT, ADMIN_PORT})
+
+# Every variable the proxy reads, with its meaning; `python -m sidecar run --help` prints this table.
+ENV_DOC: dict[str, str] = {
+    "KUBERPC_OUTBOUND_ADDR": "host:port the app calls (default 127.0.0.1:15001)",
+    "KUBERPC_INBOUND_ADDR": "host:port for mTLS calls from peers (default 0.0.0.0:15443; 'off' disables)",
+    "KUBERPC_ADMIN_ADDR": "host:port for /metrics /ready /live /debug /shutdown (default 0.0.0.0:15090)",
+    "KUBERPC_APP_ADDR": "host of the local app (default 127.0.0.1)",
+    "KUBERPC_APP_PORT": "port of the local app's gRPC server (required when inbound is on)",
+    "KUBERPC_UPSTREAMS": "dedicated local ports: svc.ns:port=localport,... (kuberpc.io/upstreams)",
+    "KUBERPC_DISCOVERY": "file:/path.yaml | kubernetes (default kubernetes)",
+    "KUBERPC_TLS_CERT": "PEM certificate chain of this workload (SPIFFE URI SAN)",
+    "KUBERPC_TLS_KEY": "PEM private key of this workload",
+    "KUBERPC_TRUST_ANCHORS": "PEM bundle of mesh CA certificates",
+    "KUBERPC_TRUST_DOMAIN": "SPIFFE trust domain (default cluster.local)",
+    "KUBERPC_IDENTITY_ADDR": "host:port of the control plane's identity service (certificates by CSR)",
+    "KUBERPC_IDENTITY_TOKEN": "projected ServiceAccount token file (audience kuberpc-identity)",
+    "KUBERPC_DRAIN_SECONDS": "seconds in-flight calls may take after SIGTERM (default 10)",
+    "KUBERPC_LOG_LEVEL": "debug | info | warning | error (default info)",
+    "KUBERPC_CONNECTIONS_PER_ENDPOINT": "HTTP/2 connections kept to each peer endpoint (default 1)",
+    "POD_NAMESPACE": "namespace of this pod; resolves short service names (default 'default')",
+    "POD_NAME": "name of this pod (logs and /debug only)",
+    "POD_IP": "IP of this pod (logs and /debug only)",
+    "SERVICE_ACCOUNT": "service account of this pod (expected identity)",
+}
+
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+class ConfigError(ValueError):
+    """Every problem found in the configuration, one per line."""
+
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = problems
+        super().__init__("invalid configuration:\n  - " + "\n  - ".join(problems))
+
+
+@dataclass(frozen=True, slots=True)
+class Address:
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True, slots=True)
+class TLSFiles:
+    cert: str
+    key: str
+    trust_anchors: str
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    outbound: Address = Address("127.0.0.1", OUTBOUND_PORT)
+    inbound: Address | None = Address("0.0.0.0", INBOUND_PORT)
+    admin: Address | None = Address("0.0.0.0", ADMIN_PORT)
+    app: Address | None = None
+    upstreams: tuple[Upstream, ...] = ()
+    discovery: str = "kubernetes"
+    discovery_file: str | None = None
+    tls: TLSFiles | None = None
+    trust_domain: str = "cluster.local"
+    drain_seconds: float = 10.0
+    log_level: str = "info"
+    connections_per_endpoint: int = 1
+    namespace: str = "default"
+    pod_name: str = ""
+    pod_ip: str = ""
+    service_account: str = ""
+    extra: Mapping[str, str] = field(default_factory=dict)
+
+
+_HOSTPORT = re.compile(r"^(?:\[(?P<v6>[0-9a-fA-F:.]+)\]|(?P<host>[^:\s]*)):(?P<port>\d{1,5})$")
+_DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
+
+
+def parse_port(text: str) -> int:
+    if not text.isdigit() or not 1 <= int(text) <= 65535:
+        raise ValueError(f"{text!r} is not a port (1-65535)")
+    return int(text)
+
+
+def parse_address(text: str) -> Address:
+    m = _HOSTPORT.match(text.strip())
+    if not m:
+        raise ValueError(f"{text!r} is not host:port")
+    host = m.group("v6") or m.group("host") or "0.0.0.0"
+    return Address(host, parse_port(m.group("port")))
+
+
+def parse_upstreams(text: str, default_namespace: str) -> tuple[Upstream, ...]:
+    """`svc.ns:port=localport,...` (the value of `kuberpc.io/upstreams`). Raises ValueError naming the entry."""
+    out: list[Upstream] = []
+    seen_local: set[int] = set()
+    for raw in text.split(","):
+        entry = raw.strip()
+        if not entry:
+            continue
+        target, sep, local = entry.partition("=")
+        name, colon, port = target.strip().rpartition(":")
+        if not sep or not colon:
+            raise ValueError(f"upstream {entry!r} is not svc.ns:port=localport")
+        key = ServiceKey.parse(name.strip(), default_namespace)
+        for label in (key.name, key.namespace):
+            if not _DNS_LABEL.match(label):
+                raise ValueError(f"upstream {entry!r}: {label!r} is not a DNS label")
+        try:
+            up = Upstream(key, parse_port(port.strip()), parse_port(local.strip()))
+        except ValueError as e:
+            raise ValueError(f"upstream {entry!r}: {e}") from e
+        if up.local_port in PROXY_PORTS:
+            raise ValueError(f"upstream {entry!r}: local port {up.local_port} is one of the proxy's own ports")
+        if up.local_port in seen_local:
+            raise ValueError(f"upstream {entry!r}: local port {up.local_port} is used twice")
+        seen_local.add(up.local_port)
+        out.append(up)
+    return tuple(out)
+
+
+def load(environ: Mapping[str, str]) -> Config:
+    """Build the Config from environment variables; raise ConfigError listing every bad value."""
+    problems: list[str] = []
+    values: dict[str, object] = {}
+
+    def get(name: str) -> str | None:
+        v = environ.get(name)
+        return v.strip() if v is not None and v.strip() != "" else None
+
+    namespace = get("POD_NAMESPACE") or "default"
+    values["namespace"] = namespace
+    for var, attr, optional in (
+        ("KUBERPC_OUTBOUND_ADDR", "outbound", False),
+        ("KUBERPC_INBOUND_ADDR", "inbound", True),
+        ("KUBERPC_ADMIN_ADDR", "admin", True),
+    ):
+        v = get(var)
+        if v is None:
+            continue
+        if optional and v == "off":
+            values[attr] = None
+            continue
+        try:
+            values[attr] = parse_address(v)
+        except ValueError as e:
+            problems.append(f"{var}: {e}")
+
+    app_host = get("KUBERPC_APP_ADDR") or "127.0.0.1"
+    app_port = get("KUBERPC_APP_PORT")
+    if app_port is not None:
+        try:
+            values["app"] = Address(app_host, parse_port(app_port))
+        except ValueError as e:
+            problems.append(f"KUBERPC_APP_PORT: {e}")
+    elif values.get("inbound", Config.inbound) is not None:
+        problems.append("KUBERPC_APP_PORT: required while inbound is on (set KUBERPC_INBOUND_ADDR=off to disable)")
+
+    if (ups := get("KUBERPC_UPSTREAMS")) is not None:
+        try:
+            values["upstreams"] = parse_upstreams(ups, namespace)
+        except ValueError as e:
+            problems.append(f"KUBERPC_UPSTREAMS: {e}")
+
+    disc = get("KUBERPC_DISCOVERY") or "kubernetes"
+    if disc.startswith("file:") and len(disc) > 5:
+        values["discovery"], values["discovery_file"] = "file", disc[5:]
+    elif disc == "kubernetes":
+        values["discovery"] = "kubernetes"
+    else:
+        problems.append(f"KUBERPC_DISCOVERY: {disc!r} is not 'kubernetes' or 'file:/path'")
+
+    tls_vars = ("KUBERPC_TLS_CERT", "KUBERPC_TLS_KEY", "KUBERPC_TRUST_ANCHORS")
+    tls_vals = [get(v) for v in tls_vars]
+    if all(tls_vals):
+        values["tls"] = TLSFiles(*tls_vals)  # type: ignore[arg-type]
+    else:
+        missing = [v for v, x in zip(tls_vars, tls_vals, strict=True) if not x]
+        problems.append(f"{', '.join(missing)}: required (mTLS is always on between proxies)")
+
+    if (td := get("KUBERPC_TRUST_DOMAIN")) is not None:
+        if not re.match(r"^[a-z0-9.\-_]+$", td):
+            problems.append(f"KUBERPC_TRUST_DOMAIN: {td!r} is not a SPIFFE trust domain")
+        values["trust_domain"] = td
+
+    if (ds := get("KUBERPC_DRAIN_SECONDS")) is not None:
+        try:
+            d = float(ds)
+            if not 0 <= d <= 3600:
+                raise ValueError
+            values["drain_seconds"] = d
+        except ValueError:
+            problems.append(f"KUBERPC_DRAIN_SECONDS: {ds!r} is not a number of seconds (0-3600)")
+
+    if (lvl := get("KUBERPC_LOG_LEVEL")) is not None:
+        if lvl.lower() not in LOG_LEVELS:
+            problems.append(f"KUBERPC_LOG_LEVEL: {lvl!r} is not one of {', '.join(LOG_LEVELS)}")
+        values["log_level"] = lvl.lower()
+
+    if (cpe := get("KUBERPC_CONNECTIONS_PER_ENDPOINT")) is not None:
+        if not cpe.isdigit() or not 1 <= int(cpe) <= 16:
+            problems.append(f"KUBERPC_CONNECTIONS_PER_ENDPOINT: {cpe!r} is not a number from 1 to 16")
+        else:
+            values["connections_per_endpoint"] = int(cpe)
+
+    values["pod_name"] = get("POD_NAME") or ""
+    values["pod_ip"] = get("POD_IP") or ""
+    values["service_account"] = get("SERVICE_ACCOUNT") or ""
+
+    if problems:
+        raise ConfigError(problems)
+    return Config(**values)  # type: ignore[arg-type]

@@ -1,0 +1,140 @@
+"""Plain values shared by every layer of the proxy: services, endpoints, policies, the catalog.
+
+No I/O and no imports from the rest of the package: everything else imports this module.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+DEFAULT_WEIGHT = 100
+MAX_WEIGHT = 10_000
+LB_POLICIES = ("weighted-round-robin", "p2c-ewma", "round-robin", "random")
+DEFAULT_LB = "weighted-round-robin"
+
+
+@dataclass(frozen=True, slots=True, order=True)
+class ServiceKey:
+    """A Kubernetes Service, named the way the mesh names it: `name.namespace`."""
+
+    name: str
+    namespace: str
+
+    def __str__(self) -> str:
+        return f"{self.name}.{self.namespace}"
+
+    @classmethod
+    def parse(cls, text: str, default_namespace: str = "default") -> ServiceKey:
+        """`arith`, `arith.ns`, `arith.ns.svc`, `arith.ns.svc.cluster.local` (no port)."""
+        parts = text.split(".")
+        if not parts[0]:
+            raise ValueError(f"empty service name in {text!r}")
+        if len(parts) == 1:
+            return cls(parts[0], default_namespace)
+        return cls(parts[0], parts[1])
+
+
+@dataclass(frozen=True, slots=True)
+class Endpoint:
+    """One backend of a Service.
+
+    `tls=True`: a meshed pod, called at its proxy's inbound port (15443) with mTLS.
+    `tls=False`: a plain pod, called at the Service's target port in plaintext.
+    `pod` is for /debug only: never use it as a metric label.
+    """
+
+    address: str
+    port: int
+    weight: int = DEFAULT_WEIGHT
+    tls: bool = True
+    ready: bool = True
+    serving: bool = True
+    terminating: bool = False
+    pod: str = ""
+
+    @property
+    def key(self) -> tuple[str, int]:
+        """Identity of the endpoint across updates (weight and conditions may change)."""
+        return (self.address, self.port)
+
+    def __str__(self) -> str:
+        host = f"[{self.address}]" if ":" in self.address else self.address
+        return f"{host}:{self.port}"
+
+
+@dataclass(frozen=True, slots=True)
+class ServicePolicy:
+    """The `kuberpc.io/*` annotations of a Service, parsed."""
+
+    lb: str = DEFAULT_LB
+    grpc_services: tuple[str, ...] = ()
+    allow: tuple[str, ...] | None = None  # None: any meshed identity
+    timeout: float | None = None  # seconds; default deadline when the caller sets none
+    retry_on: frozenset[str] = frozenset()
+    retry_budget: float = 0.2
+
+
+@dataclass(frozen=True, slots=True)
+class EndpointSet:
+    """Everything the proxy knows about one Service at one moment."""
+
+    service: ServiceKey
+    endpoints: tuple[Endpoint, ...] = ()
+    policy: ServicePolicy = field(default_factory=ServicePolicy)
+    ports: tuple[int, ...] = ()  # the Service's own ports, for `:authority` matching
+
+    def usable(self) -> tuple[Endpoint, ...]:
+        """Ready endpoints; `serving && terminating` ones only when nothing else is left."""
+        ready = tuple(e for e in self.endpoints if e.ready)
+        if ready:
+            return ready
+        return tuple(e for e in self.endpoints if e.serving and e.terminating)
+
+
+class Catalog:
+    """An immutable snapshot of every known Service, with the lookups routing needs."""
+
+    __slots__ = ("_by_grpc_service", "_by_key", "_by_name")
+
+    def __init__(self, sets: Iterable[EndpointSet] = ()) -> None:
+        self._by_key: dict[ServiceKey, EndpointSet] = {}
+        self._by_name: dict[str, list[ServiceKey]] = {}
+        self._by_grpc_service: dict[str, ServiceKey] = {}
+        for es in sorted(sets, key=lambda s: s.service):
+            self._by_key[es.service] = es
+            self._by_name.setdefault(es.service.name, []).append(es.service)
+            for gs in es.policy.grpc_services:
+                # First (sorted) Service wins a contested gRPC service name: deterministic.
+                self._by_grpc_service.setdefault(gs, es.service)
+
+    @property
+    def services(self) -> Mapping[ServiceKey, EndpointSet]:
+        return self._by_key
+
+    def get(self, key: ServiceKey) -> EndpointSet | None:
+        return self._by_key.get(key)
+
+    def by_name(self, name: str) -> tuple[ServiceKey, ...]:
+        return tuple(self._by_name.get(name, ()))
+
+    def by_grpc_service(self, grpc_service: str) -> ServiceKey | None:
+        return self._by_grpc_service.get(grpc_service)
+
+    def __len__(self) -> int:
+        return len(self._by_key)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Catalog) and self._by_key == other._by_key
+
+    def __hash__(self) -> int:
+        return hash(frozenset(self._by_key.items()))
+
+
+@dataclass(frozen=True, slots=True)
+class Upstream:
+    """One entry of `kuberpc.io/upstreams`: `svc.ns:port=localport`."""
+
+    service: ServiceKey
+    port: int
+    local_port: int
