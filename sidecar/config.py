@@ -94,18 +94,20 @@ _HOSTPORT = re.compile(r"^(?:\[(?P<v6>[0-9a-fA-F:.]+)\]|(?P<host>[^:\s]*)):(?P<p
 _DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
 
 
-def parse_port(text: str) -> int:
-    if not text.isdigit() or not 1 <= int(text) <= 65535:
-        raise ValueError(f"{text!r} is not a port (1-65535)")
+def parse_port(text: str, *, allow_zero: bool = False) -> int:
+    low = 0 if allow_zero else 1
+    if not text.isdigit() or not low <= int(text) <= 65535:
+        raise ValueError(f"{text!r} is not a port ({low}-65535)")
     return int(text)
 
 
 def parse_address(text: str) -> Address:
+    """A listener address; port 0 binds any free port (tests)."""
     m = _HOSTPORT.match(text.strip())
     if not m:
         raise ValueError(f"{text!r} is not host:port")
     host = m.group("v6") or m.group("host") or "0.0.0.0"
-    return Address(host, parse_port(m.group("port")))
+    return Address(host, parse_port(m.group("port"), allow_zero=True))
 
 
 def parse_upstreams(text: str, default_namespace: str) -> tuple[Upstream, ...]:
@@ -171,7 +173,7 @@ def load(environ: Mapping[str, str]) -> Config:
             values["app"] = Address(app_host, parse_port(app_port))
         except ValueError as e:
             problems.append(f"KUBERPC_APP_PORT: {e}")
-    elif values.get("inbound", Config.inbound) is not None:
+    elif "inbound" not in values or values["inbound"] is not None:  # inbound is on by default
         problems.append("KUBERPC_APP_PORT: required while inbound is on (set KUBERPC_INBOUND_ADDR=off to disable)")
 
     if (ups := get("KUBERPC_UPSTREAMS")) is not None:

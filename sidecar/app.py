@@ -1,0 +1,319 @@
+"""Wires the proxy together and owns every long-running part: listeners, discovery, admin, drain.
+
+The one place that builds real clocks, randomness, SSL contexts and the metrics registry; nothing below it
+reads the environment or installs signal handlers (that is __main__'s job).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import ssl
+import time
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass, field
+from typing import Any, cast
+
+from prometheus_client import CollectorRegistry
+
+from sidecar import identity
+from sidecar.admin import AdminServer
+from sidecar.config import Address, Config
+from sidecar.discovery.file import FileDiscovery
+from sidecar.h2.connection import Connection, Flusher, Limits
+from sidecar.inbound import Inbound
+from sidecar.metrics import Metrics
+from sidecar.model import Catalog, Endpoint
+from sidecar.outbound import Outbound
+from sidecar.pool import Pool, tls_failure_reason
+from sidecar.relay import Relay
+
+log = logging.getLogger(__name__)
+
+TLS_HANDSHAKE_TIMEOUT = 10.0
+
+
+class StartupError(Exception):
+    """The proxy cannot start: a port is taken, a file is unreadable, a source is unsupported."""
+
+
+@dataclass
+class Proxy:
+    """A running proxy: what tests and the admin server look at."""
+
+    config: Config
+    metrics: Metrics
+    registry: CollectorRegistry
+    outbound: Outbound
+    out_relay: Relay
+    inbound: Inbound | None
+    in_relay: Relay | None
+    stop: asyncio.Event
+    ready: bool = False
+    catalog_seen: asyncio.Event = field(default_factory=asyncio.Event)
+    servers: list[asyncio.AbstractServer] = field(default_factory=list)
+    ports: dict[str, int] = field(default_factory=dict)
+    admin: AdminServer | None = None
+    started_at: float = field(default_factory=time.monotonic)
+
+    def bound_port(self, what: str) -> int:
+        """The port a listener bound (tests bind port 0): 'outbound', 'inbound' or 'admin'."""
+        if what == "admin":
+            assert self.admin is not None
+            return self.admin.port
+        return self.ports[what]
+
+    def debug(self) -> dict[str, object]:
+        cfg = self.config
+        return {
+            "pod": {"name": cfg.pod_name, "namespace": cfg.namespace, "ip": cfg.pod_ip},
+            "ready": self.ready,
+            "listeners": dict(self.ports),
+            "routes": {
+                "upstreams": {str(u.local_port): f"{u.service}:{u.port}" for u in cfg.upstreams},
+                "services": self.outbound.debug(),
+            },
+            "outbound": self.out_relay.debug(),
+            "inbound": self.in_relay.debug() if self.in_relay is not None else None,
+            "upstream_connections": self.outbound.pool.debug() if self.outbound.pool else [],
+        }
+
+
+class _TLSAccept(asyncio.Protocol):
+    """Accepts a TCP connection and upgrades it with start_tls, so handshake failures can be counted
+    (asyncio's built-in server TLS only logs them in debug mode)."""
+
+    def __init__(self, start: Callable[[asyncio.Transport], None]) -> None:
+        self._start = start
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        transport = cast(asyncio.Transport, transport)  # uvloop transports are not asyncio subclasses
+        self._start(transport)
+
+    def data_received(self, data: bytes) -> None:  # pragma: no cover - start_tls owns the transport
+        return None
+
+
+def _load_identity(cfg: Config) -> tuple[ssl.SSLContext, ssl.SSLContext, float]:
+    """Client and server mTLS contexts and the certificate's expiry; once, before serving."""
+    if cfg.tls is None:
+        raise StartupError("mTLS files are required (KUBERPC_TLS_CERT, KUBERPC_TLS_KEY, KUBERPC_TRUST_ANCHORS)")
+    tls = cfg.tls
+    try:
+        client_ctx = identity.client_context(tls.cert, tls.key, tls.trust_anchors)
+        server_ctx = identity.server_context(tls.cert, tls.key, tls.trust_anchors)
+        with open(tls.cert, "rb") as f:
+            expiry = identity.cert_expiry_timestamp(f.read())
+    except (OSError, ssl.SSLError, ValueError, identity.IdentityError) as e:
+        raise StartupError(f"cannot load the workload identity: {e}") from e
+    return client_ctx, server_ctx, expiry
+
+
+async def serve(cfg: Config, *, stop: asyncio.Event, started: asyncio.Future[Proxy] | None = None) -> None:
+    """Run the proxy until `stop` is set, then drain and return."""
+    loop = asyncio.get_running_loop()
+    registry = CollectorRegistry()
+    metrics = Metrics(registry)
+    flusher = Flusher(loop)
+    limits = Limits()
+    rng = random.Random()
+    tasks: set[asyncio.Task[Any]] = set()
+
+    client_ctx, server_ctx, expiry = _load_identity(cfg)
+    metrics.set_cert_expiry(expiry)
+
+    outbound = Outbound(namespace=cfg.namespace, metrics=metrics, rng=rng)
+    out_pool_ref: list[Pool] = []
+
+    def on_out_connection(conn: Connection) -> None:
+        if conn.client and not out_pool_ref[0].verify(conn):
+            conn.close()
+
+    out_relay = Relay(outbound, metrics=metrics, flusher=flusher, limits=limits, on_connection=on_out_connection)
+    out_pool = Pool(
+        out_relay,
+        flusher=flusher,
+        limits=limits,
+        metrics=metrics,
+        ssl_context=lambda: client_ctx,
+        trust_domain=cfg.trust_domain,
+        per_endpoint=cfg.connections_per_endpoint,
+        name="outbound",
+    )
+    out_pool_ref.append(out_pool)
+    outbound.pool = out_pool
+
+    inbound: Inbound | None = None
+    in_relay: Relay | None = None
+    in_pool: Pool | None = None
+    if cfg.inbound is not None:
+        if cfg.app is None:
+            raise StartupError("inbound is on but no app port is configured (KUBERPC_APP_PORT)")
+        app_ep = Endpoint(cfg.app.host, cfg.app.port, tls=False)
+        inbound = Inbound(app=app_ep, namespace=cfg.namespace, metrics=metrics)
+        in_relay = Relay(inbound, metrics=metrics, flusher=flusher, limits=limits)
+        in_pool = Pool(
+            in_relay,
+            flusher=flusher,
+            limits=limits,
+            metrics=metrics,
+            ssl_context=lambda: None,
+            trust_domain=cfg.trust_domain,
+            name="app",
+        )
+        inbound.pool = in_pool
+
+    proxy = Proxy(cfg, metrics, registry, outbound, out_relay, inbound, in_relay, stop)
+
+    def publish(catalog: Catalog) -> None:
+        outbound.update(catalog)
+        if inbound is not None:
+            inbound.update(catalog)
+        for key in catalog.services:
+            metrics.discovery_update(str(key))
+        proxy.catalog_seen.set()
+        log.info("catalog updated services=%d", len(catalog))
+
+    if cfg.discovery == "file":
+        assert cfg.discovery_file is not None
+        source = FileDiscovery(cfg.discovery_file, namespace=cfg.namespace)
+    else:
+        raise StartupError(
+            f"discovery source {cfg.discovery!r} is not available in this build; use KUBERPC_DISCOVERY=file:/path.yaml"
+        )
+
+    async def bind(addr: Address, factory: Callable[[], asyncio.BaseProtocol], what: str) -> None:
+        try:
+            server = await loop.create_server(factory, addr.host, addr.port, reuse_address=True, backlog=1024)
+        except OSError as e:
+            raise StartupError(f"cannot listen on {addr} ({what}): {e.strerror or e}") from e
+        proxy.servers.append(server)
+        proxy.ports[what] = int(server.sockets[0].getsockname()[1])
+        log.info("listening what=%s addr=%s", what, addr)
+
+    def outbound_factory(upstream: Any = None, label: str = "outbound") -> Callable[[], Connection]:
+        def make() -> Connection:
+            conn = out_relay.server_connection(label)
+            if upstream is not None:
+                conn.extra["upstream"] = upstream
+            return conn
+
+        return make
+
+    def tls_accept() -> asyncio.Protocol:
+        assert in_relay is not None
+
+        def start(raw: asyncio.Transport) -> None:
+            task = loop.create_task(handshake(raw))
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
+
+        return _TLSAccept(start)
+
+    async def handshake(raw: asyncio.Transport) -> None:
+        assert in_relay is not None
+        conn = in_relay.server_connection("inbound")
+        try:
+            tls = await loop.start_tls(raw, conn, server_ctx, server_side=True, ssl_handshake_timeout=TLS_HANDSHAKE_TIMEOUT)
+        except (OSError, ssl.SSLError, TimeoutError, ConnectionError) as e:
+            reason = tls_failure_reason(e) if isinstance(e, ssl.SSLError) else "timeout" if isinstance(e, TimeoutError) else "other"
+            metrics.tls_handshake_failure(reason)
+            log.debug("inbound TLS handshake failed reason=%s error=%r", reason, str(e))
+            raw.abort()
+            return
+        if tls is None:
+            raw.abort()
+            return
+        conn.extra["peer_id"] = identity.peer_identity(tls.get_extra_info("ssl_object"))
+        conn.connection_made(tls)
+
+    admin: AdminServer | None = None
+    try:
+        await bind(cfg.outbound, outbound_factory(), "outbound")
+        for up in cfg.upstreams:
+            await bind(Address("127.0.0.1", up.local_port), outbound_factory(up.service, f"upstream:{up.local_port}"), f"upstream {up.service}")
+        if cfg.inbound is not None:
+            await bind(cfg.inbound, tls_accept, "inbound")
+        if cfg.admin is not None:
+            admin = AdminServer(registry=registry, ready=lambda: proxy.ready, debug=proxy.debug, shutdown=stop.set)
+            try:
+                await admin.start(cfg.admin.host, cfg.admin.port)
+            except OSError as e:
+                raise StartupError(f"cannot listen on {cfg.admin} (admin): {e.strerror or e}") from e
+            proxy.admin = admin
+
+        async with asyncio.TaskGroup() as tg:
+            disc = tg.create_task(source.run(publish))
+            # Ready once identity is loaded (above), listeners are bound and the first catalog is in.
+            waiter = tg.create_task(proxy.catalog_seen.wait())
+            stopper = tg.create_task(stop.wait())
+            await asyncio.wait({waiter, stopper}, return_when=asyncio.FIRST_COMPLETED)
+            if not stop.is_set():
+                proxy.ready = True
+                log.info("ready after_ms=%.0f", (time.monotonic() - proxy.started_at) * 1000)
+            waiter.cancel()
+            if started is not None and not started.done():
+                started.set_result(proxy)
+            await stopper
+            await _drain(proxy, cfg.drain_seconds)
+            disc.cancel()
+    finally:
+        proxy.ready = False
+        for server in proxy.servers:
+            server.close()
+        await out_pool.close()
+        if in_pool is not None:
+            await in_pool.close()
+        for conn in list(out_relay.downstream) + (list(in_relay.downstream) if in_relay else []):
+            conn.close()
+        for t in list(tasks):
+            t.cancel()
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
+        if admin is not None:
+            await admin.close()
+
+
+async def _drain(proxy: Proxy, seconds: float) -> None:
+    """Readiness false, GOAWAY to callers, in-flight calls finish within `seconds`."""
+    proxy.ready = False
+    log.info("draining seconds=%s", seconds)
+    for server in proxy.servers:
+        server.close()
+    relays = [r for r in (proxy.out_relay, proxy.in_relay) if r is not None]
+    for r in relays:
+        r.drain()
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(seconds):
+            for r in relays:
+                await r.idle.wait()
+    left = sum(len(r.downstream) for r in relays)
+    log.info("drained connections_left=%d", left)
+
+
+def run(cfg: Config, *, install_signals: Callable[[asyncio.Event], None] | None = None) -> int:
+    """Run the proxy on the best available event loop; returns the process exit code."""
+    runner: Callable[[Coroutine[Any, Any, int]], int]
+    try:
+        import uvloop
+
+        runner = uvloop.run
+    except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
+        runner = asyncio.run
+
+    async def main() -> int:
+        stop = asyncio.Event()
+        if install_signals is not None:
+            install_signals(stop)
+        try:
+            await serve(cfg, stop=stop)
+        except StartupError as e:
+            log.error("startup failed: %s", e)
+            return 1
+        return 0
+
+    with contextlib.suppress(KeyboardInterrupt):
+        return int(runner(main()))
+    return 130

@@ -1,0 +1,88 @@
+"""Mesh -> app: calls arriving over mTLS are authorized against the target Service's `allow` policy and
+forwarded to the local app. It never dials anything but the local app.
+"""
+
+from __future__ import annotations
+
+from sidecar.h2.connection import Connection, Headers, Stream
+from sidecar.identity import SpiffeId
+from sidecar.metrics import Metrics
+from sidecar.model import Catalog, Endpoint, ServiceKey
+from sidecar.pool import Pool
+from sidecar.relay import PERMISSION_DENIED, UNAVAILABLE, Reject, Request, Target
+from sidecar.routing import RouteMiss, Router
+
+
+def allowed(policy_allow: tuple[str, ...] | None, peer: SpiffeId | None) -> bool:
+    """`kuberpc.io/allow`: `ns/sa` or `ns/*` entries; absent: any meshed identity."""
+    if peer is None:
+        return False
+    if policy_allow is None:
+        return True
+    for entry in policy_allow:
+        ns, _, sa = entry.partition("/")
+        if ns == peer.namespace and (sa == "*" or sa == peer.service_account):
+            return True
+    return False
+
+
+class AppTarget:
+    __slots__ = ("app", "pool", "service", "timeout")
+
+    def __init__(self, service: str, app: Endpoint, pool: Pool) -> None:
+        self.service = service
+        self.app = app
+        self.pool = pool
+        self.timeout: float | None = None  # the caller's proxy already applied the Service default
+
+    def open(self, up: Stream, headers: Headers, end: bool) -> Reject | None:
+        for _ in range(2):
+            conn = self.pool.connection(self.app)
+            up.conn = conn
+            if conn.open_stream(up, headers, end):
+                return None
+        return Reject(UNAVAILABLE, f"kuberpc: local app at {self.app} takes no new streams", self.service)
+
+    def done(self, latency_s: float, ok: bool) -> None:
+        return None
+
+
+class Inbound:
+    """The Router of the inbound Relay."""
+
+    direction = "inbound"
+
+    def __init__(self, *, app: Endpoint, namespace: str, metrics: Metrics) -> None:
+        self.app = app
+        self.namespace = namespace
+        self.metrics = metrics
+        self.pool: Pool | None = None
+        self.catalog = Catalog()
+        self.router = Router(self.catalog, namespace=namespace)
+        self._targets: dict[str, AppTarget] = {}
+
+    def update(self, catalog: Catalog) -> None:
+        self.catalog = catalog
+        self.router = Router(catalog, namespace=self.namespace)
+
+    def route(self, conn: Connection, request: Request) -> Target | Reject:
+        assert self.pool is not None
+        found = self.router.resolve(request.authority, request.path)
+        service = str(found) if isinstance(found, ServiceKey) else "unknown"
+        policy_allow = None
+        if isinstance(found, ServiceKey):
+            es = self.catalog.get(found)
+            policy_allow = es.policy.allow if es is not None else None
+        elif isinstance(found, RouteMiss):
+            policy_allow = None
+        peer: SpiffeId | None = conn.extra.get("peer_id")
+        if not allowed(policy_allow, peer):
+            self.metrics.authz_denied(service)
+            who = str(peer) if peer is not None else "a caller without a mesh identity"
+            return Reject(PERMISSION_DENIED, f"kuberpc: {who} is not allowed to call {service}", service)
+        target = self._targets.get(service)
+        if target is None:
+            if len(self._targets) > 1000:
+                self._targets.clear()
+            target = self._targets[service] = AppTarget(service, self.app, self.pool)
+        return target

@@ -1,0 +1,390 @@
+"""Raw-bytes relay of gRPC calls between two HTTP/2 connections, shared by both directions.
+
+It pairs a caller's stream with an upstream stream, rewrites `grpc-timeout`, answers the caller with a gRPC
+status when the call cannot be placed, and records metrics. Where a call goes is decided by the `Router`
+it is given (outbound.py, inbound.py); it never reads message bodies.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+from sidecar.h2 import frames as F
+from sidecar.h2.connection import Connection, Flusher, Headers, Limits, Stream
+from sidecar.metrics import Metrics
+
+log = logging.getLogger(__name__)
+
+# gRPC status codes (numeric strings are what travels in `grpc-status` and what metrics use)
+OK = 0
+CANCELLED = 1
+UNKNOWN = 2
+DEADLINE_EXCEEDED = 4
+NOT_FOUND = 5
+PERMISSION_DENIED = 7
+RESOURCE_EXHAUSTED = 8
+INTERNAL = 13
+UNAVAILABLE = 14
+
+# Headers RFC 9113 §8.2.2 forbids in HTTP/2; a request carrying one is malformed.
+_CONNECTION_SPECIFIC = frozenset({b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding", b"upgrade"})
+_TIMEOUT_UNITS = {
+    ord("H"): 3600.0,
+    ord("M"): 60.0,
+    ord("S"): 1.0,
+    ord("m"): 1e-3,
+    ord("u"): 1e-6,
+    ord("n"): 1e-9,
+}
+
+
+def parse_grpc_timeout(value: bytes) -> float | None:
+    """`grpc-timeout` (1-8 digits and a unit) in seconds; None when malformed."""
+    if not 2 <= len(value) <= 9 or not value[:-1].isdigit():
+        return None
+    unit = _TIMEOUT_UNITS.get(value[-1])
+    return None if unit is None else int(value[:-1]) * unit
+
+
+def format_grpc_timeout(seconds: float) -> bytes:
+    """The most precise unit that fits in 8 digits."""
+    if seconds <= 0:
+        return b"0n"
+    for unit, scale in ((b"n", 1e9), (b"u", 1e6), (b"m", 1e3), (b"S", 1.0), (b"M", 1 / 60)):
+        v = int(seconds * scale)
+        if v < 100_000_000:
+            return b"%d%s" % (max(v, 1), unit)
+    return b"%dH" % min(int(seconds / 3600) or 1, 99_999_999)
+
+
+def encode_grpc_message(message: str) -> bytes:
+    """Percent-encoding of the gRPC spec: printable ASCII but '%' as is, everything else as %XX of UTF-8."""
+    out = bytearray()
+    for b in message.encode("utf-8"):
+        if 0x20 <= b <= 0x7E and b != 0x25:
+            out.append(b)
+        else:
+            out += b"%%%02X" % b
+    return bytes(out)
+
+
+def trailers_only(status: int, message: str) -> Headers:
+    return [
+        (b":status", b"200"),
+        (b"content-type", b"application/grpc"),
+        (b"grpc-status", str(status).encode()),
+        (b"grpc-message", encode_grpc_message(message)),
+    ]
+
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    """What routing needs from a request's headers."""
+
+    path: str
+    authority: str | None
+    timeout: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class Reject:
+    """The call cannot be placed: answer the caller with this gRPC status."""
+
+    status: int
+    message: str
+    service: str = "unknown"
+
+
+class Target(Protocol):
+    """Where a call goes: the router fills these in; the relay reports back when the call ends."""
+
+    service: str
+    timeout: float | None  # the Service's default deadline when the caller set none
+
+    def open(self, up: Stream, headers: Headers, end: bool) -> Reject | None: ...
+    def done(self, latency_s: float, ok: bool) -> None: ...
+
+
+class Router(Protocol):
+    direction: str
+
+    def route(self, conn: Connection, request: Request) -> Target | Reject: ...
+
+
+class Call:
+    """One relayed call; both streams point at it. Cycles are broken when it finishes."""
+
+    __slots__ = (
+        "closed",
+        "deadline",
+        "down",
+        "method",
+        "relay",
+        "req_bytes",
+        "resp_bytes",
+        "start",
+        "status",
+        "target",
+        "up",
+    )
+
+    def __init__(self, relay: Relay, down: Stream, up: Stream | None, target: Target | None, method: str) -> None:
+        self.relay = relay
+        self.down = down
+        self.up = up
+        self.target = target
+        self.method = method
+        self.start = relay.clock()
+        self.req_bytes = 0
+        self.resp_bytes = 0
+        self.status = -1
+        self.closed = 0
+        self.deadline: asyncio.TimerHandle | None = None
+
+    def on_data(self, s: Stream, n: int) -> None:
+        if s is self.down:
+            self.req_bytes += n
+        else:
+            self.resp_bytes += n
+
+
+class Relay:
+    """The ConnectionHandler of every connection of one direction (its listeners' and its upstreams')."""
+
+    def __init__(
+        self,
+        router: Router,
+        *,
+        metrics: Metrics,
+        flusher: Flusher,
+        limits: Limits,
+        clock: Callable[[], float] = time.monotonic,
+        on_connection: Callable[[Connection], None] | None = None,
+    ) -> None:
+        self.router = router
+        self.direction = router.direction
+        self.metrics = metrics
+        self.flusher = flusher
+        self.limits = limits
+        self.clock = clock
+        self.on_connection = on_connection
+        self.downstream: set[Connection] = set()
+        self.idle = asyncio.Event()  # set while no caller is connected: drain waits on it
+        self.idle.set()
+        self.calls = 0
+
+    def server_connection(self, name: str) -> Connection:
+        return Connection(self, client=False, flusher=self.flusher, limits=self.limits, name=name, clock=self.clock)
+
+    # ---- ConnectionHandler --------------------------------------------------------------------------
+
+    def on_connection_made(self, conn: Connection) -> None:
+        if not conn.client:
+            self.downstream.add(conn)
+            self.idle.clear()
+        if self.on_connection is not None:
+            self.on_connection(conn)
+
+    def on_connection_lost(self, conn: Connection) -> None:
+        self.downstream.discard(conn)
+        if not self.downstream:
+            self.idle.set()
+
+    def on_request(self, conn: Connection, s: Stream, headers: Headers, end: bool) -> None:
+        path = authority = scheme = method = None
+        timeout_at = -1
+        regular = False
+        for i, (name, value) in enumerate(headers):
+            if name[:1] == b":":
+                if regular:
+                    return self._malformed(s, "pseudo-header after regular header")
+                if name == b":path":
+                    path = value
+                elif name == b":authority":
+                    authority = value
+                elif name == b":method":
+                    method = value
+                elif name == b":scheme":
+                    scheme = value
+                else:
+                    return self._malformed(s, f"unknown pseudo-header {name!r}")
+            else:
+                regular = True
+                if name == b"grpc-timeout":
+                    timeout_at = i
+                elif name in _CONNECTION_SPECIFIC or (name == b"te" and value != b"trailers"):
+                    return self._malformed(s, f"connection-specific header {name!r}")
+        if not path or method is None or scheme is None:
+            return self._malformed(s, "missing :method, :scheme or :path")
+        spath = path.decode("latin-1")
+        timeout = parse_grpc_timeout(headers[timeout_at][1]) if timeout_at >= 0 else None
+        request = Request(spath, authority.decode("latin-1") if authority is not None else None, timeout)
+        target = self.router.route(conn, request)
+        if isinstance(target, Reject):
+            return self._reject(s, target, spath)
+        if timeout is not None:
+            # Forward the deadline less what this proxy has already spent on the call.
+            spent = self.clock() - conn.received_at
+            headers[timeout_at] = (b"grpc-timeout", format_grpc_timeout(timeout - spent))
+        elif target.timeout is not None:
+            timeout = target.timeout
+            headers.append((b"grpc-timeout", format_grpc_timeout(timeout)))
+        up = Stream(conn)  # re-homed by target.open onto the chosen upstream connection
+        call = Call(self, s, up, target, spath)
+        s.call = up.call = call
+        s.peer = up
+        up.peer = s
+        self.metrics.call_started(self.direction, target.service)
+        self.calls += 1
+        failure = target.open(up, headers, end)
+        if failure is not None:
+            self._fail(call, failure.status, failure.message)
+            return None
+        if timeout is not None and timeout_at < 0:
+            # We set this deadline, so we enforce it: the caller is not counting.
+            call.deadline = asyncio.get_running_loop().call_later(timeout, self._expire, call)
+        return None
+
+    def on_headers(self, s: Stream, headers: Headers, end: bool) -> None:
+        call = s.call
+        if call is None:
+            return
+        if s is call.up and end:
+            for name, value in headers:
+                if name == b"grpc-status":
+                    call.status = int(value) if value.isdigit() else UNKNOWN
+                    break
+        peer = s.peer
+        if peer is not None and not peer.reset:
+            peer.conn.send_headers(peer, headers, end)
+
+    def on_reset(self, s: Stream, code: int) -> None:
+        call = s.call
+        if call is None:
+            return
+        peer = s.peer
+        if peer is None or peer.reset:
+            return
+        if s is call.down:
+            call.status = CANCELLED if call.status < 0 else call.status
+            peer.conn.reset_stream(peer, F.CANCEL)
+            return
+        # Upstream side failed. A lost connection becomes UNAVAILABLE naming the peer; a reset from the peer
+        # is passed on with its own code, which the caller's gRPC library maps to the matching status.
+        if s.conn.closed and not peer.local_closed:
+            self._answer(call, UNAVAILABLE, f"upstream {s.conn.name} failed: {s.conn.extra.get('error', 'connection lost')}")
+            return
+        call.status = {F.REFUSED_STREAM: UNAVAILABLE, F.CANCEL: CANCELLED}.get(code, INTERNAL)
+        peer.conn.reset_stream(peer, code)
+
+    def on_refused(self, s: Stream) -> None:
+        call = s.call
+        if call is None or call.target is None:
+            return
+        if not s.id and s.pending:
+            # Never reached the wire: place it again (the target picks a connection that takes streams).
+            headers, end = s.pending.popleft()
+            s.reset = False
+            failure = call.target.open(s, headers, end)
+            if failure is not None:
+                self._fail(call, failure.status, failure.message)
+            return
+        self._answer(call, UNAVAILABLE, f"upstream {s.conn.name} refused the stream (GOAWAY)")
+        self._closed(call)
+
+    def on_closed(self, s: Stream) -> None:
+        call = s.call
+        if call is not None:
+            self._closed(call)
+
+    # ---- helpers ------------------------------------------------------------------------------------
+
+    def _closed(self, call: Call) -> None:
+        call.closed += 1
+        if call.closed != 2:
+            return
+        if call.deadline is not None:
+            call.deadline.cancel()
+        down, up = call.down, call.up
+        latency = self.clock() - call.start
+        status = call.status if call.status >= 0 else UNKNOWN
+        target = call.target
+        if target is not None:
+            target.done(latency, status == OK)
+            self.metrics.call_finished(
+                self.direction,
+                target.service,
+                call.method,
+                str(status),
+                latency,
+                call.req_bytes,
+                call.resp_bytes,
+            )
+        # Break the reference cycles (stream <-> peer <-> call) so no cyclic GC is needed.
+        down.peer = down.call = None
+        if up is not None:
+            up.peer = up.call = None
+        call.down = call.up = None  # type: ignore[assignment]
+        call.target = None
+
+    def _malformed(self, s: Stream, why: str) -> None:
+        log.debug("malformed request conn=%s stream=%d reason=%s", s.conn.name, s.id, why)
+        s.conn.reset_stream(s, F.PROTOCOL_ERROR)
+
+    def _reject(self, s: Stream, reject: Reject, path: str) -> None:
+        """A call that is never placed: a trailers-only answer, counted in metrics."""
+        self.metrics.call_started(self.direction, reject.service)
+        self.metrics.call_finished(self.direction, reject.service, path, str(reject.status), 0.0, 0, 0)
+        log.debug("call rejected path=%s status=%d reason=%s", path, reject.status, reject.message)
+        conn = s.conn
+        conn.send_headers(s, trailers_only(reject.status, reject.message), True)
+        if not s.remote_closed:
+            conn.reset_stream(s, F.NO_ERROR)  # the answer is complete: stop sending us the request
+
+    def _answer(self, call: Call, status: int, message: str) -> None:
+        """Finish the caller's side with a gRPC status (trailers-only, or trailers after a started response)."""
+        call.status = status
+        down = call.down
+        if down is None or down.reset or down.local_closed:
+            return
+        conn = down.conn
+        if down.sent_headers or (down.pending and any(len(i) == 2 for i in down.pending)):
+            conn.send_headers(down, [(b"grpc-status", str(status).encode()), (b"grpc-message", encode_grpc_message(message))], True)
+        else:
+            conn.send_headers(down, trailers_only(status, message), True)
+        if not down.remote_closed:
+            conn.reset_stream(down, F.NO_ERROR)
+
+    def _fail(self, call: Call, status: int, message: str) -> None:
+        up = call.up
+        self._answer(call, status, message)
+        if up is not None and not up.reset:
+            up.reset = True
+            up.conn._release_pending(up)
+        call.closed = 1
+        self._closed(call)
+
+    def _expire(self, call: Call) -> None:
+        call.deadline = None
+        if call.down is None:
+            return
+        up = call.up
+        self._answer(call, DEADLINE_EXCEEDED, "deadline exceeded (kuberpc.io/timeout)")
+        if up is not None and not up.reset:
+            up.conn.reset_stream(up, F.CANCEL)
+
+    def drain(self) -> None:
+        for conn in list(self.downstream):
+            conn.drain()
+
+    def debug(self) -> dict[str, object]:
+        return {
+            "direction": self.direction,
+            "calls": self.calls,
+            "connections": [c.debug() for c in self.downstream],
+        }
