@@ -1,0 +1,154 @@
+"""The webhook over real HTTPS on loopback: /mutate, /healthz, /metrics, errors, and certificate reload."""
+
+from __future__ import annotations
+
+import base64
+import json
+import ssl
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import jsonpatch
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from webhook.install import KeyPair, generate_ca, issue_serving_cert, service_dns_names
+
+Review = Callable[[str], dict[str, Any]]
+SERVER_NAME = "kuberpc-webhook.kuberpc-system.svc"
+
+
+async def answer(server: Any, body: Any) -> dict[str, Any]:
+    resp = await server.post("/mutate?timeout=10s", body)
+    assert resp.status == 200, await resp.text()
+    out: dict[str, Any] = (await resp.json())["response"]
+    return out
+
+
+async def metric_samples(server: Any) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    resp = await server.get("/metrics")
+    assert resp.status == 200
+    out = {}
+    for family in text_string_to_metric_families(await resp.text()):
+        for s in family.samples:
+            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return out
+
+
+async def test_mutate_with_the_api_servers_query_string_answers_with_a_patch(live_server: Any, review: Review) -> None:
+    r = review("deployment-pod-review")
+    resp = await answer(live_server, r)
+    assert resp["uid"] == r["request"]["uid"] and resp["allowed"] is True
+    pod = jsonpatch.apply_patch(r["request"]["object"], json.loads(base64.b64decode(resp["patch"])))
+    assert pod["spec"]["initContainers"][0]["name"] == "kuberpc-proxy"
+
+
+async def test_healthz_answers_ok(live_server: Any) -> None:
+    resp = await live_server.get("/healthz")
+    assert (resp.status, await resp.text()) == (200, "ok\n")
+
+
+async def test_metrics_count_each_result_and_time_every_answer(live_server: Any, review: Review) -> None:
+    await answer(live_server, review("deployment-pod-review"))  # injected
+    skipped = review("deployment-pod-review")
+    skipped["request"]["object"]["metadata"]["annotations"]["kuberpc.io/inject"] = "disabled"
+    await answer(live_server, skipped)
+    denied = review("deployment-pod-review")
+    denied["request"]["object"]["metadata"]["annotations"]["kuberpc.io/app-port"] = "x"
+    await answer(live_server, denied)
+    assert (await live_server.post("/mutate", b"{")).status == 400
+    samples = await metric_samples(live_server)
+    for result in ("injected", "skipped", "denied", "error"):
+        assert samples[("kuberpc_webhook_admissions_total", (("result", result),))] == 1.0
+    assert samples[("kuberpc_webhook_admission_duration_seconds_count", ())] == 4.0
+
+
+async def test_a_malformed_review_gets_400_with_the_reason(live_server: Any) -> None:
+    resp = await live_server.post("/mutate", {"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview", "request": {"object": {}}})
+    assert resp.status == 400
+    assert "request.uid is missing" in await resp.text()
+
+
+async def test_a_denial_is_an_ordinary_answer_with_allowed_false(live_server: Any, review: Review) -> None:
+    r = review("deployment-pod-review")
+    r["request"]["object"]["metadata"]["annotations"]["kuberpc.io/upstreams"] = "arith:1=15090"
+    resp = await answer(live_server, r)
+    assert resp["allowed"] is False and "kuberpc.io/upstreams" in resp["status"]["message"]
+
+
+async def test_a_non_pod_object_is_allowed_untouched(live_server: Any, review: Review) -> None:
+    r = review("deployment-pod-review")
+    r["request"]["kind"] = {"group": "", "version": "v1", "kind": "Service"}
+    r["request"]["object"] = {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "s"}}
+    assert await answer(live_server, r) == {"uid": r["request"]["uid"], "allowed": True}
+
+
+async def test_namespace_labels_are_read_only_when_the_pod_does_not_decide(live_server: Any, review: Review) -> None:
+    live_server.namespaces.labels["meshed"] = {"kuberpc.io/inject": "enabled"}
+    assert "patch" in await answer(live_server, review("bare-pod-review"))
+    assert "patch" in await answer(live_server, review("deployment-pod-review"))
+    assert live_server.namespaces.lookups == ["meshed"]
+
+
+async def test_an_unreadable_namespace_gets_503_so_the_failure_policy_decides(live_server: Any, review: Review) -> None:
+    live_server.namespaces.broken = True
+    resp = await live_server.post("/mutate", review("bare-pod-review"))
+    assert resp.status == 503 and "HTTP 500" in await resp.text()
+    assert "patch" in await answer(live_server, review("deployment-pod-review"))
+
+
+async def test_get_on_mutate_is_405_not_a_server_error(live_server: Any) -> None:
+    assert (await live_server.get("/mutate")).status == 405
+
+
+async def _served_ca(base: str, trust: bytes) -> bool:
+    """Whether a fresh TLS connection verifies with `trust` as the only CA."""
+    ctx = ssl.create_default_context(cadata=trust.decode())
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as s:
+        try:
+            async with s.get(base + "/healthz", ssl=ctx, server_hostname=SERVER_NAME) as resp:
+                return resp.status == 200
+        except aiohttp.ClientConnectorCertificateError:
+            return False
+
+
+async def test_a_rotated_certificate_is_served_to_the_next_connection(
+    live_server: Any, serving_files: tuple[KeyPair, Path, Path], tmp_path: Path
+) -> None:
+    import datetime as dt
+
+    old_ca, cert, key = serving_files
+    assert await _served_ca(live_server.base, old_ca.cert_pem)
+    now = dt.datetime.now(dt.UTC)
+    new_ca = generate_ca("rotated CA", now=now)
+    pair = issue_serving_cert(new_ca, service_dns_names(), now=now)
+    # Write aside and rename, as the kubelet's atomic Secret update does.
+    (tmp_path / "new.crt").write_bytes(pair.cert_pem)
+    (tmp_path / "new.key").write_bytes(pair.key_pem)
+    (tmp_path / "new.key").replace(key)
+    (tmp_path / "new.crt").replace(cert)
+    assert await _served_ca(live_server.base, new_ca.cert_pem)
+    assert not await _served_ca(live_server.base, old_ca.cert_pem)
+
+
+async def test_a_half_written_rotation_keeps_the_old_certificate(
+    live_server: Any, serving_files: tuple[KeyPair, Path, Path]
+) -> None:
+    old_ca, cert, _ = serving_files
+    cert.write_bytes(b"-----BEGIN CERTIFICATE-----\ntruncated")
+    assert await _served_ca(live_server.base, old_ca.cert_pem)
+
+
+@pytest.mark.parametrize("path", ["/", "/mutate/extra", "/metrics/x"])
+async def test_unknown_paths_are_404(live_server: Any, path: str) -> None:
+    assert (await live_server.get(path)).status == 404
+
+
+async def test_reinvocation_of_an_injected_pod_needs_no_namespace_lookup(live_server: Any, review: Review) -> None:
+    r = review("bare-pod-review")
+    r["request"]["object"]["metadata"]["labels"] = {"kuberpc.io/injected": "true"}
+    live_server.namespaces.broken = True
+    resp = await answer(live_server, r)
+    assert "patch" not in resp and live_server.namespaces.lookups == []

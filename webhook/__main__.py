@@ -1,0 +1,182 @@
+"""Entry point: `python -m webhook serve ...` runs the injector, `python -m webhook install` prints manifests.
+
+The only reader of argv, os.environ and signals; builds the registry, API client and tasks and wires them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime as dt
+import logging
+import os
+import re
+import signal
+import sys
+from collections.abc import Mapping, Sequence
+from dataclasses import replace
+from pathlib import Path
+
+from prometheus_client import CollectorRegistry
+
+from webhook import __version__
+from webhook import annotations as a
+from webhook.config import ConfigError, InjectorConfig, load_config
+from webhook.install import InstallError, default_manifests_dir, render, write_yaml
+
+log = logging.getLogger("webhook")
+_NAMESPACE = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
+
+JOB_NOTE = """\
+Injected pods:
+  Kubernetes >= 1.29: the proxy is a native sidecar (an initContainer with restartPolicy: Always);
+  it starts before the app and stops after it, so Jobs complete by themselves.
+  Older clusters or kuberpc.io/native-sidecar: "false": the proxy is the first regular container and
+  the app starts only once it is ready (postStart hook). A Job's last step then ends the proxy with
+    curl -X POST http://localhost:15090/shutdown   (accepted from localhost only)
+  On SIGTERM the proxy turns unready and keeps serving in-flight calls for kuberpc.io/drain-seconds
+  (default: terminationGracePeriodSeconds - 5), so no preStop hook is needed.
+"""
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m webhook",
+        description=f"kuberpc control plane {__version__}: proxy-injection webhook and installer.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=JOB_NOTE,
+    )
+    sub = p.add_subparsers(dest="command", required=True)
+    s = sub.add_parser("serve", help="run the mutating admission webhook over HTTPS")
+    s.add_argument("--config", required=True, help="injector config.yaml")
+    s.add_argument("--tls-cert", required=True, help="serving certificate (PEM); reloaded when it changes")
+    s.add_argument("--tls-key", required=True, help="serving key (PEM); reloaded when it changes")
+    s.add_argument("--host", default="0.0.0.0", help="listen address (default 0.0.0.0)")
+    s.add_argument("--port", type=int, default=8443, help="listen port (default 8443)")
+    s.add_argument(
+        "--trust-anchors",
+        default="/etc/kuberpc/identity-ca/ca.pem",
+        help="identity CA bundle kept in the kuberpc-trust-anchors ConfigMap of every namespace labelled "
+        "kuberpc.io/inject=enabled (skipped when the file is absent)",
+    )
+    s.add_argument(
+        "--shutdown-delay",
+        type=float,
+        default=3.0,
+        help="seconds to keep answering after SIGTERM while the Service stops routing here (default 3)",
+    )
+    i = sub.add_parser(
+        "install",
+        help="print manifests/ with fresh certificates, for `kubectl apply -f -`",
+        description="Generate the webhook serving CA and certificate and the mesh identity CA, and print "
+        "manifests/ filled in with them plus their Secrets and trust-anchor ConfigMaps.",
+    )
+    i.add_argument("--namespaces", default="", help="comma-separated namespaces that also get the trust-anchor ConfigMap")
+    i.add_argument("--manifests", type=Path, default=None, help="directory with kustomization.yaml (default: manifests/)")
+    i.add_argument("--trust-domain", default=a.DEFAULT_TRUST_DOMAIN, help="SPIFFE trust domain (default cluster.local)")
+    return p
+
+
+def _load_config(path: str, environ: Mapping[str, str]) -> InjectorConfig:
+    # The pod's own namespace is the default control-plane namespace; the config file may still name another.
+    base = InjectorConfig(control_plane_namespace=environ.get("POD_NAMESPACE") or a.DEFAULT_CONTROL_PLANE_NAMESPACE)
+    try:
+        text = Path(path).read_text()
+    except OSError as e:
+        raise ConfigError([f"{path}: {e.strerror}"]) from e
+    return load_config(text, base=base)
+
+
+def _read_bundle(path: str) -> str | None:
+    try:
+        return Path(path).read_text()
+    except OSError:
+        log.info("event=trust_anchor_sync_off reason=no_bundle path=%s", path)
+        return None
+
+
+async def _serve(args: argparse.Namespace, cfg: InjectorConfig, bundle: str | None) -> None:
+    # Imported here so `--help` and `install` work without loading aiohttp and the kubernetes client.
+    from webhook.kube import NamespaceLabels, fetch_version, load_api_client
+    from webhook.metrics import WebhookMetrics
+    from webhook.server import CertReloader, create_app, running
+    from webhook.trust import TrustAnchorSync
+
+    api = load_api_client()
+    if cfg.native_sidecar == "auto" and cfg.kubernetes_version is None:
+        if api is None:
+            log.warning("event=kubernetes_version_unknown fallback=regular_container")
+        else:
+            try:
+                cfg = replace(cfg, kubernetes_version=await fetch_version(api))
+            except Exception as e:  # any failure here only costs the native-sidecar default
+                log.warning("event=kubernetes_version_unknown fallback=regular_container error=%s", type(e).__name__)
+    log.info(
+        "event=config image=%s native_sidecar=%s kubernetes_version=%s",
+        cfg.image,
+        cfg.native_by_default,
+        ".".join(map(str, cfg.kubernetes_version or ())) or "unknown",
+    )
+    reloader = CertReloader(args.tls_cert, args.tls_key)
+    app = create_app(cfg=cfg, metrics=WebhookMetrics(CollectorRegistry()), namespace_labels=NamespaceLabels(api))
+    trust = None
+    if bundle is not None and api is not None:
+        trust = TrustAnchorSync(api, bundle=bundle, control_plane=cfg.control_plane_namespace)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    async with asyncio.TaskGroup() as tg, running(app, host=args.host, port=args.port, ssl_context=reloader.context):
+        if trust is not None:
+            tg.create_task(trust.run(stop), name="trust-anchors")
+        await stop.wait()
+        log.info("event=stopping delay=%s", args.shutdown_delay)
+        # Endpoints lag behind SIGTERM: keep answering the API server until it stops sending here.
+        await asyncio.sleep(max(0.0, args.shutdown_delay))
+
+
+def _install(args: argparse.Namespace) -> int:
+    namespaces = [n.strip() for n in args.namespaces.split(",") if n.strip()]
+    bad = [n for n in namespaces if not _NAMESPACE.match(n)]
+    if bad:
+        print(f"install: not namespace names: {', '.join(bad)}", file=sys.stderr)
+        return 2
+    try:
+        docs = render(
+            args.manifests or default_manifests_dir(),
+            namespaces=namespaces,
+            now=dt.datetime.now(dt.UTC),
+            trust_domain=args.trust_domain,
+        )
+    except InstallError as e:
+        print(f"install: {e}", file=sys.stderr)
+        return 1
+    write_yaml(docs, sys.stdout)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    env = os.environ if environ is None else environ
+    if args.command == "install":
+        return _install(args)
+    try:
+        cfg = _load_config(args.config, env)
+    except ConfigError as e:
+        print(str(e), file=sys.stderr)
+        return 2
+    logging.basicConfig(
+        level=cfg.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s", stream=sys.stderr
+    )
+    bundle = _read_bundle(args.trust_anchors)
+    try:
+        import uvloop
+    except ImportError:  # uvloop is optional (not built for every platform)
+        asyncio.run(_serve(args, cfg, bundle))
+    else:
+        uvloop.run(_serve(args, cfg, bundle))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,99 @@
+"""Every annotation, label, port, path, name and default the injector writes or reads, in one place.
+
+Only constants: no parsing and no decisions (those live in patch.py and config.py).
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+PREFIX: Final = "kuberpc.io/"
+
+# --- pod annotations read by the injector (DESIGN.md §2) ---
+INJECT: Final = PREFIX + "inject"
+APP_PORT: Final = PREFIX + "app-port"
+UPSTREAMS: Final = PREFIX + "upstreams"
+WEIGHT: Final = PREFIX + "weight"
+PROXY_CPU: Final = PREFIX + "proxy-cpu"
+PROXY_MEMORY: Final = PREFIX + "proxy-memory"
+PROXY_LOG_LEVEL: Final = PREFIX + "proxy-log-level"
+PROXY_IMAGE: Final = PREFIX + "proxy-image"
+NATIVE_SIDECAR: Final = PREFIX + "native-sidecar"
+DRAIN_SECONDS: Final = PREFIX + "drain-seconds"
+
+INJECT_ENABLED: Final = "enabled"
+INJECT_DISABLED: Final = "disabled"
+
+# --- written by the injector ---
+INJECTED: Final = PREFIX + "injected"  # annotation: the injector's version; label: "true"
+INJECTED_LABEL_VALUE: Final = "true"
+DEFAULT_CONTAINER: Final = "kubectl.kubernetes.io/default-container"
+PROMETHEUS_SCRAPE: Final = "prometheus.io/scrape"
+PROMETHEUS_PORT: Final = "prometheus.io/port"
+PROMETHEUS_PATH: Final = "prometheus.io/path"
+
+# --- namespace label ---
+NAMESPACE_INJECT_LABEL: Final = INJECT
+
+# --- weight (read by discovery from the Pod; the injector only corrects it) ---
+DEFAULT_WEIGHT: Final = 100
+MAX_WEIGHT: Final = 10_000
+
+# --- the proxy's fixed ports (DESIGN.md §1) ---
+OUTBOUND_PORT: Final = 15001
+INBOUND_PORT: Final = 15443
+ADMIN_PORT: Final = 15090
+PROXY_PORTS: Final = frozenset({OUTBOUND_PORT, INBOUND_PORT, ADMIN_PORT})
+PORT_NAMES: Final = {OUTBOUND_PORT: "proxy-outbound", INBOUND_PORT: "proxy-inbound", ADMIN_PORT: "proxy-admin"}
+READY_PATH: Final = "/ready"
+LIVE_PATH: Final = "/live"
+METRICS_PATH: Final = "/metrics"
+
+# --- the injected container ---
+PROXY_CONTAINER: Final = "kuberpc-proxy"
+PROXY_IMAGE_REPO: Final = "ghcr.io/kuberpc/proxy"
+PROXY_ARGS: Final = ("run",)
+PROXY_UID: Final = 65532
+# The proxy image has Python but no shell, so the startup hold is a Python subcommand.
+WAIT_READY_COMMAND: Final = ("python", "-m", "sidecar", "wait-ready", "--timeout", "120")
+LOG_LEVELS: Final = ("debug", "info", "warning", "error")
+DEFAULT_LOG_LEVEL: Final = "info"
+DEFAULT_CPU_REQUEST: Final = "50m"
+DEFAULT_MEMORY_REQUEST: Final = "64Mi"
+DEFAULT_CPU_LIMIT: Final = "1"
+DEFAULT_MEMORY_LIMIT: Final = "256Mi"
+DEFAULT_GRACE_SECONDS: Final = 30
+DRAIN_MARGIN_SECONDS: Final = 5  # leave the kubelet this much of the grace period after the drain
+MIN_DRAIN_SECONDS: Final = 1
+MAX_DRAIN_SECONDS: Final = 3600  # the proxy rejects more (sidecar/config.py)
+
+# --- volumes and the paths the proxy reads (sidecar/config.py ENV_DOC) ---
+IDENTITY_VOLUME: Final = "kuberpc-identity"
+IDENTITY_DIR: Final = "/var/run/kuberpc/identity"
+IDENTITY_VOLUME_SIZE: Final = "1Mi"
+TRUST_ANCHORS_VOLUME: Final = "kuberpc-trust-anchors"
+TRUST_ANCHORS_CONFIGMAP: Final = "kuberpc-trust-anchors"
+TRUST_ANCHORS_KEY: Final = "ca.pem"
+TRUST_ANCHORS_DIR: Final = "/var/run/kuberpc/trust-anchors"
+TOKEN_VOLUME: Final = "kuberpc-identity-token"
+TOKEN_DIR: Final = "/var/run/secrets/kuberpc.io/tokens"
+TOKEN_AUDIENCE: Final = "kuberpc-identity"
+TOKEN_FILE: Final = "kuberpc-identity"
+TOKEN_EXPIRATION_SECONDS: Final = 3600
+TLS_CERT_PATH: Final = IDENTITY_DIR + "/cert.pem"
+TLS_KEY_PATH: Final = IDENTITY_DIR + "/key.pem"
+TRUST_ANCHORS_PATH: Final = TRUST_ANCHORS_DIR + "/" + TRUST_ANCHORS_KEY
+TOKEN_PATH: Final = TOKEN_DIR + "/" + TOKEN_FILE
+
+# --- injector config defaults (config.yaml) ---
+DEFAULT_TRUST_DOMAIN: Final = "cluster.local"
+DEFAULT_IDENTITY_ADDR: Final = "kuberpc-webhook.kuberpc-system.svc:8081"
+DEFAULT_CONTROL_PLANE_NAMESPACE: Final = "kuberpc-system"
+DEFAULT_IMAGE_PULL_POLICY: Final = "IfNotPresent"
+NATIVE_SIDECAR_MIN_VERSION: Final = (1, 29)
+
+# --- control plane objects (shared with manifests/ and the install CLI) ---
+WEBHOOK_NAME: Final = "kuberpc-webhook"
+WEBHOOK_CONFIGURATION: Final = "kuberpc-injector"
+WEBHOOK_TLS_SECRET: Final = "kuberpc-webhook-tls"
+IDENTITY_CA_SECRET: Final = "kuberpc-identity-ca"

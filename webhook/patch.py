@@ -1,0 +1,552 @@
+"""What to inject into a Pod, decided by pure functions: skip, deny or a JSON Patch with its warnings.
+
+No I/O, no clock and no cluster access: the caller passes the Pod, its namespace's labels and the config.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from decimal import Decimal
+from typing import Literal, NotRequired, TypedDict
+
+from webhook import annotations as a
+from webhook.config import InjectorConfig, parse_positive_quantity, quantity_value
+
+Json = dict[str, "Json"] | list["Json"] | str | int | float | bool | None
+JsonObject = dict[str, Json]
+
+
+class JsonPatchOp(TypedDict):
+    op: Literal["add", "replace", "remove"]
+    path: str
+    value: NotRequired[Json]
+
+
+Result = Literal["injected", "skipped", "denied"]
+
+_DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
+_INTEGER = re.compile(r"^[+-]?\d{1,12}$")
+_SECONDS = re.compile(r"^\d{1,7}(?:\.\d{1,6})?$")
+_SHOWN_CHARS = 40  # API servers truncate warnings past 120 characters: keep echoed values short
+
+
+def show(value: str) -> str:
+    """An annotation value as it may appear in a message: quoted, escaped, truncated."""
+    text = value if len(value) <= _SHOWN_CHARS else value[:_SHOWN_CHARS] + "..."
+    return ascii(text)
+
+
+def escape(key: str) -> str:
+    """A map key as one JSON Pointer segment (RFC 6901): `~` -> `~0`, `/` -> `~1`."""
+    return key.replace("~", "~0").replace("/", "~1")
+
+
+# --- tolerant readers: a fuzzed Pod may hold any JSON where a map or list is expected ---
+# JSON objects always decode to dict, so `dict` is the type checked (cheaper than the `Mapping` ABC).
+
+
+def _map(obj: object, key: str) -> Mapping[str, object] | None:
+    v = obj.get(key) if isinstance(obj, dict) else None
+    return v if isinstance(v, dict) else None
+
+
+def _list(obj: object, key: str) -> Sequence[object] | None:
+    v = obj.get(key) if isinstance(obj, dict) else None
+    return v if isinstance(v, list) else None
+
+
+def _str_map(obj: object, key: str) -> dict[str, str]:
+    m = _map(obj, key)
+    return {k: v for k, v in m.items() if isinstance(k, str) and isinstance(v, str)} if m else {}
+
+
+def pod_annotations(pod: Mapping[str, object]) -> dict[str, str]:
+    return _str_map(_map(pod, "metadata"), "annotations")
+
+
+def pod_labels(pod: Mapping[str, object]) -> dict[str, str]:
+    return _str_map(_map(pod, "metadata"), "labels")
+
+
+def shape_problem(pod: Mapping[str, object]) -> str | None:
+    """Why this object cannot be patched as a Pod (the API server would reject it anyway), or None."""
+    metadata = pod.get("metadata", {})
+    if not isinstance(metadata, dict):
+        return "metadata is not an object"
+    for key in ("annotations", "labels"):
+        m = metadata.get(key)
+        if m is not None and not (
+            isinstance(m, dict) and all(isinstance(v, str) for v in m.values())
+        ):
+            return f"metadata.{key} is not a map of strings"
+    spec = pod.get("spec")
+    if not isinstance(spec, dict):
+        return "spec is missing"
+    containers = spec.get("containers")
+    if not isinstance(containers, list) or not containers:
+        return "spec.containers is empty"
+    for key in ("containers", "initContainers", "volumes"):
+        items = spec.get(key)
+        if items is not None and not (
+            isinstance(items, list) and all(isinstance(i, dict) for i in items)
+        ):
+            return f"spec.{key} is not a list of objects"
+    return None
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """Whether a Pod should get the proxy, and why (the reason is shown as an admission warning on skip)."""
+
+    inject: bool
+    reason: str
+
+
+def needs_namespace_labels(pod: Mapping[str, object]) -> bool:
+    """False when the pod's own `kuberpc.io/inject` decides, so the namespace need not be looked up."""
+    return pod_annotations(pod).get(a.INJECT) not in (a.INJECT_ENABLED, a.INJECT_DISABLED)
+
+
+def already_injected(pod: Mapping[str, object]) -> bool:
+    """Either marker, or a container already named like the proxy (a hand-made or half-removed injection)."""
+    if a.INJECTED in pod_annotations(pod) or pod_labels(pod).get(a.INJECTED) == a.INJECTED_LABEL_VALUE:
+        return True
+    spec = _map(pod, "spec")
+    for key in ("containers", "initContainers"):
+        for c in _list(spec, key) or ():
+            if isinstance(c, dict) and c.get("name") == a.PROXY_CONTAINER:
+                return True
+    return False
+
+
+def needs_injection(
+    pod: Mapping[str, object],
+    ns_labels: Mapping[str, str],
+    cfg: InjectorConfig,
+    *,
+    namespace: str = "",
+) -> Decision:
+    """Opted in (pod annotation first, then namespace label), not injected yet, and able to carry a proxy."""
+    ns = namespace or str((_map(pod, "metadata") or {}).get("namespace") or "")
+    if ns == cfg.control_plane_namespace:
+        return Decision(False, f"namespace {ns} is kuberpc's control plane")
+    if already_injected(pod):
+        return Decision(False, "already injected")
+    wanted = pod_annotations(pod).get(a.INJECT)
+    if wanted == a.INJECT_DISABLED:
+        return Decision(False, f"{a.INJECT} is {a.INJECT_DISABLED}")
+    if wanted != a.INJECT_ENABLED and ns_labels.get(a.NAMESPACE_INJECT_LABEL) != a.INJECT_ENABLED:
+        if wanted is not None:  # e.g. "true": say what was expected rather than only "not opted in"
+            return Decision(False, f"{a.INJECT} is {show(wanted)}, not {a.INJECT_ENABLED} or {a.INJECT_DISABLED}")
+        return Decision(False, f"not opted in ({a.INJECT}: {a.INJECT_ENABLED} on the pod or its namespace)")
+    if (problem := shape_problem(pod)) is not None:
+        return Decision(False, f"not a valid pod: {problem}")
+    if (_map(pod, "spec") or {}).get("hostNetwork") is True:
+        return Decision(False, "hostNetwork pods share the node's ports and cannot carry a proxy")
+    return Decision(True, "opted in")
+
+
+@dataclass(frozen=True, slots=True)
+class ProxySettings:
+    """Everything the injected container depends on, after annotations were validated."""
+
+    image: str
+    app_port: int | None  # None: the app serves nothing, inbound is off
+    upstreams: str  # normalised `svc.ns:port=localport,...`
+    log_level: str
+    cpu_request: str
+    memory_request: str
+    cpu_limit: str
+    memory_limit: str
+    drain_seconds: str
+    native: bool
+    startup_hold: bool
+    app_container: str | None
+    weight: str | None  # corrected `kuberpc.io/weight` to write back, or None to leave it
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    settings: ProxySettings
+    warnings: tuple[str, ...]
+
+
+class Denied(Exception):
+    """The pod could not work with these annotations; the message names each one and its value."""
+
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = problems
+        super().__init__("kuberpc: " + "; ".join(problems))
+
+
+def _port(text: str) -> int:
+    if not text.isdigit() or len(text) > 5 or not 1 <= int(text) <= 65535:
+        raise ValueError
+    return int(text)
+
+
+def _container_ports(containers: Sequence[object]) -> list[tuple[str, int]]:
+    out: list[tuple[str, int]] = []
+    for c in containers:
+        for p in _list(c, "ports") or ():
+            port = p.get("containerPort") if isinstance(p, dict) else None
+            if isinstance(port, int) and not isinstance(port, bool) and 1 <= port <= 65535:
+                name = (c.get("name") if isinstance(c, dict) else None) or "?"
+                out.append((str(name), port))
+    return out
+
+
+def parse_upstreams(text: str, namespace: str) -> list[tuple[str, int, int]]:
+    """`svc[.ns[.svc[.cluster.local]]]:port=localport,...` -> [(`svc.ns`, port, localport)]; ValueError names the entry."""
+    out: list[tuple[str, int, int]] = []
+    for raw in text.split(","):
+        entry = raw.strip()
+        if not entry:
+            continue
+        target, sep, local = entry.partition("=")
+        host, colon, port = target.strip().rpartition(":")
+        if not sep or not colon:
+            raise ValueError(f"{show(entry)} is not svc.ns:port=localport")
+        parts = host.split(".")
+        name, ns = parts[0], parts[1] if len(parts) > 1 else namespace
+        rest = parts[2:]
+        if rest not in ([], ["svc"], ["svc", "cluster", "local"]):
+            raise ValueError(f"{show(entry)}: {show(host)} is not svc.ns[.svc[.cluster.local]]")
+        for label in (name, ns):
+            if not _DNS_LABEL.match(label):
+                raise ValueError(f"{show(entry)}: {show(label)} is not a DNS label")
+        try:
+            out.append((f"{name}.{ns}", _port(port.strip()), _port(local.strip())))
+        except ValueError:
+            raise ValueError(f"{show(entry)}: port and local port must be 1-65535") from None
+    return out
+
+
+def _max_quantity(x: str, y: str) -> str:
+    return x if quantity_value(x) >= quantity_value(y) else y
+
+
+def _seconds(value: Decimal) -> str:
+    return str(int(value)) if value == value.to_integral_value() else str(value)
+
+
+def plan_injection(pod: Mapping[str, object], cfg: InjectorConfig, *, namespace: str = "") -> Plan:
+    """Read and check every annotation; raise Denied listing each that would break the pod."""
+    ann = pod_annotations(pod)
+    spec = _map(pod, "spec") or {}
+    containers = _list(spec, "containers") or []
+    ns = namespace or str((_map(pod, "metadata") or {}).get("namespace") or "default")
+    problems: list[str] = []
+    warnings: list[str] = []
+
+    ours = {v["name"] for v in proxy_volumes()}
+    for v in _list(spec, "volumes") or ():
+        name = v.get("name") if isinstance(v, dict) else None
+        if isinstance(name, str) and name in ours:
+            problems.append(f"volume {show(name)} already exists; the proxy needs that name")
+
+    first = containers[0] if containers else None
+    app_container = first.get("name") if isinstance(first, dict) else None
+    app_ports = _container_ports(containers)
+    for cname, port in app_ports:
+        if port in a.PROXY_PORTS:
+            problems.append(f"container {show(cname)} port {port} is one of the proxy's ports (15001, 15443, 15090)")
+
+    app_port: int | None = None
+    if a.APP_PORT in ann:
+        try:
+            app_port = _port(ann[a.APP_PORT].strip())
+            if app_port in a.PROXY_PORTS:
+                problems.append(f"{a.APP_PORT}: {app_port} is one of the proxy's ports (15001, 15443, 15090)")
+        except ValueError:
+            problems.append(f"{a.APP_PORT}: {show(ann[a.APP_PORT])} is not a port (1-65535)")
+    else:
+        first_ports = _container_ports([first]) if first is not None else []
+        app_port = first_ports[0][1] if first_ports else None
+
+    upstreams = ""
+    if a.UPSTREAMS in ann:
+        try:
+            parsed = parse_upstreams(ann[a.UPSTREAMS], ns)
+            taken: dict[int, str] = {p: "a proxy port" for p in a.PROXY_PORTS}
+            for cname, port in app_ports:
+                taken.setdefault(port, f"a port of container {show(cname)}")
+            if app_port is not None:
+                taken.setdefault(app_port, "the app port")
+            for svc, port, local in parsed:
+                if local in taken:
+                    problems.append(f"{a.UPSTREAMS}: {svc}:{port}={local}: local port {local} is {taken[local]}")
+                taken[local] = "used twice"
+            upstreams = ",".join(f"{svc}:{port}={local}" for svc, port, local in parsed)
+        except ValueError as e:
+            problems.append(f"{a.UPSTREAMS}: {e}")
+
+    res = cfg.resources
+    cpu_req, mem_req, cpu_lim, mem_lim = res.cpu_request, res.memory_request, res.cpu_limit, res.memory_limit
+    for key, kind in ((a.PROXY_CPU, "cpu"), (a.PROXY_MEMORY, "memory")):
+        if key not in ann:
+            continue
+        value = ann[key].strip()
+        try:
+            parse_positive_quantity(value)
+        except ValueError:
+            problems.append(f"{key}: {show(ann[key])} is not a Kubernetes quantity (e.g. 100m, 128Mi)")
+            continue
+        # The annotation sets the request; the limit rises with it so the pod stays valid (request <= limit).
+        if kind == "cpu":
+            cpu_req, cpu_lim = value, _max_quantity(cpu_lim, value)
+        else:
+            mem_req, mem_lim = value, _max_quantity(mem_lim, value)
+
+    image = cfg.image
+    if a.PROXY_IMAGE in ann:
+        image = ann[a.PROXY_IMAGE].strip()
+        if not image or any(ch.isspace() for ch in image) or len(image) > 512:
+            problems.append(f"{a.PROXY_IMAGE}: {show(ann[a.PROXY_IMAGE])} is not an image reference")
+
+    grace = spec.get("terminationGracePeriodSeconds")
+    grace_s = grace if isinstance(grace, int) and not isinstance(grace, bool) else a.DEFAULT_GRACE_SECONDS
+    drain = Decimal(min(a.MAX_DRAIN_SECONDS, max(a.MIN_DRAIN_SECONDS, grace_s - a.DRAIN_MARGIN_SECONDS)))
+    if a.DRAIN_SECONDS in ann:
+        text = ann[a.DRAIN_SECONDS].strip()
+        if not _SECONDS.match(text) or Decimal(text) > a.MAX_DRAIN_SECONDS:
+            problems.append(f"{a.DRAIN_SECONDS}: {show(ann[a.DRAIN_SECONDS])} is not a number of seconds (0-3600)")
+        else:
+            drain = Decimal(text)
+            if drain > grace_s:
+                warnings.append(
+                    f"{a.DRAIN_SECONDS}: {_seconds(drain)} exceeds terminationGracePeriodSeconds {grace_s}"
+                )
+
+    weight: str | None = None
+    if a.WEIGHT in ann:
+        text = ann[a.WEIGHT].strip()
+        if not _INTEGER.match(text):
+            weight = str(a.DEFAULT_WEIGHT)
+            warnings.append(f"{a.WEIGHT}: {show(ann[a.WEIGHT])} is not an integer; using {weight}")
+        elif not 0 <= int(text) <= a.MAX_WEIGHT:
+            weight = str(min(a.MAX_WEIGHT, max(0, int(text))))
+            warnings.append(f"{a.WEIGHT}: {show(text)} is outside 0-{a.MAX_WEIGHT}; using {weight}")
+
+    native = cfg.native_by_default
+    if a.NATIVE_SIDECAR in ann:
+        text = ann[a.NATIVE_SIDECAR].strip().lower()
+        if text in ("true", "false"):
+            native = text == "true"
+            if native and cfg.kubernetes_version is not None and cfg.kubernetes_version < a.NATIVE_SIDECAR_MIN_VERSION:
+                warnings.append(f"{a.NATIVE_SIDECAR}: true on Kubernetes {cfg.kubernetes_version[0]}.{cfg.kubernetes_version[1]} (needs 1.29)")
+        else:
+            warnings.append(f"{a.NATIVE_SIDECAR}: {show(ann[a.NATIVE_SIDECAR])} is not true/false; using {str(native).lower()}")
+
+    log_level = cfg.log_level
+    if a.PROXY_LOG_LEVEL in ann:
+        text = ann[a.PROXY_LOG_LEVEL].strip().lower()
+        if text in a.LOG_LEVELS:
+            log_level = text
+        else:
+            warnings.append(f"{a.PROXY_LOG_LEVEL}: {show(ann[a.PROXY_LOG_LEVEL])} is unknown; using {log_level}")
+
+    if problems:
+        raise Denied(problems)
+    settings = ProxySettings(
+        image=image,
+        app_port=app_port,
+        upstreams=upstreams,
+        log_level=log_level,
+        cpu_request=cpu_req,
+        memory_request=mem_req,
+        cpu_limit=cpu_lim,
+        memory_limit=mem_lim,
+        drain_seconds=_seconds(drain),
+        native=native,
+        startup_hold=cfg.startup_hold,
+        app_container=str(app_container) if isinstance(app_container, str) else None,
+        weight=weight,
+    )
+    return Plan(settings, tuple(warnings))
+
+
+def _field_env(name: str, path: str) -> JsonObject:
+    return {"name": name, "valueFrom": {"fieldRef": {"apiVersion": "v1", "fieldPath": path}}}
+
+
+def _probe(path: str, *, period: int, failures: int) -> JsonObject:
+    return {
+        "httpGet": {"path": path, "port": a.ADMIN_PORT, "scheme": "HTTP"},
+        "periodSeconds": period,
+        "failureThreshold": failures,
+        "timeoutSeconds": 1,
+    }
+
+
+def proxy_container(cfg: InjectorConfig, s: ProxySettings) -> JsonObject:
+    """The `kuberpc-proxy` container; its env is exactly what sidecar/config.py reads."""
+    env: list[Json] = []
+    if s.app_port is not None:
+        env.append({"name": "KUBERPC_APP_PORT", "value": str(s.app_port)})
+    else:
+        env.append({"name": "KUBERPC_INBOUND_ADDR", "value": "off"})
+    if s.upstreams:
+        env.append({"name": "KUBERPC_UPSTREAMS", "value": s.upstreams})
+    env += [
+        {"name": "KUBERPC_DISCOVERY", "value": "kubernetes"},
+        {"name": "KUBERPC_TLS_CERT", "value": a.TLS_CERT_PATH},
+        {"name": "KUBERPC_TLS_KEY", "value": a.TLS_KEY_PATH},
+        {"name": "KUBERPC_TRUST_ANCHORS", "value": a.TRUST_ANCHORS_PATH},
+        {"name": "KUBERPC_IDENTITY_ADDR", "value": cfg.identity_addr},
+        {"name": "KUBERPC_IDENTITY_TOKEN", "value": a.TOKEN_PATH},
+        {"name": "KUBERPC_TRUST_DOMAIN", "value": cfg.trust_domain},
+        {"name": "KUBERPC_LOG_LEVEL", "value": s.log_level},
+        {"name": "KUBERPC_DRAIN_SECONDS", "value": s.drain_seconds},
+        _field_env("POD_NAME", "metadata.name"),
+        _field_env("POD_NAMESPACE", "metadata.namespace"),
+        _field_env("POD_IP", "status.podIP"),
+        _field_env("SERVICE_ACCOUNT", "spec.serviceAccountName"),
+    ]
+    container: JsonObject = {
+        "name": a.PROXY_CONTAINER,
+        "image": s.image,
+        "imagePullPolicy": cfg.image_pull_policy,
+        "args": list(a.PROXY_ARGS),
+        "ports": [
+            {"name": a.PORT_NAMES[p], "containerPort": p, "protocol": "TCP"}
+            for p in (a.OUTBOUND_PORT, a.INBOUND_PORT, a.ADMIN_PORT)
+        ],
+        "env": env,
+        "resources": {
+            "requests": {"cpu": s.cpu_request, "memory": s.memory_request},
+            "limits": {"cpu": s.cpu_limit, "memory": s.memory_limit},
+        },
+        "securityContext": {
+            "runAsNonRoot": True,
+            "runAsUser": a.PROXY_UID,
+            "runAsGroup": a.PROXY_UID,
+            "readOnlyRootFilesystem": True,
+            "allowPrivilegeEscalation": False,
+            "privileged": False,
+            "capabilities": {"drop": ["ALL"]},
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
+        "volumeMounts": [
+            {"name": a.IDENTITY_VOLUME, "mountPath": a.IDENTITY_DIR},
+            {"name": a.TRUST_ANCHORS_VOLUME, "mountPath": a.TRUST_ANCHORS_DIR, "readOnly": True},
+            {"name": a.TOKEN_VOLUME, "mountPath": a.TOKEN_DIR, "readOnly": True},
+        ],
+        # Startup allows two minutes for the first certificate; readiness then follows /ready.
+        "startupProbe": _probe(a.READY_PATH, period=1, failures=120),
+        "readinessProbe": _probe(a.READY_PATH, period=5, failures=3),
+        "livenessProbe": _probe(a.LIVE_PATH, period=10, failures=3),
+        "terminationMessagePolicy": "FallbackToLogsOnError",
+    }
+    if s.native:
+        # A native sidecar starts before the app, outlives it, and does not keep a Job running.
+        container["restartPolicy"] = "Always"
+    elif s.startup_hold:
+        # The kubelet starts the next container only when this hook returns: the app starts after the proxy.
+        container["lifecycle"] = {"postStart": {"exec": {"command": list(a.WAIT_READY_COMMAND)}}}
+    return container
+
+
+def proxy_volumes() -> list[JsonObject]:
+    return [
+        {"name": a.IDENTITY_VOLUME, "emptyDir": {"medium": "Memory", "sizeLimit": a.IDENTITY_VOLUME_SIZE}},
+        {
+            "name": a.TRUST_ANCHORS_VOLUME,
+            "configMap": {"name": a.TRUST_ANCHORS_CONFIGMAP, "items": [{"key": a.TRUST_ANCHORS_KEY, "path": a.TRUST_ANCHORS_KEY}]},
+        },
+        {
+            "name": a.TOKEN_VOLUME,
+            "projected": {
+                "sources": [
+                    {
+                        "serviceAccountToken": {
+                            "audience": a.TOKEN_AUDIENCE,
+                            "expirationSeconds": a.TOKEN_EXPIRATION_SECONDS,
+                            "path": a.TOKEN_FILE,
+                        }
+                    }
+                ]
+            },
+        },
+    ]
+
+
+def _set_map_entries(pod: Mapping[str, object], key: str, entries: dict[str, str]) -> list[JsonPatchOp]:
+    if not entries:
+        return []
+    base = f"/metadata/{key}"
+    if _map(_map(pod, "metadata"), key) is None:
+        return [{"op": "add", "path": base, "value": dict(entries)}]
+    return [{"op": "add", "path": f"{base}/{escape(k)}", "value": v} for k, v in entries.items()]
+
+
+def _append_items(spec: Mapping[str, object], key: str, items: list[JsonObject], *, first: bool) -> list[JsonPatchOp]:
+    base = f"/spec/{key}"
+    if not _list(spec, key):
+        return [{"op": "add", "path": base, "value": list[Json](items)}]
+    pos = "0" if first else "-"
+    return [{"op": "add", "path": f"{base}/{pos}", "value": item} for item in (reversed(items) if first else items)]
+
+
+def build_patch(pod: Mapping[str, object], cfg: InjectorConfig, settings: ProxySettings) -> list[JsonPatchOp]:
+    """The JSON Patch that injects the proxy described by `settings`; applies cleanly to `pod`."""
+    spec = _map(pod, "spec") or {}
+    ann = pod_annotations(pod)
+    ops: list[JsonPatchOp] = []
+    where = "initContainers" if settings.native else "containers"
+    ops += _append_items(spec, where, [proxy_container(cfg, settings)], first=True)
+    ops += _append_items(spec, "volumes", proxy_volumes(), first=False)
+
+    new_ann: dict[str, str] = {}
+    # The app's own scrape annotations win: overwriting them would hide the app's metrics.
+    for key, value in (
+        (a.PROMETHEUS_SCRAPE, "true"),
+        (a.PROMETHEUS_PORT, str(a.ADMIN_PORT)),
+        (a.PROMETHEUS_PATH, a.METRICS_PATH),
+    ):
+        if key not in ann:
+            new_ann[key] = value
+    if a.DEFAULT_CONTAINER not in ann and settings.app_container:
+        new_ann[a.DEFAULT_CONTAINER] = settings.app_container
+    if settings.weight is not None:
+        new_ann[a.WEIGHT] = settings.weight
+    new_ann[a.INJECTED] = cfg.version
+    ops += _set_map_entries(pod, "annotations", new_ann)
+    ops += _set_map_entries(pod, "labels", {a.INJECTED: a.INJECTED_LABEL_VALUE})
+    return ops
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """The whole answer for one Pod: what the metric counts, the patch, and what the user is told."""
+
+    result: Result
+    patch: tuple[JsonPatchOp, ...] = ()
+    warnings: tuple[str, ...] = ()
+    message: str = ""
+
+
+def mutate(
+    pod: Mapping[str, object],
+    ns_labels: Mapping[str, str],
+    cfg: InjectorConfig,
+    *,
+    namespace: str = "",
+) -> Outcome:
+    """needs_injection, then plan_injection, then build_patch."""
+    decision = needs_injection(pod, ns_labels, cfg, namespace=namespace)
+    if not decision.inject:
+        return Outcome("skipped", warnings=(f"kuberpc: not injected: {decision.reason}",))
+    try:
+        plan = plan_injection(pod, cfg, namespace=namespace)
+    except Denied as e:
+        return Outcome("denied", message=str(e))
+    warnings = [f"kuberpc: {w}" for w in plan.warnings]
+    ann = pod_annotations(pod)
+    for key in (a.PROMETHEUS_SCRAPE, a.PROMETHEUS_PORT, a.PROMETHEUS_PATH):
+        if key in ann:
+            warnings.append(f"kuberpc: {key} already set; the proxy's metrics are not scraped through it")
+            break
+    return Outcome("injected", tuple(build_patch(pod, cfg, plan.settings)), tuple(warnings))

@@ -1,0 +1,156 @@
+"""The thin HTTPS layer: POST /mutate, GET /healthz, GET /metrics, and a serving cert reloaded from disk.
+
+Maps errors to HTTP answers in exactly one place (`mutate_handler`); every decision is delegated to review.py/patch.py.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import ssl
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from contextlib import asynccontextmanager
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from webhook.config import InjectorConfig
+from webhook.kube import NamespaceLookupError
+from webhook.metrics import AdmissionResult, WebhookMetrics
+from webhook.patch import Outcome, already_injected, mutate, needs_namespace_labels
+from webhook.review import AdmissionReviewResponse, MalformedReview, allow, encode, parse_review, respond
+
+log = logging.getLogger(__name__)
+
+NamespaceLabelsLookup = Callable[[str], Awaitable[Mapping[str, str]]]
+# A Pod can approach etcd's 1.5 MiB object limit; the review carries it once (CREATE has no oldObject).
+MAX_BODY_BYTES = 4 * 1024 * 1024
+
+
+class CertReloader:
+    """Serves the newest cert/key pair on disk: each TLS handshake checks the files' stat and reloads on change.
+
+    The check runs in the SNI callback, which OpenSSL calls on every handshake, so a rotated Secret
+    (kubelet swaps a symlink) is picked up by the next connection without a restart or a timer.
+    """
+
+    def __init__(self, cert_path: str, key_path: str) -> None:
+        self._cert_path = cert_path
+        self._key_path = key_path
+        self._signature = self._stat()
+        self._current = self._load()
+        self.context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        self.context.load_cert_chain(cert_path, key_path)
+        self.context.sni_callback = self._on_handshake
+
+    def _stat(self) -> tuple[tuple[int, int, int], ...]:
+        out = []
+        for path in (self._cert_path, self._key_path):
+            st = os.stat(path)
+            out.append((st.st_ino, st.st_mtime_ns, st.st_size))
+        return tuple(out)
+
+    def _load(self) -> ssl.SSLContext:
+        ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        ctx.load_cert_chain(self._cert_path, self._key_path)
+        return ctx
+
+    def maybe_reload(self) -> ssl.SSLContext:
+        try:
+            signature = self._stat()
+            if signature != self._signature:
+                # Keep serving the old pair if the new one is half-written (cert updated, key not yet).
+                self._current = self._load()
+                self._signature = signature
+                log.info("event=serving_cert_reloaded cert=%s", self._cert_path)
+        except (OSError, ssl.SSLError) as e:
+            log.warning("event=serving_cert_reload_failed error=%s", e)
+        return self._current
+
+    def _on_handshake(self, sock: ssl.SSLObject, server_name: str | None, ctx: ssl.SSLContext) -> None:
+        sock.context = self.maybe_reload()
+
+
+def create_app(
+    *,
+    cfg: InjectorConfig,
+    metrics: WebhookMetrics,
+    namespace_labels: NamespaceLabelsLookup,
+    clock: Callable[[], float] = time.perf_counter,
+) -> web.Application:
+    def reply(review: AdmissionReviewResponse) -> web.Response:
+        return web.Response(body=encode(review), content_type="application/json")
+
+    async def decide(body: bytes) -> tuple[AdmissionResult, web.Response]:
+        req = parse_review(body)
+        if not req.is_pod_creation:
+            return "skipped", reply(allow(req.uid))
+        labels: Mapping[str, str] = {}
+        # Look the namespace up only when its label can change the answer (reinvocations and the
+        # control plane's own pods never need it).
+        if (
+            req.namespace
+            and req.namespace != cfg.control_plane_namespace
+            and needs_namespace_labels(req.obj)
+            and not already_injected(req.obj)
+        ):
+            labels = await namespace_labels(req.namespace)
+        outcome: Outcome = mutate(req.obj, labels, cfg, namespace=req.namespace)
+        if outcome.result == "denied":
+            log.info("event=denied namespace=%s uid=%s message=%s", req.namespace, req.uid, outcome.message)
+        else:
+            log.debug("event=%s namespace=%s uid=%s", outcome.result, req.namespace, req.uid)
+        return outcome.result, reply(respond(req.uid, outcome))
+
+    async def mutate_handler(request: web.Request) -> web.StreamResponse:
+        started = clock()
+        result: AdmissionResult = "error"
+        try:
+            result, response = await decide(await request.read())
+            return response
+        except MalformedReview as e:
+            return web.Response(status=400, text=f"malformed AdmissionReview: {e}\n")
+        except NamespaceLookupError as e:
+            # 503 lets the webhook's failurePolicy (Ignore or Fail) decide, as for any outage.
+            log.warning("event=namespace_lookup_failed error=%s", e)
+            return web.Response(status=503, text=f"{e}\n")
+        except web.HTTPException:
+            raise  # aiohttp's own answers, e.g. 413 for a body over MAX_BODY_BYTES
+        except Exception:
+            log.exception("event=admission_failed")
+            return web.Response(status=500, text="internal error\n")
+        finally:
+            metrics.observe(result, clock() - started)
+
+    async def healthz(_: web.Request) -> web.Response:
+        return web.Response(text="ok\n")
+
+    async def metrics_handler(_: web.Request) -> web.Response:
+        return web.Response(body=generate_latest(metrics.registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    app = web.Application(client_max_size=MAX_BODY_BYTES)
+    # The API server appends ?timeout=10s: routes match the path only, so the query is ignored.
+    app.router.add_post("/mutate", mutate_handler)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/metrics", metrics_handler)
+    return app
+
+
+@asynccontextmanager
+async def running(
+    app: web.Application, *, host: str, port: int, ssl_context: ssl.SSLContext | None
+) -> AsyncIterator[tuple[str, int]]:
+    """Serve `app` until the block exits (then drain in-flight requests); yields the bound (host, port)."""
+    runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=10.0)
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, host, port, ssl_context=ssl_context, backlog=1024)
+        await site.start()
+        bound = runner.addresses[0]
+        log.info("event=listening address=%s", json.dumps(list(bound[:2])))
+        yield str(bound[0]), int(bound[1])
+    finally:
+        await runner.cleanup()
