@@ -31,6 +31,9 @@ RESOURCE_EXHAUSTED = 8
 INTERNAL = 13
 UNAVAILABLE = 14
 
+# A call whose request never left this proxy is placed again at most this often (then UNAVAILABLE).
+MAX_PLACEMENTS = 3
+
 # Headers RFC 9113 §8.2.2 forbids in HTTP/2; a request carrying one is malformed.
 _CONNECTION_SPECIFIC = frozenset({b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding", b"upgrade"})
 _TIMEOUT_UNITS = {
@@ -120,6 +123,7 @@ class Call:
     """One relayed call; both streams point at it. Cycles are broken when it finishes."""
 
     __slots__ = (
+        "attempts",
         "closed",
         "deadline",
         "down",
@@ -144,6 +148,7 @@ class Call:
         self.resp_bytes = 0
         self.status = -1
         self.closed = 0
+        self.attempts = 0
         self.deadline: asyncio.TimerHandle | None = None
 
     def on_data(self, s: Stream, n: int) -> None:
@@ -283,18 +288,25 @@ class Relay:
         peer.conn.reset_stream(peer, code)
 
     def on_refused(self, s: Stream) -> None:
+        """The upstream stream was never processed (connect failed, or GOAWAY): re-place it if it never
+        left this proxy, a bounded number of times, else answer UNAVAILABLE naming the upstream."""
         call = s.call
         if call is None or call.target is None:
             return
-        if not s.id and s.pending:
-            # Never reached the wire: place it again (the target picks a connection that takes streams).
+        conn = s.conn
+        reason = conn.extra.get("error") or "refused the stream (GOAWAY)"
+        if not s.id and s.pending and call.attempts < MAX_PLACEMENTS:
+            call.attempts += 1
+            self.metrics.retry(call.target.service, "connect_failure" if conn.closed else "refused")
             headers, end = s.pending.popleft()
             s.reset = False
             failure = call.target.open(s, headers, end)
             if failure is not None:
                 self._fail(call, failure.status, failure.message)
             return
-        self._answer(call, UNAVAILABLE, f"upstream {s.conn.name} refused the stream (GOAWAY)")
+        s.reset = True
+        conn._release_pending(s)
+        self._answer(call, UNAVAILABLE, f"upstream {conn.name}: {reason}")
         self._closed(call)
 
     def on_closed(self, s: Stream) -> None:

@@ -254,11 +254,16 @@ class Connection(asyncio.Protocol):
         self._waiting.clear()
         self._blocked.clear()
         for s in streams:
-            if not s.reset:
-                s.reset = True
-                s.pending = None
-                self.handler.on_reset(s, F.CANCEL if not s.id else F.INTERNAL_ERROR)
-                self.handler.on_closed(s)
+            if s.reset:
+                continue
+            if not s.id and s.pending:
+                # Never reached the wire (we could not connect): the relay may place it elsewhere.
+                self.handler.on_refused(s)
+                continue
+            s.reset = True
+            self._release_pending(s)
+            self.handler.on_reset(s, F.INTERNAL_ERROR)
+            self.handler.on_closed(s)
         self.handler.on_connection_lost(self)
         self._out.clear()
         on_lost = self.extra.get("on_lost")

@@ -221,3 +221,22 @@ async def test_drain_lets_an_in_flight_call_finish_and_refuses_new_connections(p
     await asyncio.wait_for(pair.client_side.task, 5)
     with pytest.raises(OSError):
         await asyncio.open_connection(*pair.target.split(":"))
+
+
+async def test_a_call_whose_endpoint_cannot_be_reached_is_placed_on_another(
+    mesh_certs: MeshCerts, backend: Backend, tmp_path: Path
+) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        dead_port = s.getsockname()[1]
+    async with run_pair(mesh_certs, backend.port, tmp_path) as p:
+        alive = {"address": "127.0.0.1", "port": p.server_side.inbound_port, "tls": True}
+        dead = {"address": "127.0.0.1", "port": dead_port, "tls": True}
+        p.discovery.write_text(
+            endpoints_yaml({"echo.default": [dead, alive]}, {"echo.default": {"kuberpc.io/grpc-services": "test.Echo"}})
+        )
+        await wait_for_endpoints(p.client_side, "echo.default", 2)
+        codes = [await (await unary(p.target)).code() for _ in range(10)]
+        assert codes == [grpc.StatusCode.OK] * 10
+        m = await scrape(p.client_side.admin)
+        assert m[("kuberpc_retries_total", (("reason", "connect_failure"), ("service", "echo.default")))] >= 5
