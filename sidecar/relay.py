@@ -236,7 +236,7 @@ class Relay:
             # Forward the deadline less what this proxy has already spent on the call.
             spent = self.clock() - conn.received_at
             headers[timeout_at] = (b"grpc-timeout", format_grpc_timeout(timeout - spent))
-        elif target.timeout is not None:
+        elif target.timeout is not None and timeout_at < 0:
             timeout = target.timeout
             headers.append((b"grpc-timeout", format_grpc_timeout(timeout)))
         up = Stream(conn)  # re-homed by target.open onto the chosen upstream connection
@@ -262,7 +262,7 @@ class Relay:
         if s is call.up and end:
             for name, value in headers:
                 if name == b"grpc-status":
-                    call.status = int(value) if value.isdigit() else UNKNOWN
+                    call.status = int(value) if value.isdigit() and len(value) <= 3 else UNKNOWN
                     break
         peer = s.peer
         if peer is not None and not peer.reset:
@@ -276,15 +276,21 @@ class Relay:
         if peer is None or peer.reset:
             return
         if s is call.down:
-            call.status = CANCELLED if call.status < 0 else call.status
+            if call.status < 0:
+                call.status = CANCELLED
             peer.conn.reset_stream(peer, F.CANCEL)
+            return
+        if s.remote_closed:
+            # The whole response already arrived (a server may reset a finished call whose request is
+            # still open, RFC 9113 §8.1): let it reach the caller as it is.
             return
         # Upstream side failed. A lost connection becomes UNAVAILABLE naming the peer; a reset from the peer
         # is passed on with its own code, which the caller's gRPC library maps to the matching status.
-        if s.conn.closed and not peer.local_closed:
+        if s.conn.closed:
             self._answer(call, UNAVAILABLE, f"upstream {s.conn.name} failed: {s.conn.extra.get('error', 'connection lost')}")
             return
-        call.status = {F.REFUSED_STREAM: UNAVAILABLE, F.CANCEL: CANCELLED}.get(code, INTERNAL)
+        if call.status < 0:
+            call.status = {F.REFUSED_STREAM: UNAVAILABLE, F.CANCEL: CANCELLED}.get(code, INTERNAL)
         peer.conn.reset_stream(peer, code)
 
     def on_refused(self, s: Stream) -> None:
@@ -356,21 +362,25 @@ class Relay:
         conn = s.conn
         conn.send_headers(s, trailers_only(reject.status, reject.message), True)
         if not s.remote_closed:
-            conn.reset_stream(s, F.NO_ERROR)  # the answer is complete: stop sending us the request
+            conn.reset_after_flush(s, F.NO_ERROR)  # the answer is complete: stop sending us the request
 
     def _answer(self, call: Call, status: int, message: str) -> None:
-        """Finish the caller's side with a gRPC status (trailers-only, or trailers after a started response)."""
-        call.status = status
+        """Finish the caller's side with a gRPC status (trailers-only, or trailers after a started response)
+        unless its response is already complete or queued in full."""
         down = call.down
         if down is None or down.reset or down.local_closed:
             return
+        pending = down.pending
+        if pending and any(item[1] for item in pending):
+            return  # the upstream's own END_STREAM is queued: that answer stands
+        call.status = status
         conn = down.conn
-        if down.sent_headers or (down.pending and any(len(i) == 2 for i in down.pending)):
+        if down.sent_headers or pending:
             conn.send_headers(down, [(b"grpc-status", str(status).encode()), (b"grpc-message", encode_grpc_message(message))], True)
         else:
             conn.send_headers(down, trailers_only(status, message), True)
         if not down.remote_closed:
-            conn.reset_stream(down, F.NO_ERROR)
+            conn.reset_after_flush(down, F.NO_ERROR)
 
     def _fail(self, call: Call, status: int, message: str) -> None:
         up = call.up

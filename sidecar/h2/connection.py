@@ -30,6 +30,8 @@ _unpack_header = _HEADER.unpack_from
 _DATA = F.DATA
 _HEADERS = F.HEADERS
 _WINDOW_UPDATE = F.WINDOW_UPDATE
+WRITE_HIGH_WATER = 256 << 10  # bytes queued for one socket before DATA waits
+_SELF_DEPENDENT = 0x100  # internal flag bit (frame flags are 8 bits)
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,7 +40,8 @@ class Limits:
 
     max_concurrent_streams: int = 1000
     initial_window: int = 1 << 20  # per-stream receive window: bytes buffered per stream at most
-    connection_window: int = 8 << 20  # per-connection receive window: bytes buffered per connection
+    connection_window: int = 8 << 20  # per-connection receive window (credited on receipt, see credit())
+    connection_buffer: int = 16 << 20  # bytes of one connection held in the proxy before it stops crediting
     max_frame_size: int = F.DEFAULT_MAX_FRAME
     max_header_list_size: int = 64 << 10
     header_table_size: int = 4096
@@ -88,7 +91,13 @@ class Flusher:
         self._scheduled = False
         dirty, self._dirty = self._dirty, []
         for conn in dirty:
-            conn._flush()
+            try:
+                conn._flush()
+            except Exception:  # one broken connection must not silence the others
+                log.exception("flush failed conn=%s", conn.name)
+                conn._marked = False
+                if conn.transport is not None:
+                    conn.transport.abort()
 
 
 class Stream:
@@ -105,6 +114,7 @@ class Stream:
         "recv_window",
         "remote_closed",
         "reset",
+        "rst_after",
         "send_window",
         "sent_headers",
         "unacked",
@@ -124,6 +134,7 @@ class Stream:
         self.local_closed = False
         self.remote_closed = False
         self.reset = False
+        self.rst_after = -1  # RST_STREAM code to send once `pending` is written (-1: none)
         self.got_headers = False
         self.sent_headers = False
 
@@ -184,12 +195,16 @@ class Connection(asyncio.Protocol):
         self.send_window = F.DEFAULT_WINDOW
         self.recv_window = limits.connection_window
         self.recv_unacked = 0
+        self.buffered = 0  # bytes received on this connection and not yet written elsewhere
+        self.owed = 0  # connection-level credit held back while `buffered` is over the cap
+        self._out_size = 0
+        self._closing = False
         self.next_stream_id = 1
         self.last_peer_stream = 0
         self.goaway_last: int | None = None  # what we told the peer in our GOAWAY
         self._blocked: dict[Stream, None] = {}  # streams with pending items, in order
         self._waiting: deque[Stream] = deque()  # client role: streams waiting for a concurrency slot
-        self._recently_reset: deque[int] = deque(maxlen=256)
+        self._recently_reset: deque[int] = deque(maxlen=1024)
         self._recently_reset_set: set[int] = set()
         self._cont_stream = 0  # stream whose header block continues, 0: none
         self._cont_parts: list[bytes] = []
@@ -210,9 +225,13 @@ class Connection(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         transport = cast(asyncio.Transport, transport)  # uvloop transports are not asyncio subclasses
+        if self.closed:
+            # Closed (drained, or its only call cancelled) while still dialling: hang up at once.
+            transport.close()
+            return
         self.transport = transport
         lim = self.limits
-        transport.set_write_buffer_limits(high=256 << 10)
+        transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
         settings = {
             F.SETTINGS_ENABLE_PUSH: 0,
             F.SETTINGS_INITIAL_WINDOW_SIZE: lim.initial_window,
@@ -284,6 +303,7 @@ class Connection(asyncio.Protocol):
 
     def _write(self, data: bytes) -> None:
         self._out.append(data)
+        self._out_size += len(data)
         if not self._marked:
             self._marked = True
             self.flusher.mark(self)
@@ -293,6 +313,7 @@ class Connection(asyncio.Protocol):
         out = self._out
         if not out:
             return
+        self._out_size = 0
         t = self.transport
         if t is None or self.closed:
             out.clear()
@@ -300,14 +321,24 @@ class Connection(asyncio.Protocol):
         data = out[0] if len(out) == 1 else b"".join(out)
         out.clear()
         t.write(data)
-        if t.get_write_buffer_size() > self.limits.max_pending_writes and not self._blocked:
-            # The peer is not reading even our small replies (PING/SETTINGS ACK floods): give up on it.
+        if self._closing:
+            return
+        if t.get_write_buffer_size() > self.limits.max_pending_writes:
+            # DATA is held back at the high-water mark, so only control replies and headers get here:
+            # the peer is not reading even those (PING/SETTINGS floods). Give up on it.
             self._abort(F.ENHANCE_YOUR_CALM, "peer is not reading")
+        elif self._blocked and not self.paused:
+            self._flush_blocked()  # the socket took it: keep going, a high-water mark at a time
+
+    def _congested(self) -> bool:
+        """Hold DATA back: the transport said so, or this turn already queued a high-water mark's worth."""
+        return self.paused or self._out_size >= WRITE_HIGH_WATER
 
     def close(self, code: int = F.NO_ERROR, message: str = "") -> None:
         """Immediate close with GOAWAY."""
-        if self.closed:
+        if self.closed or self._closing:
             return
+        self._closing = True
         self._write(F.goaway(self.last_peer_stream, code, message.encode()[:256]))
         self._flush()
         self.closed = True
@@ -437,6 +468,10 @@ class Connection(asyncio.Protocol):
         except ConnectionError_ as e:
             self._abort(e.code, str(e))
             return
+        except Exception as e:  # a bug must cost one connection, cleanly, never the process's loop
+            log.exception("internal error handling a frame conn=%s", self.name)
+            self._abort(F.INTERNAL_ERROR, f"internal error: {type(e).__name__}")
+            return
         if pos < n:
             self._left = data[pos:]
 
@@ -483,7 +518,8 @@ class Connection(asyncio.Protocol):
         if idle:
             raise ConnectionError_(F.PROTOCOL_ERROR, f"frame type {ftype} on idle stream {sid}")
         if ftype in (_DATA, _HEADERS, F.CONTINUATION):
-            raise ConnectionError_(F.STREAM_CLOSED, f"frame type {ftype} on closed stream {sid}")
+            # Closed, possibly long ago: a stream error costs no other call on this connection.
+            raise StreamError(F.STREAM_CLOSED, f"frame type {ftype} on closed stream {sid}")
 
     def _on_data(self, sid: int, flags: int, payload: bytes) -> None:
         if sid == 0:
@@ -494,11 +530,13 @@ class Connection(asyncio.Protocol):
         if self.recv_window < 0:
             raise ConnectionError_(F.FLOW_CONTROL_ERROR, "connection receive window exceeded")
         s = self.streams.get(sid)
-        if s is None or s.remote_closed:
+        if s is None or s.remote_closed or not s.got_headers:
             self._credit_connection(flen)
             if s is None:
                 self._closed_stream_frame(sid, _DATA)
                 return
+            if not s.got_headers:
+                raise StreamError(F.PROTOCOL_ERROR, "DATA before HEADERS")
             raise StreamError(F.STREAM_CLOSED, "DATA after END_STREAM")
         if flags & F.FLAG_PADDED:
             if flen == 0 or payload[0] >= flen:
@@ -508,6 +546,13 @@ class Connection(asyncio.Protocol):
         if s.recv_window < 0:
             self._credit_connection(flen)
             raise StreamError(F.FLOW_CONTROL_ERROR, "stream receive window exceeded")
+        # Connection-level credit goes back on receipt, so one slow stream cannot stall the others
+        # (stream windows hold each sender back); past the buffer cap it waits for bytes to drain.
+        self.buffered += flen
+        if self.buffered <= self.limits.connection_buffer:
+            self._credit_connection(flen)
+        else:
+            self.owed += flen
         end = bool(flags & F.FLAG_END_STREAM)
         if end:
             s.remote_closed = True
@@ -533,12 +578,16 @@ class Connection(asyncio.Protocol):
             pad = payload[0]
             pos = 1
             end -= pad
+        self_dependent = False
         if flags & F.FLAG_PRIORITY:
-            if F.u32(payload, pos) & 0x7FFFFFFF == sid:
-                raise StreamError(F.PROTOCOL_ERROR, "stream depends on itself")
+            if pos + 5 > end:
+                raise ConnectionError_(F.FRAME_SIZE_ERROR, "HEADERS too short for its priority fields")
+            self_dependent = F.u32(payload, pos) & 0x7FFFFFFF == sid
             pos += 5
         if pos > end:
             raise ConnectionError_(F.PROTOCOL_ERROR, "HEADERS padding exceeds payload")
+        if self_dependent:
+            flags |= _SELF_DEPENDENT  # a stream error, raised once the block is decoded (HPACK stays in sync)
         block = payload[pos:end] if (pos or end != len(payload)) else payload
         if flags & F.FLAG_END_HEADERS:
             self._on_header_block(sid, flags, block)
@@ -571,6 +620,8 @@ class Connection(asyncio.Protocol):
             headers = []
         except HPACKError as e:
             raise ConnectionError_(F.COMPRESSION_ERROR, f"header block: {e}") from e
+        if flags & _SELF_DEPENDENT:
+            raise StreamError(F.PROTOCOL_ERROR, "stream depends on itself")
         end = bool(flags & F.FLAG_END_STREAM)
         s = self.streams.get(sid)
         if s is None:
@@ -603,6 +654,12 @@ class Connection(asyncio.Protocol):
             return
         if s.remote_closed:
             raise StreamError(F.STREAM_CLOSED, "HEADERS after END_STREAM")
+        if self.client and not s.got_headers:
+            status = headers[0][1] if headers and headers[0][0] == b":status" else None
+            if status is None:
+                raise StreamError(F.PROTOCOL_ERROR, "response without :status first")
+            if status[:1] == b"1" and not end:
+                return  # informational (1xx): not part of a gRPC response, not forwarded
         if s.got_headers and not end:
             raise StreamError(F.PROTOCOL_ERROR, "trailers without END_STREAM")
         if too_large:
@@ -761,10 +818,13 @@ class Connection(asyncio.Protocol):
             self.recv_unacked = 0
 
     def credit(self, s: Stream, n: int) -> None:
-        """`n` bytes received on `s` have left the proxy: let the peer send that much more."""
+        """`n` bytes received on `s` have left the proxy: let the peer send that much more on `s`."""
         if self.closed:
             return
-        self._credit_connection(n)
+        self.buffered -= n
+        if self.owed and self.buffered <= self.limits.connection_buffer:
+            owed, self.owed = self.owed, 0
+            self._credit_connection(owed)
         if s.remote_closed or s.reset:
             return
         s.unacked += n
@@ -780,7 +840,7 @@ class Connection(asyncio.Protocol):
             if src is not None:
                 src.conn.credit(src, credit)
             return
-        if s.pending is None and s.id and not self.paused and n <= s.send_window and n <= self.send_window:
+        if s.pending is None and s.id and not self._congested() and n <= s.send_window and n <= self.send_window:
             if n <= self.peer_max_frame:
                 s.send_window -= n
                 self.send_window -= n
@@ -833,7 +893,7 @@ class Connection(asyncio.Protocol):
                 pending.popleft()
                 self._write_headers(s, item[0], item[1])
                 continue
-            if self.paused:
+            if self._congested():
                 break
             data, end, src, credit = item
             n = len(data)
@@ -859,12 +919,14 @@ class Connection(asyncio.Protocol):
         else:
             s.pending = None
             self._blocked.pop(s, None)
-            if s.local_closed:
+            if s.rst_after >= 0:
+                self.reset_stream(s, s.rst_after)
+            elif s.local_closed:
                 self._maybe_forget(s)
 
     def _flush_blocked(self) -> None:
         for s in list(self._blocked):
-            if self.paused or self.send_window <= 0:
+            if self._congested() or self.send_window <= 0:
                 break
             if s.pending:
                 self._flush_stream(s)
@@ -900,6 +962,13 @@ class Connection(asyncio.Protocol):
             s = self._waiting.popleft()
             if not s.reset:
                 self._activate(s)
+
+    def reset_after_flush(self, s: Stream, code: int) -> None:
+        """RST_STREAM once what is queued on `s` (e.g. its trailers) is written, not instead of it."""
+        if s.pending and not s.reset:
+            s.rst_after = code
+            return
+        self.reset_stream(s, code)
 
     def reset_stream(self, s: Stream, code: int) -> None:
         """Abort a stream locally (RST_STREAM to the peer); the handler is told it is closed."""
