@@ -15,7 +15,7 @@ import ssl
 import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
-from typing import Any, cast
+from typing import Any
 
 from prometheus_client import CollectorRegistry
 
@@ -82,19 +82,25 @@ class Proxy:
         }
 
 
-class _TLSAccept(asyncio.Protocol):
-    """Accepts a TCP connection and upgrades it with start_tls, so handshake failures can be counted
-    (asyncio's built-in server TLS only logs them in debug mode)."""
+def count_handshake_failures(ctx: ssl.SSLContext, on_failure: Callable[[str], None]) -> None:
+    """Report every failed server-side TLS handshake on `ctx` by reason.
 
-    def __init__(self, start: Callable[[asyncio.Transport], None]) -> None:
-        self._start = start
+    asyncio and uvloop only log handshake failures in debug mode, and taking TLS over with start_tls after
+    accepting can lose the client's first bytes under uvloop; instead the event loop does TLS as usual and
+    the SSLObjects it creates from `ctx` tell us why a handshake failed.
+    """
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        transport = cast(asyncio.Transport, transport)  # uvloop transports are not asyncio subclasses
-        self._start(transport)
+    class CountingSSLObject(ssl.SSLObject):
+        def do_handshake(self) -> None:
+            try:
+                super().do_handshake()
+            except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
+                raise
+            except ssl.SSLError as e:
+                on_failure(tls_failure_reason(e))
+                raise
 
-    def data_received(self, data: bytes) -> None:  # pragma: no cover - start_tls owns the transport
-        return None
+    ctx.sslobject_class = CountingSSLObject
 
 
 def _load_identity(cfg: Config) -> tuple[ssl.SSLContext, ssl.SSLContext, float]:
@@ -126,7 +132,6 @@ async def serve(
     flusher = Flusher(loop)
     limits = Limits()
     rng = random.Random()
-    tasks: set[asyncio.Task[Any]] = set()
 
     client_ctx, server_ctx, expiry = _load_identity(cfg)
     metrics.set_cert_expiry(expiry)
@@ -152,6 +157,12 @@ async def serve(
     out_pool_ref.append(out_pool)
     outbound.pool = out_pool
 
+    def on_in_connection(conn: Connection) -> None:
+        if not conn.client and conn.transport is not None:
+            # The handshake verified the chain; who the caller is comes from its URI SAN.
+            conn.extra["peer_id"] = identity.peer_identity(conn.transport.get_extra_info("ssl_object"))
+
+    count_handshake_failures(server_ctx, metrics.tls_handshake_failure)
     inbound: Inbound | None = None
     in_relay: Relay | None = None
     in_pool: Pool | None = None
@@ -160,7 +171,7 @@ async def serve(
             raise StartupError("inbound is on but no app port is configured (KUBERPC_APP_PORT)")
         app_ep = Endpoint(cfg.app.host, cfg.app.port, tls=False)
         inbound = Inbound(app=app_ep, namespace=cfg.namespace, metrics=metrics)
-        in_relay = Relay(inbound, metrics=metrics, flusher=flusher, limits=limits)
+        in_relay = Relay(inbound, metrics=metrics, flusher=flusher, limits=limits, on_connection=on_in_connection)
         in_pool = Pool(
             in_relay,
             flusher=flusher,
@@ -191,9 +202,19 @@ async def serve(
             f"discovery source {cfg.discovery!r} is not available in this build; use KUBERPC_DISCOVERY=file:/path.yaml"
         )
 
-    async def bind(addr: Address, factory: Callable[[], asyncio.BaseProtocol], what: str) -> None:
+    async def bind(
+        addr: Address, factory: Callable[[], asyncio.BaseProtocol], what: str, tls: ssl.SSLContext | None = None
+    ) -> None:
         try:
-            server = await loop.create_server(factory, addr.host, addr.port, reuse_address=True, backlog=1024)
+            server = await loop.create_server(
+                factory,
+                addr.host,
+                addr.port,
+                reuse_address=True,
+                backlog=1024,
+                ssl=tls,
+                ssl_handshake_timeout=TLS_HANDSHAKE_TIMEOUT if tls is not None else None,
+            )
         except OSError as e:
             raise StartupError(f"cannot listen on {addr} ({what}): {e.strerror or e}") from e
         proxy.servers.append(server)
@@ -209,40 +230,17 @@ async def serve(
 
         return make
 
-    def tls_accept() -> asyncio.Protocol:
-        assert in_relay is not None
-
-        def start(raw: asyncio.Transport) -> None:
-            task = loop.create_task(handshake(raw))
-            tasks.add(task)
-            task.add_done_callback(tasks.discard)
-
-        return _TLSAccept(start)
-
-    async def handshake(raw: asyncio.Transport) -> None:
-        assert in_relay is not None
-        conn = in_relay.server_connection("inbound")
-        try:
-            tls = await loop.start_tls(raw, conn, server_ctx, server_side=True, ssl_handshake_timeout=TLS_HANDSHAKE_TIMEOUT)
-        except (OSError, ssl.SSLError, TimeoutError, ConnectionError) as e:
-            reason = tls_failure_reason(e) if isinstance(e, ssl.SSLError) else "timeout" if isinstance(e, TimeoutError) else "other"
-            metrics.tls_handshake_failure(reason)
-            log.debug("inbound TLS handshake failed reason=%s error=%r", reason, str(e))
-            raw.abort()
-            return
-        if tls is None:
-            raw.abort()
-            return
-        conn.extra["peer_id"] = identity.peer_identity(tls.get_extra_info("ssl_object"))
-        conn.connection_made(tls)
-
     admin: AdminServer | None = None
     try:
         await bind(cfg.outbound, outbound_factory(), "outbound")
         for up in cfg.upstreams:
             await bind(Address("127.0.0.1", up.local_port), outbound_factory(up.service, f"upstream:{up.local_port}"), f"upstream {up.service}")
         if cfg.inbound is not None:
-            await bind(cfg.inbound, tls_accept, "inbound")
+            assert in_relay is not None
+            await bind(cfg.inbound, lambda: in_relay.server_connection("inbound"), "inbound", server_ctx)
+            assert inbound is not None
+            hosts = {cfg.pod_ip, cfg.inbound.host} - {"", "0.0.0.0", "::"}
+            inbound.set_listener(frozenset(hosts), proxy.ports["inbound"])
         if cfg.admin is not None:
             admin = AdminServer(registry=registry, ready=lambda: proxy.ready, debug=proxy.debug, shutdown=stop.set)
             try:
@@ -280,10 +278,6 @@ async def serve(
             await in_pool.close()
         for conn in list(out_relay.downstream) + (list(in_relay.downstream) if in_relay else []):
             conn.close()
-        for t in list(tasks):
-            t.cancel()
-        if tasks:
-            await asyncio.gather(*tasks, return_exceptions=True)
         if admin is not None:
             await admin.close()
 

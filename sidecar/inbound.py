@@ -7,10 +7,10 @@ from __future__ import annotations
 from sidecar.h2.connection import Connection, Headers, Stream
 from sidecar.identity import SpiffeId
 from sidecar.metrics import Metrics
-from sidecar.model import Catalog, Endpoint, ServiceKey
+from sidecar.model import Catalog, Endpoint, EndpointSet, ServiceKey
 from sidecar.pool import Pool
 from sidecar.relay import PERMISSION_DENIED, UNAVAILABLE, Reject, Request, Target
-from sidecar.routing import RouteMiss, Router
+from sidecar.routing import Router
 
 
 def allowed(policy_allow: tuple[str, ...] | None, peer: SpiffeId | None) -> bool:
@@ -60,23 +60,46 @@ class Inbound:
         self.catalog = Catalog()
         self.router = Router(self.catalog, namespace=namespace)
         self._targets: dict[str, AppTarget] = {}
+        # Where peers reach this pod (its IP or listener host, and the inbound port): set once bound.
+        self.addresses: frozenset[str] = frozenset()
+        self.port = 0
+        self.own: dict[ServiceKey, EndpointSet] = {}
+
+    def set_listener(self, addresses: frozenset[str], port: int) -> None:
+        self.addresses = addresses
+        self.port = port
+        self.update(self.catalog)
 
     def update(self, catalog: Catalog) -> None:
         self.catalog = catalog
         self.router = Router(catalog, namespace=self.namespace)
+        # The Services this pod backs: the ones listing it as an endpoint. Their policies are what callers
+        # must satisfy, whatever Service the caller names.
+        self.own = {
+            key: es
+            for key, es in catalog.services.items()
+            if any(ep.port == self.port and ep.address in self.addresses for ep in es.endpoints)
+        }
 
     def route(self, conn: Connection, request: Request) -> Target | Reject:
         assert self.pool is not None
         found = self.router.resolve(request.authority, request.path)
-        service = str(found) if isinstance(found, ServiceKey) else "unknown"
-        policy_allow = None
-        if isinstance(found, ServiceKey):
+        own = self.own
+        policies: list[tuple[str, ...] | None]
+        if isinstance(found, ServiceKey) and (not own or found in own):
             es = self.catalog.get(found)
-            policy_allow = es.policy.allow if es is not None else None
-        elif isinstance(found, RouteMiss):
-            policy_allow = None
+            service = str(found)
+            policies = [es.policy.allow if es is not None else None]
+        elif own:
+            # The caller named no Service of this pod (a dedicated upstream port passes the app's own
+            # authority, or a peer names something else): every policy of this pod's Services applies.
+            service = str(next(iter(own))) if len(own) == 1 else "unknown"
+            policies = [es.policy.allow for es in own.values()]
+        else:
+            service = "unknown"
+            policies = [None]
         peer: SpiffeId | None = conn.extra.get("peer_id")
-        if not allowed(policy_allow, peer):
+        if not all(allowed(p, peer) for p in policies):
             self.metrics.authz_denied(service)
             who = str(peer) if peer is not None else "a caller without a mesh identity"
             return Reject(PERMISSION_DENIED, f"kuberpc: {who} is not allowed to call {service}", service)
