@@ -56,8 +56,8 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument(
         "--trust-anchors",
         default="/etc/kuberpc/identity-ca/ca.pem",
-        help="identity CA bundle kept in the kuberpc-trust-anchors ConfigMap of every namespace labelled "
-        "kuberpc.io/inject=enabled (skipped when the file is absent)",
+        help="identity CA bundle kept in the kuberpc-trust-anchors ConfigMap of every namespace but Kubernetes' own "
+        "(skipped when the file is absent)",
     )
     s.add_argument(
         "--shutdown-delay",

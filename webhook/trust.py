@@ -1,4 +1,4 @@
-"""Keeps the `kuberpc-trust-anchors` ConfigMap (the identity CA bundle) in every namespace opted in by label.
+"""Keeps the `kuberpc-trust-anchors` ConfigMap (the identity CA bundle) in every namespace pods may be meshed in.
 
 Lists then watches Namespaces (relisting on 410 Gone, backing off on errors) and writes only that ConfigMap.
 """
@@ -19,12 +19,15 @@ from webhook import annotations as a
 log = logging.getLogger(__name__)
 
 Change = Literal["created", "updated", "unchanged"]
-LABEL_SELECTOR = f"{a.NAMESPACE_INJECT_LABEL}={a.INJECT_ENABLED}"
+# Kubernetes' own namespaces: the webhook never injects there (its namespaceSelector excludes them).
+SYSTEM_NAMESPACES = frozenset({"kube-system", "kube-public", "kube-node-lease"})
 
 
 def wants_trust_anchors(labels: Mapping[str, str] | None, *, control_plane: str, name: str) -> bool:
-    """Namespaces labelled for injection need the bundle; the control plane's own gets it from `install`."""
-    return name != control_plane and (labels or {}).get(a.NAMESPACE_INJECT_LABEL) == a.INJECT_ENABLED
+    """Any namespace may hold a pod opted in by annotation, whatever its labels, and the proxy's trust-anchor
+    volume must exist there (as Istio keeps its root certificate in every namespace); Kubernetes' own
+    namespaces are never meshed, and the control plane's gets the bundle from `install`."""
+    return name != control_plane and name not in SYSTEM_NAMESPACES
 
 
 class TrustAnchorSync:
@@ -81,8 +84,8 @@ class TrustAnchorSync:
         self.ensure(meta.name)
 
     def sync_all(self) -> str:
-        """Ensure every labelled namespace; returns the list's resourceVersion to watch from."""
-        listing = self._core.list_namespace(label_selector=LABEL_SELECTOR, _request_timeout=30)
+        """Ensure every namespace that wants the bundle; returns the list's resourceVersion to watch from."""
+        listing = self._core.list_namespace(_request_timeout=30)
         for ns in listing.items:
             self._handle(ns)
         return str(listing.metadata.resource_version if listing.metadata else "")
@@ -92,7 +95,6 @@ class TrustAnchorSync:
         w = watch.Watch()  # type: ignore[no-untyped-call]
         for event in w.stream(  # type: ignore[no-untyped-call]
             self._core.list_namespace,
-            label_selector=LABEL_SELECTOR,
             resource_version=resource_version,
             timeout_seconds=self._window,
             allow_watch_bookmarks=True,

@@ -35,11 +35,10 @@ class FakeAPI:
 
     def app(self) -> web.Application:
         async def list_or_watch(request: web.Request) -> web.StreamResponse:
-            selector = request.query.get("labelSelector", "")
-            assert selector == "kuberpc.io/inject=enabled"
+            assert "labelSelector" not in request.query  # every namespace is considered
             if request.query.get("watch") not in ("true", "True", "1"):
                 self.lists += 1
-                items = [namespace(n, labels, self.rv) for n, labels in self.namespaces.items() if labels.get("kuberpc.io/inject") == "enabled"]
+                items = [namespace(n, labels, self.rv) for n, labels in self.namespaces.items()]
                 return web.json_response({"kind": "NamespaceList", "apiVersion": "v1", "metadata": {"resourceVersion": str(self.rv)}, "items": items})
             resp = web.StreamResponse()
             await resp.prepare(request)
@@ -98,11 +97,14 @@ async def fake() -> AsyncIterator[tuple[FakeAPI, client.ApiClient]]:
             yield api, api_client
 
 
-def test_only_labelled_namespaces_other_than_the_control_plane_want_the_bundle() -> None:
+def test_every_namespace_but_kubernetes_own_and_the_control_plane_wants_the_bundle() -> None:
+    # A pod may opt in by annotation in an unlabelled namespace: its proxy needs the bundle there too.
     assert wants_trust_anchors(ENABLED, control_plane="kuberpc-system", name="shop")
-    assert not wants_trust_anchors({}, control_plane="kuberpc-system", name="shop")
-    assert not wants_trust_anchors(None, control_plane="kuberpc-system", name="shop")
+    assert wants_trust_anchors({}, control_plane="kuberpc-system", name="shop")
+    assert wants_trust_anchors(None, control_plane="kuberpc-system", name="shop")
     assert not wants_trust_anchors(ENABLED, control_plane="kuberpc-system", name="kuberpc-system")
+    for system in ("kube-system", "kube-public", "kube-node-lease"):
+        assert not wants_trust_anchors({}, control_plane="kuberpc-system", name=system)
 
 
 async def test_ensure_creates_then_leaves_alone_then_corrects(fake: tuple[FakeAPI, client.ApiClient]) -> None:
@@ -116,9 +118,9 @@ async def test_ensure_creates_then_leaves_alone_then_corrects(fake: tuple[FakeAP
     assert api.writes == [("POST", "shop"), ("PUT", "shop")]
 
 
-async def test_run_covers_listed_and_newly_labelled_namespaces_and_stops(fake: tuple[FakeAPI, client.ApiClient]) -> None:
+async def test_run_covers_listed_and_new_namespaces_and_stops(fake: tuple[FakeAPI, client.ApiClient]) -> None:
     api, api_client = fake
-    api.namespaces = {"shop": ENABLED, "plain": {}, "kuberpc-system": ENABLED}
+    api.namespaces = {"shop": ENABLED, "plain": {}, "kuberpc-system": ENABLED, "kube-system": {}}
     api.configmaps["kuberpc-system"] = {"ca.pem": "from install"}
     stop = asyncio.Event()
     sync = TrustAnchorSync(api_client, bundle=BUNDLE, window_seconds=1)
@@ -130,7 +132,7 @@ async def test_run_covers_listed_and_newly_labelled_namespaces_and_stops(fake: t
         stop.set()
         await api.events.put(None)  # end the current watch window now
     assert task.done()
-    assert {ns for _, ns in api.writes} == {"shop", "new"}
+    assert {ns for _, ns in api.writes} == {"shop", "plain", "new"}
     assert api.configmaps["kuberpc-system"] == {"ca.pem": "from install"}
 
 
