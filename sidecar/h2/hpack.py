@@ -32,6 +32,8 @@ DEFAULT_TABLE_SIZE: Final = 4096
 # The encoder never grows its table past this, whatever the peer allows: every entry is kept alive
 # per connection, and a peer advertising 4 GiB must not make us hold gigabytes of old headers.
 ENCODER_TABLE_SIZE_LIMIT: Final = 65536
+# Encoder memo bound: distinct header lists remembered per connection while the table is unchanged.
+_ENCODER_MEMO_ENTRIES: Final = 64
 # RFC 7541 §4.1: each entry costs its name and value lengths plus 32 octets of bookkeeping.
 ENTRY_OVERHEAD: Final = 32
 # Decoder memo bounds: blocks longer than this are rarely repeated byte for byte, and the memo is
@@ -61,10 +63,17 @@ class NeverIndexedField(tuple[bytes, bytes]):
 
     Decoder output marks such fields with this tuple subclass so that the Encoder can honour
     §7.1.3: an intermediary must re-encode them as never-indexed too. It compares equal to the plain
-    (name, value) tuple.
+    (name, value) tuple, but hashes apart from it, so that the Encoder's memo (keyed by header lists)
+    can never serve a never-indexed field from a plain field's entry.
     """
 
     __slots__ = ()
+
+    def __hash__(self) -> int:
+        return hash((NeverIndexedField, *self))
+
+    def __eq__(self, other: object) -> bool:
+        return tuple.__eq__(self, other)
 
 
 def entry_size(name: bytes, value: bytes) -> int:
@@ -404,6 +413,10 @@ class Encoder:
         # Size updates owed to the peer at the start of the next block (§4.2): the smallest size
         # set since the last block, then the final one.
         self._pending_min: int | None = None
+        # Header list -> block, for lists that left the table unchanged; emptied whenever the table
+        # changes (indices shift). Response headers and trailers repeat call after call, so on a busy
+        # connection most blocks come from here.
+        self._memo: dict[tuple[tuple[bytes, bytes], ...], bytes] = {}
 
     @property
     def table_size(self) -> int:
@@ -429,6 +442,7 @@ class Encoder:
             return
         self._pending_min = size if self._pending_min is None else min(self._pending_min, size)
         self._max_size = size
+        self._memo.clear()
         self._evict(0)
 
     def _evict(self, room: int) -> None:
@@ -444,6 +458,7 @@ class Encoder:
                 del self._names[name]
 
     def _insert(self, name: bytes, value: bytes, size: int) -> None:
+        self._memo.clear()
         self._evict(size)
         self._seq += 1
         self._entries.appendleft((name, value, self._seq))
@@ -456,6 +471,13 @@ class Encoder:
 
         Names must already be lowercase bytes (HTTP/2 requires it; the Decoder rejects others).
         """
+        key = tuple(headers)
+        memo = self._memo
+        if memo and self._pending_min is None:
+            hit = memo.get(key)
+            if hit is not None:
+                return hit
+        cacheable = self._pending_min is None
         out = bytearray()
         if self._pending_min is not None:
             if self._pending_min < self._max_size:
@@ -464,8 +486,8 @@ class Encoder:
             self._pending_min = None
         pairs = self._pairs
         short = _SHORT_INT
-        newest = self._seq
-        for field in headers:
+        newest = start = self._seq
+        for field in key:
             seq = pairs.get(field)
             if seq is not None and type(field) is not NeverIndexedField:
                 index = -seq if seq < 0 else _FIRST_DYNAMIC + newest - seq
@@ -501,4 +523,9 @@ class Encoder:
             if flags == 0x40:
                 self._insert(name, value, size)
                 newest = self._seq
-        return bytes(out)
+        block = bytes(out)
+        if cacheable and newest == start:
+            if len(memo) >= _ENCODER_MEMO_ENTRIES:
+                memo.clear()
+            memo[key] = block
+        return block

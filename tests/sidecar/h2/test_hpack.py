@@ -602,3 +602,39 @@ def test_mutated_blocks_decode_or_raise_hpack_error(
         except HPACKError:
             continue
         assert all(type(n) is bytes and type(v) is bytes for n, v in headers)
+
+
+def test_a_repeated_header_list_is_served_from_the_memo_and_still_decodes() -> None:
+    enc = Encoder()
+    peer = hpack.Decoder()
+    fields = [(b":status", b"200"), (b"content-type", b"application/grpc"), (b"x-replica", b"a")]
+    first = enc.encode(fields)  # inserts x-replica: not memoised
+    second = enc.encode(fields)  # all indexed: memoised
+    third = enc.encode(list(fields))
+    assert third is second
+    for block in (first, second, third):
+        assert [(bytes(n), bytes(v)) for n, v in peer.decode(block, raw=True)] == fields
+
+
+def test_the_memo_is_forgotten_when_the_table_changes() -> None:
+    enc = Encoder()
+    a = [(b"x-a", b"1")]
+    enc.encode(a)
+    memoised = enc.encode(a)
+    enc.encode([(b"x-b", b"2")])  # a new entry: every dynamic index shifts by one
+    after = enc.encode(a)
+    assert after != memoised
+    # A peer that sees every block in order agrees with an encoder that memoises along the way.
+    check = hpack.Decoder()
+    e2 = Encoder()
+    for fields in (a, a, [(b"x-b", b"2")], a, a):
+        assert [(bytes(n), bytes(v)) for n, v in check.decode(e2.encode(fields), raw=True)] == fields
+
+
+def test_a_never_indexed_field_is_not_served_a_plain_fields_memo_entry() -> None:
+    enc = Encoder()
+    plain = [(b"x-token", b"t")]
+    enc.encode(plain)
+    enc.encode(plain)  # memoised as an indexed reference
+    block = enc.encode([NeverIndexedField((b"x-token", b"t"))])
+    assert block[0] & 0xF0 == 0x10  # a never-indexed literal (RFC 7541 §6.2.3), not a table reference
