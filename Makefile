@@ -40,6 +40,7 @@ bench: setup tools
 lint: setup
 	$(VENV)/bin/ruff check sidecar webhook tests e2e bench
 	$(VENV)/bin/mypy
+	$(VENV)/bin/lint-imports
 
 typecheck: lint
 
