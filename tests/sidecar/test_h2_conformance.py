@@ -348,3 +348,16 @@ async def test_a_zero_window_client_stalls_only_itself_and_buffers_are_bounded(p
         await still_serving(pair)
     finally:
         p.writer.close()
+
+
+async def test_an_upstream_connection_out_of_stream_ids_is_replaced_without_failing_a_call(pair: Pair) -> None:
+    await still_serving(pair)  # dials the upstream connection
+    pool = pair.client_side.proxy.outbound.pool
+    assert pool is not None
+    (conn,) = [c for conns in pool._conns.values() for c in conns]
+    conn.next_stream_id = F.MAX_STREAM_ID  # the next call takes the last id this connection may use
+    await still_serving(pair)
+    assert conn.draining  # no id left: it finishes what it has and closes
+    await still_serving(pair)  # placed on a fresh connection
+    live = [c for conns in pool._conns.values() for c in conns if not c.closed]
+    assert live and conn not in live

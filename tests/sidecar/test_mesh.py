@@ -200,7 +200,7 @@ async def test_metrics_count_calls_by_direction_service_method_and_code(pair: Pa
     await unary(pair.target, metadata=(("x-status", "NOT_FOUND"),))
     out = await scrape(pair.client_side.admin)
     inn = await scrape(pair.server_side.admin)
-    key = lambda d, code: (  # noqa: E731
+    key = lambda d, code: (
         "kuberpc_requests_total",
         (("direction", d), ("grpc_code", code), ("method", "/test.Echo/Unary"), ("service", "echo.default")),
     )
