@@ -9,9 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
 import re
-import shutil
 import signal
 import socket
 import subprocess
@@ -26,6 +24,7 @@ import grpc
 import pytest
 
 from e2e.arith import client
+from tests.e2e_app.nodeclient import find_node, run_node_client
 from tests.sidecar.harness import (
     MeshCerts,
     RunningProxy,
@@ -39,7 +38,6 @@ from tests.sidecar.harness import (
 __all__ = ["mesh_certs"]  # the session fixture, shared with tests/sidecar
 
 REPO = Path(__file__).resolve().parents[2]
-NODE_DIR = REPO / "e2e" / "arith" / "node"
 SERVICE = "arith.default"
 AUTHORITY = f"{SERVICE}:50051"
 REPLICA = "arith-mesh-1"
@@ -52,19 +50,7 @@ DEMO_BUDGET = 60.0  # the demo promises a whole run "in under a minute"
 
 @pytest.fixture
 def node() -> str:
-    exe = shutil.which("node")
-    missing = None
-    if exe is None:
-        missing = "node is not on PATH"
-    elif not (NODE_DIR / "node_modules").is_dir():
-        missing = f"{NODE_DIR / 'node_modules'} is missing (run `npm ci --prefix e2e/arith/node`)"
-    if missing is not None:
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"CI=true, so the Node client must be tested through the mesh, but {missing}")
-        print(f"skipping: {missing}")
-        pytest.skip(missing)
-    assert exe is not None
-    return exe
+    return find_node()
 
 
 async def _stop(proc: asyncio.subprocess.Process) -> None:
@@ -170,21 +156,6 @@ async def run_mesh(
 async def mesh(mesh_certs: MeshCerts, server_port: int, tmp_path: Path) -> AsyncIterator[Mesh]:
     async with run_mesh(mesh_certs, server_port, tmp_path) as m:
         yield m
-
-
-async def run_node_client(node: str, *args: str) -> tuple[int, str, str]:
-    proc = await asyncio.create_subprocess_exec(
-        node, str(NODE_DIR / "client.js"), *args,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-    )  # fmt: skip
-    try:
-        out, err = await asyncio.wait_for(proc.communicate(), DEADLINE)
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
-    assert proc.returncode is not None
-    return proc.returncode, out.decode(), err.decode()
 
 
 # ---- 1. the Node.js client ------------------------------------------------------------------------------
