@@ -18,6 +18,7 @@ from pathlib import Path
 
 from bench import certs, configs, h2load, measure
 from bench import run as bench_run
+from bench.configs import CLIENT_SA, SERVER_SA
 
 PATHS = ("kuberpc-pair", "envoy-pair")
 
@@ -38,10 +39,10 @@ def main(argv: list[str] | None = None) -> int:
         os.sched_setaffinity(0, {load_core})
     work = Path(tempfile.mkdtemp(prefix="kuberpc-pingpong-"))
     work.chmod(0o755)  # nginx workers read the reply file below it
-    ids = certs.issue(work / "certs", [bench_run.CLIENT_SA, bench_run.SERVER_SA], python=tools.found["python"], cwd=str(bench_run.REPO))
+    ids = certs.issue(work / "certs", [CLIENT_SA, SERVER_SA], python=tools.found["python"], cwd=str(bench_run.REPO))
     measure.write_request(work, *configs.ARGS)
     settings = measure.FULL
-    rows: list[tuple[int, dict[str, tuple[int, int]]]] = []
+    rows: list[tuple[int, dict[str, tuple[float, float]]]] = []
     with bench_run.backends(work, tools, load_core) as (backend_port, _):
         ctx = bench_run.Context(work, tools, ids, backend_port, load_core, proxy_core)
         with contextlib.ExitStack() as stack:
