@@ -500,9 +500,18 @@ class Connection(asyncio.Protocol):
         if s is not None:
             self.handler.on_reset(s, code)
             self.reset_stream(s, code)
+        elif self._idle(sid):
+            # RST_STREAM must not be sent on an idle stream (§6.4): the error is the connection's.
+            raise ConnectionError_(code, f"stream error on idle stream {sid}")
         else:
             self._write(F.rst_stream(sid, code))
             self._remember_reset(sid)
+
+    def _idle(self, sid: int) -> bool:
+        """Never opened: beyond the peer's last stream (or ours), or of the parity only pushes would use."""
+        if self.client:
+            return not sid & 1 or sid >= self.next_stream_id
+        return not sid & 1 or sid > self.last_peer_stream
 
     def _remember_reset(self, sid: int) -> None:
         if len(self._recently_reset) == self._recently_reset.maxlen:
