@@ -111,7 +111,15 @@ def needs_namespace_labels(pod: Mapping[str, object]) -> bool:
 
 def already_injected(pod: Mapping[str, object]) -> bool:
     """Either marker, or a container already named like the proxy (a hand-made or half-removed injection)."""
-    if a.INJECTED in pod_annotations(pod) or pod_labels(pod).get(a.INJECTED) == a.INJECTED_LABEL_VALUE:
+    return _already_injected(pod, pod_annotations(pod))
+
+
+# The private variants below take the pod's annotations read once by `mutate`: reading them is a filtered
+# copy of a map, and one admission otherwise repeats it in every step.
+
+
+def _already_injected(pod: Mapping[str, object], ann: Mapping[str, str]) -> bool:
+    if a.INJECTED in ann or pod_labels(pod).get(a.INJECTED) == a.INJECTED_LABEL_VALUE:
         return True
     spec = _map(pod, "spec")
     for key in ("containers", "initContainers"):
@@ -129,12 +137,23 @@ def needs_injection(
     namespace: str = "",
 ) -> Decision:
     """Opted in (pod annotation first, then namespace label), not injected yet, and able to carry a proxy."""
+    return _needs_injection(pod, pod_annotations(pod), ns_labels, cfg, namespace=namespace)
+
+
+def _needs_injection(
+    pod: Mapping[str, object],
+    ann: Mapping[str, str],
+    ns_labels: Mapping[str, str],
+    cfg: InjectorConfig,
+    *,
+    namespace: str,
+) -> Decision:
     ns = namespace or str((_map(pod, "metadata") or {}).get("namespace") or "")
     if ns == cfg.control_plane_namespace:
         return Decision(False, f"namespace {ns} is kuberpc's control plane")
-    if already_injected(pod):
+    if _already_injected(pod, ann):
         return Decision(False, "already injected")
-    wanted = pod_annotations(pod).get(a.INJECT)
+    wanted = ann.get(a.INJECT)
     if wanted == a.INJECT_DISABLED:
         return Decision(False, f"{a.INJECT} is {a.INJECT_DISABLED}")
     if wanted != a.INJECT_ENABLED and ns_labels.get(a.NAMESPACE_INJECT_LABEL) != a.INJECT_ENABLED:
@@ -234,17 +253,19 @@ def _seconds(value: Decimal) -> str:
 
 def plan_injection(pod: Mapping[str, object], cfg: InjectorConfig, *, namespace: str = "") -> Plan:
     """Read and check every annotation; raise Denied listing each that would break the pod."""
-    ann = pod_annotations(pod)
+    return _plan_injection(pod, pod_annotations(pod), cfg, namespace=namespace)
+
+
+def _plan_injection(pod: Mapping[str, object], ann: Mapping[str, str], cfg: InjectorConfig, *, namespace: str) -> Plan:
     spec = _map(pod, "spec") or {}
     containers = _list(spec, "containers") or []
     ns = namespace or str((_map(pod, "metadata") or {}).get("namespace") or "default")
     problems: list[str] = []
     warnings: list[str] = []
 
-    ours = {v["name"] for v in proxy_volumes()}
     for v in _list(spec, "volumes") or ():
         name = v.get("name") if isinstance(v, dict) else None
-        if isinstance(name, str) and name in ours:
+        if isinstance(name, str) and name in PROXY_VOLUME_NAMES:
             problems.append(f"volume {show(name)} already exists; the proxy needs that name")
 
     first = containers[0] if containers else None
@@ -449,6 +470,9 @@ def proxy_container(cfg: InjectorConfig, s: ProxySettings) -> JsonObject:
     return container
 
 
+PROXY_VOLUME_NAMES: frozenset[str] = frozenset({a.IDENTITY_VOLUME, a.TRUST_ANCHORS_VOLUME, a.TOKEN_VOLUME})
+
+
 def proxy_volumes() -> list[JsonObject]:
     return [
         {"name": a.IDENTITY_VOLUME, "emptyDir": {"medium": "Memory", "sizeLimit": a.IDENTITY_VOLUME_SIZE}},
@@ -492,8 +516,13 @@ def _append_items(spec: Mapping[str, object], key: str, items: list[JsonObject],
 
 def build_patch(pod: Mapping[str, object], cfg: InjectorConfig, settings: ProxySettings) -> list[JsonPatchOp]:
     """The JSON Patch that injects the proxy described by `settings`; applies cleanly to `pod`."""
+    return _build_patch(pod, pod_annotations(pod), cfg, settings)
+
+
+def _build_patch(
+    pod: Mapping[str, object], ann: Mapping[str, str], cfg: InjectorConfig, settings: ProxySettings
+) -> list[JsonPatchOp]:
     spec = _map(pod, "spec") or {}
-    ann = pod_annotations(pod)
     ops: list[JsonPatchOp] = []
     where = "initContainers" if settings.native else "containers"
     ops += _append_items(spec, where, [proxy_container(cfg, settings)], first=True)
@@ -536,17 +565,17 @@ def mutate(
     namespace: str = "",
 ) -> Outcome:
     """needs_injection, then plan_injection, then build_patch."""
-    decision = needs_injection(pod, ns_labels, cfg, namespace=namespace)
+    ann = pod_annotations(pod)
+    decision = _needs_injection(pod, ann, ns_labels, cfg, namespace=namespace)
     if not decision.inject:
         return Outcome("skipped", warnings=(f"kuberpc: not injected: {decision.reason}",))
     try:
-        plan = plan_injection(pod, cfg, namespace=namespace)
+        plan = _plan_injection(pod, ann, cfg, namespace=namespace)
     except Denied as e:
         return Outcome("denied", message=str(e))
     warnings = [f"kuberpc: {w}" for w in plan.warnings]
-    ann = pod_annotations(pod)
     for key in (a.PROMETHEUS_SCRAPE, a.PROMETHEUS_PORT, a.PROMETHEUS_PATH):
         if key in ann:
             warnings.append(f"kuberpc: {key} already set; the proxy's metrics are not scraped through it")
             break
-    return Outcome("injected", tuple(build_patch(pod, cfg, plan.settings)), tuple(warnings))
+    return Outcome("injected", tuple(_build_patch(pod, ann, cfg, plan.settings)), tuple(warnings))

@@ -11,7 +11,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal, NotRequired, TypedDict
 
-from webhook.patch import JsonPatchOp, Outcome
+from webhook.patch import JsonPatchOp, Outcome, Result
 
 _loads: Callable[[bytes], object]
 _dumps: Callable[[object], bytes]
@@ -139,14 +139,53 @@ def encode(review: AdmissionReviewResponse) -> bytes:
     return _dumps(review)
 
 
+@dataclass(frozen=True, slots=True)
+class PreparedAnswer:
+    """An outcome with its patch already encoded: answers any number of reviews that share it, whatever their uid.
+
+    Holds strings only, not the patch's JSON objects: kept answers then cost the garbage collector nothing to walk.
+    """
+
+    result: Result
+    patch: str  # base64 JSON Patch; "" when the outcome has none
+    warnings: tuple[str, ...]
+    message: str
+
+
+def prepare(outcome: Outcome) -> PreparedAnswer:
+    return PreparedAnswer(
+        result=outcome.result,
+        patch=encode_patch(outcome.patch) if outcome.patch else "",
+        warnings=outcome.warnings,
+        message=outcome.message,
+    )
+
+
+def respond_prepared(uid: str, prepared: PreparedAnswer) -> AdmissionReviewResponse:
+    """The AdmissionReview answering `uid` with a prepared outcome."""
+    if prepared.result == "denied":
+        return _review(
+            AdmissionResponse(uid=uid, allowed=False, status=Status(code=400, reason="Invalid", message=prepared.message))
+        )
+    review = allow(uid, prepared.warnings)
+    if prepared.patch:
+        review["response"]["patchType"] = "JSONPatch"
+        review["response"]["patch"] = prepared.patch
+    return review
+
+
 def respond(uid: str, outcome: Outcome) -> AdmissionReviewResponse:
     """The AdmissionReview answering `uid` with `outcome` (allowed + patch, allowed untouched, or denied)."""
-    if outcome.result == "denied":
-        return _review(
-            AdmissionResponse(uid=uid, allowed=False, status=Status(code=400, reason="Invalid", message=outcome.message))
-        )
-    review = allow(uid, outcome.warnings)
-    if outcome.patch:
-        review["response"]["patchType"] = "JSONPatch"
-        review["response"]["patch"] = encode_patch(outcome.patch)
-    return review
+    return respond_prepared(uid, prepare(outcome))
+
+
+def object_key(obj: Mapping[str, object]) -> bytes | None:
+    """The object's JSON encoding, to recognise an identical object again; None if it cannot be re-encoded.
+
+    Equal keys mean equal objects (same keys, values and order), so any pure function of the object may be
+    reused for both. orjson refuses some documents that it decodes (nesting deeper than it encodes): None then.
+    """
+    try:
+        return _dumps(obj)
+    except (TypeError, ValueError, RecursionError):  # orjson.JSONEncodeError is a TypeError
+        return None

@@ -10,6 +10,7 @@ import logging
 import os
 import ssl
 import time
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
 
@@ -19,14 +20,29 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from webhook.config import InjectorConfig
 from webhook.kube import NamespaceLookupError
 from webhook.metrics import AdmissionResult, WebhookMetrics
-from webhook.patch import Outcome, already_injected, mutate, needs_namespace_labels
-from webhook.review import AdmissionReviewResponse, MalformedReview, allow, encode, parse_review, respond
+from webhook.patch import already_injected, mutate, needs_namespace_labels
+from webhook.review import (
+    AdmissionReviewResponse,
+    MalformedReview,
+    PreparedAnswer,
+    allow,
+    encode,
+    object_key,
+    parse_review,
+    prepare,
+    respond_prepared,
+)
 
 log = logging.getLogger(__name__)
 
 NamespaceLabelsLookup = Callable[[str], Awaitable[Mapping[str, str]]]
 # A Pod can approach etcd's 1.5 MiB object limit; the review carries it once (CREATE has no oldObject).
 MAX_BODY_BYTES = 4 * 1024 * 1024
+
+
+# TLS 1.3 session tickets sent after each full handshake. Each costs the server an encryption and a write
+# on every new connection (OpenSSL's default is 2); one is enough for a client that resumes sessions.
+SESSION_TICKETS = 1
 
 
 class CertReloader:
@@ -36,14 +52,15 @@ class CertReloader:
     (kubelet swaps a symlink) is picked up by the next connection without a restart or a timer.
     """
 
-    def __init__(self, cert_path: str, key_path: str) -> None:
+    def __init__(self, cert_path: str, key_path: str, *, session_tickets: int = SESSION_TICKETS) -> None:
         self._cert_path = cert_path
         self._key_path = key_path
+        self._session_tickets = session_tickets
         self._signature = self._stat()
-        self._current = self._load()
-        self.context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-        self.context.load_cert_chain(cert_path, key_path)
+        # The listening context serves until the first rotation, so a handshake swaps contexts only after one.
+        self.context = self._load()
         self.context.sni_callback = self._on_handshake
+        self._current = self.context
 
     def _stat(self) -> tuple[tuple[int, int, int], ...]:
         out = []
@@ -56,6 +73,7 @@ class CertReloader:
         ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         ctx.minimum_version = ssl.TLSVersion.TLSv1_2
         ctx.load_cert_chain(self._cert_path, self._key_path)
+        ctx.num_tickets = self._session_tickets
         return ctx
 
     def maybe_reload(self) -> ssl.SSLContext:
@@ -71,7 +89,48 @@ class CertReloader:
         return self._current
 
     def _on_handshake(self, sock: ssl.SSLObject, server_name: str | None, ctx: ssl.SSLContext) -> None:
-        sock.context = self.maybe_reload()
+        current = self.maybe_reload()
+        if current is not ctx:
+            sock.context = current
+
+
+AnswerKey = tuple[bytes, str, tuple[tuple[str, str], ...]]
+
+
+class AnswerCache:
+    """Answers already worked out, by (Pod as JSON, namespace, namespace labels): a memo of a pure function.
+
+    A rollout's burst admits many copies of one pod template (same generateName, no name yet), so all but the
+    first reuse the first one's patch. Bounded in entries and in the size of the Pods it keeps.
+    """
+
+    def __init__(self, *, max_entries: int = 256, max_object_bytes: int = 64 * 1024) -> None:
+        self._entries: OrderedDict[AnswerKey, PreparedAnswer] = OrderedDict()
+        self._max_entries = max_entries
+        self._max_object_bytes = max_object_bytes
+
+    def key(self, obj: Mapping[str, object], namespace: str, ns_labels: Mapping[str, str]) -> AnswerKey | None:
+        """None when the answer should not be kept (caching off, a Pod too large or not re-encodable)."""
+        if self._max_entries <= 0:
+            return None
+        encoded = object_key(obj)
+        if encoded is None or len(encoded) > self._max_object_bytes:
+            return None
+        return encoded, namespace, tuple(sorted(ns_labels.items()))
+
+    def get(self, key: AnswerKey) -> PreparedAnswer | None:
+        found = self._entries.get(key)
+        if found is not None:
+            self._entries.move_to_end(key)
+        return found
+
+    def put(self, key: AnswerKey, answer: PreparedAnswer) -> None:
+        self._entries[key] = answer
+        if len(self._entries) > self._max_entries:
+            self._entries.popitem(last=False)
+
+    def __len__(self) -> int:
+        return len(self._entries)
 
 
 def create_app(
@@ -80,9 +139,17 @@ def create_app(
     metrics: WebhookMetrics,
     namespace_labels: NamespaceLabelsLookup,
     clock: Callable[[], float] = time.perf_counter,
+    answers: AnswerCache | None = None,
 ) -> web.Application:
+    """The webhook's routes. `answers` (default: a fresh AnswerCache) reuses the answer for identical Pods.
+
+    One cache per app: `cfg` is part of every answer it keeps, so it must not be shared across configs.
+    """
+    cache = AnswerCache() if answers is None else answers
+
     def reply(review: AdmissionReviewResponse) -> web.Response:
-        return web.Response(body=encode(review), content_type="application/json")
+        # Headers passed whole: the content_type= argument is parsed again on every response.
+        return web.Response(body=encode(review), headers={"Content-Type": "application/json"})
 
     async def decide(body: bytes) -> tuple[AdmissionResult, web.Response]:
         req = parse_review(body)
@@ -98,12 +165,16 @@ def create_app(
             and not already_injected(req.obj)
         ):
             labels = await namespace_labels(req.namespace)
-        outcome: Outcome = mutate(req.obj, labels, cfg, namespace=req.namespace)
-        if outcome.result == "denied":
-            log.info("event=denied namespace=%s uid=%s message=%s", req.namespace, req.uid, outcome.message)
-        else:
-            log.debug("event=%s namespace=%s uid=%s", outcome.result, req.namespace, req.uid)
-        return outcome.result, reply(respond(req.uid, outcome))
+        key = cache.key(req.obj, req.namespace, labels)
+        prepared = cache.get(key) if key is not None else None
+        if prepared is None:
+            prepared = prepare(mutate(req.obj, labels, cfg, namespace=req.namespace))
+            if key is not None:
+                cache.put(key, prepared)
+        # Per-review lines are DEBUG (a burst must not wait on the log); the user sees a denial's reason in
+        # the API server's answer and operators see the count in kuberpc_webhook_admissions_total.
+        log.debug("event=%s namespace=%s uid=%s message=%s", prepared.result, req.namespace, req.uid, prepared.message)
+        return prepared.result, reply(respond_prepared(req.uid, prepared))
 
     async def mutate_handler(request: web.Request) -> web.StreamResponse:
         started = clock()

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from sidecar import config as proxy_config
 from webhook import annotations as a
 from webhook.config import InjectorConfig
-from webhook.patch import Outcome, mutate, needs_injection, plan_injection
+from webhook.patch import PROXY_VOLUME_NAMES, Outcome, mutate, needs_injection, plan_injection, proxy_volumes
 
 Review = Callable[[str], dict[str, Any]]
 Apply = Callable[[dict[str, Any], Outcome], dict[str, Any]]
@@ -508,3 +508,7 @@ def test_a_pod_volume_named_like_the_proxys_is_denied(review: Review, native_cfg
     r["request"]["object"]["spec"]["volumes"].append({"name": "kuberpc-identity", "emptyDir": {}})
     outcome = admit(r, native_cfg)
     assert outcome.result == "denied" and "volume 'kuberpc-identity' already exists" in outcome.message
+
+
+def test_the_volume_names_checked_for_clashes_are_those_of_the_injected_volumes() -> None:
+    assert PROXY_VOLUME_NAMES == {v["name"] for v in proxy_volumes()}

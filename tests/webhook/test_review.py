@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from webhook.patch import Outcome
-from webhook.review import MalformedReview, parse_review, respond
+from webhook.review import MalformedReview, object_key, parse_review, prepare, respond, respond_prepared
 
 Review = Callable[[str], dict[str, Any]]
 
@@ -79,3 +79,25 @@ def test_a_denial_is_not_allowed_and_carries_the_message() -> None:
     resp = respond("uid-3", Outcome("denied", message="kuberpc: kuberpc.io/app-port: 'x' is not a port (1-65535)"))["response"]
     assert resp["allowed"] is False and "patch" not in resp
     assert resp["status"]["message"] == "kuberpc: kuberpc.io/app-port: 'x' is not a port (1-65535)"
+
+
+@pytest.mark.parametrize(
+    "outcome",
+    [
+        Outcome("injected", ({"op": "add", "path": "/metadata/labels", "value": {"a": "b"}},), ("kuberpc: note",)),
+        Outcome("skipped", warnings=("kuberpc: not injected: already injected",)),
+        Outcome("denied", message="kuberpc: kuberpc.io/app-port: 'x' is not a port (1-65535)"),
+    ],
+)
+def test_a_prepared_answer_serves_any_uid_exactly_as_a_fresh_one(outcome: Outcome) -> None:
+    prepared = prepare(outcome)
+    for uid in ("uid-a", "uid-b"):
+        assert respond_prepared(uid, prepared) == respond(uid, outcome)
+
+
+def test_the_object_key_is_equal_for_equal_objects_and_differs_with_any_value() -> None:
+    pod = {"metadata": {"labels": {"app": "a"}}, "spec": {"containers": [{"name": "app"}]}}
+    same = json.loads(json.dumps(pod))
+    other = json.loads(json.dumps(pod))
+    other["metadata"]["labels"]["app"] = "b"
+    assert object_key(pod) == object_key(same) != object_key(other)

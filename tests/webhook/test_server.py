@@ -152,3 +152,29 @@ async def test_reinvocation_of_an_injected_pod_needs_no_namespace_lookup(live_se
     live_server.namespaces.broken = True
     resp = await answer(live_server, r)
     assert "patch" not in resp and live_server.namespaces.lookups == []
+
+
+def _get_healthz(port: int, ctx: ssl.SSLContext, session: ssl.SSLSession | None) -> tuple[bool, ssl.SSLSession | None]:
+    """GET /healthz on a new connection offering `session`; (whether it was resumed, the session to offer next)."""
+    import socket
+
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as raw, ctx.wrap_socket(
+        raw, server_hostname=SERVER_NAME, session=session
+    ) as tls:
+        tls.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        answer = b""
+        while chunk := tls.recv(4096):  # reading past the handshake also takes in the session ticket
+            answer += chunk
+        assert answer.startswith(b"HTTP/1.1 200")
+        return bool(tls.session_reused), tls.session
+
+
+async def test_a_client_offering_its_last_tls_session_resumes_it(live_server: Any) -> None:
+    import asyncio
+
+    port = int(live_server.base.rpartition(":")[2])
+    ctx = live_server.client_ssl
+    reused, session = await asyncio.to_thread(_get_healthz, port, ctx, None)
+    assert not reused and session is not None
+    reused, _ = await asyncio.to_thread(_get_healthz, port, ctx, session)
+    assert reused
