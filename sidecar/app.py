@@ -137,25 +137,25 @@ async def serve(
     metrics.set_cert_expiry(expiry)
 
     outbound = Outbound(namespace=cfg.namespace, metrics=metrics, rng=rng)
-    out_pool_ref: list[Pool] = []
+    def make_pool(relay: Relay, tls: ssl.SSLContext | None, name: str, per_endpoint: int = 1) -> Pool:
+        return Pool(
+            relay,
+            flusher=flusher,
+            limits=limits,
+            metrics=metrics,
+            ssl_context=lambda: tls,
+            trust_domain=cfg.trust_domain,
+            per_endpoint=per_endpoint,
+            name=name,
+        )
 
     def on_out_connection(conn: Connection) -> None:
-        if conn.client and not out_pool_ref[0].verify(conn):
+        # Meshed peers must present a mesh identity before a call goes their way.
+        if conn.client and outbound.pool is not None and not outbound.pool.verify(conn):
             conn.close()
 
     out_relay = Relay(outbound, metrics=metrics, flusher=flusher, limits=limits, on_connection=on_out_connection)
-    out_pool = Pool(
-        out_relay,
-        flusher=flusher,
-        limits=limits,
-        metrics=metrics,
-        ssl_context=lambda: client_ctx,
-        trust_domain=cfg.trust_domain,
-        per_endpoint=cfg.connections_per_endpoint,
-        name="outbound",
-    )
-    out_pool_ref.append(out_pool)
-    outbound.pool = out_pool
+    out_pool = outbound.pool = make_pool(out_relay, client_ctx, "outbound", cfg.connections_per_endpoint)
 
     def on_in_connection(conn: Connection) -> None:
         if not conn.client and conn.transport is not None:
@@ -172,16 +172,7 @@ async def serve(
         app_ep = Endpoint(cfg.app.host, cfg.app.port, tls=False)
         inbound = Inbound(app=app_ep, namespace=cfg.namespace, metrics=metrics)
         in_relay = Relay(inbound, metrics=metrics, flusher=flusher, limits=limits, on_connection=on_in_connection)
-        in_pool = Pool(
-            in_relay,
-            flusher=flusher,
-            limits=limits,
-            metrics=metrics,
-            ssl_context=lambda: None,
-            trust_domain=cfg.trust_domain,
-            name="app",
-        )
-        inbound.pool = in_pool
+        in_pool = inbound.pool = make_pool(in_relay, None, "app")
 
     proxy = Proxy(cfg, metrics, registry, outbound, out_relay, inbound, in_relay, stop)
 

@@ -215,8 +215,7 @@ class Connection(asyncio.Protocol):
         self._reset_stamp = 0.0
         self._ping_outstanding: bytes | None = None
         self._timer: asyncio.TimerHandle | None = None
-        self._last_activity = 0.0
-        self.received_at = 0.0  # when the bytes being handled arrived (deadline accounting)
+        self.received_at = 0.0  # when the bytes being handled arrived (deadlines, keepalive)
         self._settings_acked = False
         self._settings_sent_at = 0.0
         self._our_settings = b""
@@ -247,7 +246,7 @@ class Connection(asyncio.Protocol):
         # A server sends its SETTINGS once the client's preface checks out, so that an HTTP/1.1 client
         # gets a plain HTTP/1.1 answer and garbage gets a lone GOAWAY.
         now = self.clock()
-        self._last_activity = self._settings_sent_at = now
+        self.received_at = self._settings_sent_at = now
         self._arm_timer()
         self.handler.on_connection_made(self)
         if self.closed:
@@ -391,7 +390,7 @@ class Connection(asyncio.Protocol):
             if self._ping_outstanding is not None:
                 self._abort(F.NO_ERROR, "keepalive PING not answered")
                 return
-            if now - self._last_activity >= lim.keepalive_interval:
+            if now - self.received_at >= lim.keepalive_interval:
                 self._ping_outstanding = b"kuberpc!"
                 self._write(F.ping(self._ping_outstanding))
         self._arm_timer()
@@ -418,7 +417,7 @@ class Connection(asyncio.Protocol):
             if not self._preface_seen:
                 self._reject_non_h2(data)
                 return
-        self._last_activity = self.received_at = self.clock()
+        self.received_at = self.clock()
         n = len(data)
         pos = 0
         max_frame = self.limits.max_frame_size
