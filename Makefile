@@ -8,7 +8,7 @@ NODE_DIR := e2e/arith/node
 NODE_STAMP := $(NODE_DIR)/node_modules/.installed
 PYTEST_ARGS ?=
 
-.PHONY: setup tools demo test bench lint typecheck clean
+.PHONY: setup tools demo test bench lint typecheck proto clean
 
 setup: $(STAMP) $(NODE_STAMP)
 
@@ -43,6 +43,11 @@ lint: setup
 	$(VENV)/bin/lint-imports
 
 typecheck: lint
+
+# The control-plane API's generated modules are committed (images carry no protoc); a test checks
+# they match proto/identity.proto, so run this after changing it.
+proto: setup
+	$(PY) -m grpc_tools.protoc -I. --python_out=. --pyi_out=. --grpc_python_out=. proto/identity.proto
 
 clean:
 	rm -rf $(VENV) $(NODE_DIR)/node_modules .pytest_cache .mypy_cache .ruff_cache
