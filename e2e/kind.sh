@@ -7,6 +7,7 @@
 #   - every example pod got the proxy (a second container, or a native sidecar initContainer),
 #   - calls from the client reach the servers through both proxies (client output, and the servers'
 #     inbound proxies count OK calls in kuberpc_requests_total),
+#   - every proxy holds a 24 h certificate from the control plane's identity service,
 #   - a meshed Job completes (the proxy does not keep it running).
 #
 # Needs: docker, kind, kubectl, and a Python 3.11 with the project's dependencies for
@@ -52,6 +53,8 @@ diagnose() {
     printf '\n--- diagnostics (exit %s) ---\n' "$status" >&2
     kubectl get pods -A -o wide >&2 || true
     kubectl -n kuberpc-system logs deploy/kuberpc-webhook --tail=50 >&2 || true
+    kubectl logs deploy/arith -c kuberpc-proxy --tail=30 >&2 || true
+    kubectl logs deploy/arith-client -c kuberpc-proxy --tail=30 >&2 || true
     kubectl get events -n default --sort-by=.lastTimestamp >&2 || true
   fi
   if [[ $CREATED_CLUSTER -eq 1 && $KEEP_CLUSTER != 1 ]]; then
@@ -155,6 +158,18 @@ for pod in $(kubectl get pods -l app.kubernetes.io/name=arith -o jsonpath='{.ite
   inbound_ok=$((inbound_ok + n))
 done
 (( inbound_ok > 0 )) || fail "no inbound proxy counted an OK call"
+
+# Each proxy's certificate came from the identity service (a CSR plus its ServiceAccount token):
+# it expires within the next 24 h, not a year out like a hand-made one.
+log "checking the proxies hold certificates from the identity service"
+now="$(date +%s)"
+for pod in $(kubectl get pods -l 'app.kubernetes.io/name in (arith,arith-client)' -o jsonpath='{.items[*].metadata.name}'); do
+  expiry="$(kubectl get --raw "/api/v1/namespaces/default/pods/${pod}:15090/proxy/metrics" \
+    | awk '/^kuberpc_cert_expiry_timestamp_seconds / {printf "%d", $NF}')"
+  [[ -n "$expiry" ]] || fail "${pod}: no kuberpc_cert_expiry_timestamp_seconds"
+  (( expiry > now && expiry <= now + 86400 + 120 )) || fail "${pod}: certificate expiry ${expiry} is not within 24 h"
+  echo "${pod}: certificate valid for $(( (expiry - now) / 60 )) more minutes"
+done
 
 log "checking a meshed Job completes"
 kubectl wait --for=condition=complete job/arith-client-once --timeout="$TIMEOUT"
