@@ -1,4 +1,4 @@
-"""Entry point: `python -m webhook serve ...` runs the injector, `python -m webhook install` prints manifests.
+"""Entry point: `python -m webhook serve ...` runs the injector and identity service, `install` prints manifests.
 
 The only reader of argv, os.environ and signals; builds the registry, API client and tasks and wires them.
 """
@@ -15,7 +15,9 @@ import re
 import signal
 import sys
 from collections.abc import Mapping, Sequence
+from contextlib import AbstractAsyncContextManager, AsyncExitStack
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 
 from prometheus_client import CollectorRegistry
@@ -23,6 +25,7 @@ from prometheus_client import CollectorRegistry
 from webhook import __version__
 from webhook import annotations as a
 from webhook.config import ConfigError, InjectorConfig, load_config
+from webhook.identity import CAError, CertificateAuthority
 from webhook.install import InstallError, default_manifests_dir, render, write_yaml
 
 log = logging.getLogger("webhook")
@@ -43,12 +46,12 @@ Injected pods:
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m webhook",
-        description=f"kuberpc control plane {__version__}: proxy-injection webhook and installer.",
+        description=f"kuberpc control plane {__version__}: proxy-injection webhook, identity service and installer.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=JOB_NOTE,
     )
     sub = p.add_subparsers(dest="command", required=True)
-    s = sub.add_parser("serve", help="run the mutating admission webhook over HTTPS")
+    s = sub.add_parser("serve", help="run the mutating admission webhook (HTTPS) and the identity service (gRPC)")
     s.add_argument("--config", required=True, help="injector config.yaml")
     s.add_argument("--tls-cert", required=True, help="serving certificate (PEM); reloaded when it changes")
     s.add_argument("--tls-key", required=True, help="serving key (PEM); reloaded when it changes")
@@ -59,6 +62,19 @@ def _parser() -> argparse.ArgumentParser:
         default="/etc/kuberpc/identity-ca/ca.pem",
         help="identity CA bundle kept in the kuberpc-trust-anchors ConfigMap of every namespace but Kubernetes' own "
         "(skipped when the file is absent)",
+    )
+    s.add_argument(
+        "--identity-port", type=int, default=8081, help="identity service (gRPC over TLS) listen port (default 8081)"
+    )
+    s.add_argument(
+        "--identity-ca-key",
+        default="/etc/kuberpc/identity-ca/ca-key.pem",
+        help="mesh CA key that signs the proxies' certificates; without this file the identity service is off",
+    )
+    s.add_argument(
+        "--identity-ca-cert",
+        default="/etc/kuberpc/identity-ca/ca.pem",
+        help="mesh CA certificate of --identity-ca-key (default /etc/kuberpc/identity-ca/ca.pem)",
     )
     s.add_argument(
         "--shutdown-delay",
@@ -96,9 +112,31 @@ def _read_bundle(path: str) -> str | None:
         return None
 
 
-async def _serve(args: argparse.Namespace, cfg: InjectorConfig, bundle: str | None) -> None:
-    # Imported here so `--help` and `install` work without loading aiohttp and the kubernetes client.
-    from webhook.kube import NamespaceLabels, fetch_version, load_api_client
+def _load_identity_ca(args: argparse.Namespace, cfg: InjectorConfig) -> CertificateAuthority | None:
+    """The mesh CA, or None when its key is not mounted (the identity service is then off); CAError if unusable."""
+    key = Path(args.identity_ca_key)
+    if not key.exists():
+        log.info("event=identity_service_off reason=no_ca_key path=%s", key)
+        return None
+    return CertificateAuthority.load(Path(args.identity_ca_cert), key, trust_domain=cfg.trust_domain)
+
+
+def _utcnow() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+async def _serve(
+    args: argparse.Namespace, cfg: InjectorConfig, bundle: str | None, ca: CertificateAuthority | None
+) -> None:
+    # Imported here so `--help` and `install` work without loading aiohttp, grpc and the kubernetes client.
+    from webhook.identity_service import (
+        IdentityMetrics,
+        IdentityService,
+        ServingCertificate,
+        identity_dns_names,
+        serving,
+    )
+    from webhook.kube import NamespaceLabels, fetch_version, load_api_client, review_token
     from webhook.metrics import WebhookMetrics
     from webhook.server import CertReloader, create_app, running
     from webhook.trust import TrustAnchorSync
@@ -119,7 +157,20 @@ async def _serve(args: argparse.Namespace, cfg: InjectorConfig, bundle: str | No
         ".".join(map(str, cfg.kubernetes_version or ())) or "unknown",
     )
     reloader = CertReloader(args.tls_cert, args.tls_key)
-    app = create_app(cfg=cfg, metrics=WebhookMetrics(CollectorRegistry()), namespace_labels=NamespaceLabels(api))
+    registry = CollectorRegistry()  # one /metrics for the webhook and the identity service
+    app = create_app(cfg=cfg, metrics=WebhookMetrics(registry), namespace_labels=NamespaceLabels(api))
+    identity: AbstractAsyncContextManager[int] | None = None
+    if ca is not None:
+        if api is None:
+            log.warning("event=identity_service_degraded reason=no_kubernetes_credentials answer=UNAVAILABLE")
+        service = IdentityService(
+            ca,
+            review=partial(review_token, api, audience=a.TOKEN_AUDIENCE),
+            metrics=IdentityMetrics(registry),
+            clock=_utcnow,
+        )
+        cert = ServingCertificate(ca, identity_dns_names(cfg.control_plane_namespace, cfg.identity_addr), clock=_utcnow)
+        identity = serving(service, cert, host=args.host, port=args.identity_port)
     trust = None
     if bundle is not None and api is not None:
         trust = TrustAnchorSync(api, bundle=bundle, control_plane=cfg.control_plane_namespace)
@@ -131,12 +182,18 @@ async def _serve(args: argparse.Namespace, cfg: InjectorConfig, bundle: str | No
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    async with asyncio.TaskGroup() as tg, running(app, host=args.host, port=args.port, ssl_context=reloader.context):
+    async with (
+        AsyncExitStack() as stack,
+        asyncio.TaskGroup() as tg,
+        running(app, host=args.host, port=args.port, ssl_context=reloader.context),
+    ):
+        if identity is not None:
+            await stack.enter_async_context(identity)
         if trust is not None:
             tg.create_task(trust.run(stop), name="trust-anchors")
         await stop.wait()
         log.info("event=stopping delay=%s", args.shutdown_delay)
-        # Endpoints lag behind SIGTERM: keep answering the API server until it stops sending here.
+        # Endpoints lag behind SIGTERM: keep answering the API server and the proxies until they stop sending here.
         await asyncio.sleep(max(0.0, args.shutdown_delay))
 
 
@@ -175,11 +232,16 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
     )
     bundle = _read_bundle(args.trust_anchors)
     try:
+        ca = _load_identity_ca(args, cfg)
+    except CAError as e:
+        print(f"serve: {e}", file=sys.stderr)
+        return 2
+    try:
         import uvloop
     except ImportError:  # uvloop is optional (not built for every platform)
-        asyncio.run(_serve(args, cfg, bundle))
+        asyncio.run(_serve(args, cfg, bundle, ca))
     else:
-        uvloop.run(_serve(args, cfg, bundle))
+        uvloop.run(_serve(args, cfg, bundle, ca))
     return 0
 
 

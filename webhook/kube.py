@@ -1,6 +1,6 @@
-"""What admission reads from the Kubernetes API: the server version (once) and namespace labels (cached).
+"""What the control plane asks the Kubernetes API: the server version, namespace labels, token reviews.
 
-Wraps the synchronous kubernetes client in threads with bounded timeouts; makes no decisions.
+Wraps the synchronous kubernetes client in threads with bounded timeouts; makes no decisions, logs no token.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from kubernetes.client.exceptions import ApiException
 from kubernetes.config.config_exception import ConfigException
 
 from webhook.config import parse_kubernetes_version
+from webhook.identity import TokenReview, Unavailable
 
 log = logging.getLogger(__name__)
 
@@ -85,3 +86,40 @@ class NamespaceLabels:
         labels = await asyncio.to_thread(self._read, name)
         self._cache[name] = (self._clock(), labels)
         return labels
+
+
+async def review_token(
+    api: client.ApiClient | None, token: str, *, audience: str, request_timeout: float = 5.0
+) -> TokenReview:
+    """What the TokenReview API says of `token` for `audience`; Unavailable when it cannot be asked.
+
+    A rejected token is an answer (authenticated false), not an error: the caller decides what it means.
+    """
+    if api is None:
+        raise Unavailable("no Kubernetes credentials to review tokens")
+
+    def create() -> TokenReview:
+        body = client.V1TokenReview(spec=client.V1TokenReviewSpec(token=token, audiences=[audience]))
+        try:
+            answer = client.AuthenticationV1Api(api).create_token_review(body, _request_timeout=request_timeout)
+        except ApiException as e:
+            # Only the status: the exception's text carries the response, which echoes the request's spec.
+            raise Unavailable(f"TokenReview failed: HTTP {e.status}") from e
+        except Exception as e:  # urllib3 and socket errors have no common base worth naming
+            raise Unavailable(f"TokenReview failed: {type(e).__name__}") from e
+        status = answer.status
+        if status is None:
+            return TokenReview(authenticated=False, error="the TokenReview has no status")
+        return TokenReview(
+            authenticated=bool(status.authenticated),
+            username=(status.user.username if status.user is not None else None) or "",
+            audiences=tuple(status.audiences or ()),
+            error=status.error or "",
+        )
+
+    try:
+        # urllib3 may retry a refused connection, each try bounded by request_timeout: bound the whole call too.
+        async with asyncio.timeout(2 * request_timeout):
+            return await asyncio.to_thread(create)
+    except TimeoutError as e:
+        raise Unavailable(f"TokenReview failed: no answer within {2 * request_timeout:g} s") from e

@@ -271,10 +271,14 @@ def test_installed_requirements_cover_every_module_of_the_package(
 ) -> None:
     image, env = image_venv
     assert env.install.returncode == 0, "install failed (see the install test)"
-    # Only the package itself, as in the image's /app: an import of a sibling package or of a
-    # dependency missing from the requirements fails here.
+    # Exactly the directories the Dockerfile copies into the image's /app: an import of a package
+    # the image lacks (the other one, say) or of a dependency missing from the requirements fails here.
     app = tmp_path / "app"
-    shutil.copytree(REPO / image, app / image, ignore=shutil.ignore_patterns("__pycache__"))
+    dockerfile = (REPO / f"Dockerfile.{image}").read_text()
+    copied = re.findall(r"^COPY (\w+)/ /app/\1/$", dockerfile, re.M)
+    assert image in copied, f"Dockerfile.{image} does not copy {image}/ into /app"
+    for directory in copied:
+        shutil.copytree(REPO / directory, app / directory, ignore=shutil.ignore_patterns("__pycache__"))
     script = (
         "import importlib, pkgutil, sys\n"
         f"pkg = importlib.import_module({image!r})\n"
