@@ -22,6 +22,7 @@ from prometheus_client import CollectorRegistry
 from sidecar import identity
 from sidecar.admin import AdminServer
 from sidecar.config import Address, Config
+from sidecar.discovery import Discovery
 from sidecar.discovery.file import FileDiscovery
 from sidecar.h2.connection import Connection, Flusher, Limits
 from sidecar.inbound import Inbound
@@ -30,6 +31,7 @@ from sidecar.model import Catalog, Endpoint
 from sidecar.outbound import Outbound
 from sidecar.pool import Pool, tls_failure_reason
 from sidecar.relay import Relay
+from sidecar.workload_cert import FileIdentity, GrpcCertifier, IssuedIdentity, WorkloadIdentity
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +60,7 @@ class Proxy:
     ports: dict[str, int] = field(default_factory=dict)
     admin: AdminServer | None = None
     started_at: float = field(default_factory=time.monotonic)
+    workload: WorkloadIdentity | None = None
 
     def bound_port(self, what: str) -> int:
         """The port a listener bound (tests bind port 0): 'outbound', 'inbound' or 'admin'."""
@@ -79,6 +82,7 @@ class Proxy:
             "outbound": self.out_relay.debug(),
             "inbound": self.in_relay.debug() if self.in_relay is not None else None,
             "upstream_connections": self.outbound.pool.debug() if self.outbound.pool else [],
+            "identity": self.workload.debug() if self.workload is not None else None,
         }
 
 
@@ -103,19 +107,43 @@ def count_handshake_failures(ctx: ssl.SSLContext, on_failure: Callable[[str], No
     ctx.sslobject_class = CountingSSLObject
 
 
-def _load_identity(cfg: Config) -> tuple[ssl.SSLContext, ssl.SSLContext, float]:
-    """Client and server mTLS contexts and the certificate's expiry; once, before serving."""
+def _load_identity(
+    cfg: Config, *, metrics: Metrics, rng: random.Random
+) -> tuple[ssl.SSLContext, ssl.SSLContext, WorkloadIdentity]:
+    """Client and server mTLS contexts, and what keeps their certificate current; once, before serving.
+
+    With an identity service the contexts start with no certificate (nothing is served until the workload's
+    obtain() has one); otherwise the files are loaded now and must exist.
+    """
     if cfg.tls is None:
         raise StartupError("mTLS files are required (KUBERPC_TLS_CERT, KUBERPC_TLS_KEY, KUBERPC_TRUST_ANCHORS)")
     tls = cfg.tls
+
+    def on_certificate(cert: identity.WorkloadCertificate) -> None:
+        metrics.set_cert_expiry(cert.not_after)
+
     try:
-        client_ctx = identity.client_context(tls.cert, tls.key, tls.trust_anchors)
-        server_ctx = identity.server_context(tls.cert, tls.key, tls.trust_anchors)
-        with open(tls.cert, "rb") as f:
-            expiry = identity.cert_expiry_timestamp(f.read())
+        client_ctx = identity.client_context(None, None, tls.trust_anchors)
+        server_ctx = identity.server_context(None, None, tls.trust_anchors)
+        workload: WorkloadIdentity
+        if (svc := cfg.identity_service) is not None:
+            workload = IssuedIdentity(
+                identity=identity.SpiffeId(cfg.trust_domain, cfg.namespace, cfg.service_account),
+                files=tls,
+                token_file=svc.token_file,
+                certify=GrpcCertifier(svc.address, tls.trust_anchors),
+                contexts=(client_ctx, server_ctx),
+                on_certificate=on_certificate,
+                clock=time.time,
+                rng=rng,
+            )
+        else:
+            from_files = FileIdentity(files=tls, contexts=(client_ctx, server_ctx), on_certificate=on_certificate)
+            from_files.load()
+            workload = from_files
     except (OSError, ssl.SSLError, ValueError, identity.IdentityError) as e:
         raise StartupError(f"cannot load the workload identity: {e}") from e
-    return client_ctx, server_ctx, expiry
+    return client_ctx, server_ctx, workload
 
 
 async def serve(
@@ -133,8 +161,7 @@ async def serve(
     limits = Limits()
     rng = random.Random()
 
-    client_ctx, server_ctx, expiry = _load_identity(cfg)
-    metrics.set_cert_expiry(expiry)
+    client_ctx, server_ctx, workload = _load_identity(cfg, metrics=metrics, rng=rng)
 
     outbound = Outbound(namespace=cfg.namespace, metrics=metrics, rng=rng)
     def make_pool(relay: Relay, tls: ssl.SSLContext | None, name: str, per_endpoint: int = 1) -> Pool:
@@ -175,23 +202,49 @@ async def serve(
         in_pool = inbound.pool = make_pool(in_relay, None, "app")
 
     proxy = Proxy(cfg, metrics, registry, outbound, out_relay, inbound, in_relay, stop)
+    proxy.workload = workload
+
+    published: list[Catalog] = [Catalog()]
 
     def publish(catalog: Catalog) -> None:
         outbound.update(catalog)
         if inbound is not None:
             inbound.update(catalog)
-        for key in catalog.services:
-            metrics.discovery_update(str(key))
+        # Per Service, only when its set changed: a cluster-wide source republishes on any change anywhere.
+        for key, es in catalog.services.items():
+            if published[0].get(key) != es:
+                metrics.discovery_update(str(key))
+        published[0] = catalog
         proxy.catalog_seen.set()
         log.info("catalog updated services=%d", len(catalog))
 
+    source: Discovery
     if cfg.discovery == "file":
         assert cfg.discovery_file is not None
         source = FileDiscovery(cfg.discovery_file, namespace=cfg.namespace)
-    else:
-        raise StartupError(
-            f"discovery source {cfg.discovery!r} is not available in this build; use KUBERPC_DISCOVERY=file:/path.yaml"
+    elif cfg.discovery == "kubernetes":
+        # Imported here: file mode does not pay for aiohttp and the Kubernetes client.
+        from sidecar.discovery import kubernetes as kube
+
+        try:
+            credentials = kube.load_credentials(
+                service_host=cfg.kubernetes_service_host,
+                service_port=cfg.kubernetes_service_port,
+                kubeconfig=cfg.kubeconfig,
+            )
+        except kube.KubernetesError as e:
+            raise StartupError(str(e)) from e
+        # Readiness needs no extra hook: the source publishes its first catalog only after a complete
+        # list of every kind, and the proxy turns ready on the first catalog (catalog_seen below).
+        source = kube.KubernetesDiscovery(
+            credentials,
+            rng=rng,
+            clock=time.monotonic,
+            namespaces=cfg.discovery_namespaces,
+            on_restart=metrics.watch_restart,
         )
+    else:
+        raise StartupError(f"discovery source {cfg.discovery!r} is not available in this build")
 
     async def bind(
         addr: Address, factory: Callable[[], asyncio.BaseProtocol], what: str, tls: ssl.SSLContext | None = None
@@ -223,6 +276,17 @@ async def serve(
 
     admin: AdminServer | None = None
     try:
+        # The admin server first: probes and scrapes get answers (/ready: 503) while the certificate is awaited.
+        if cfg.admin is not None:
+            admin = AdminServer(registry=registry, ready=lambda: proxy.ready, debug=proxy.debug, shutdown=stop.set)
+            try:
+                await admin.start(cfg.admin.host, cfg.admin.port)
+            except OSError as e:
+                raise StartupError(f"cannot listen on {cfg.admin} (admin): {e.strerror or e}") from e
+            proxy.admin = admin
+        # Callers are refused (no listener) until the proxy has a certificate to call or be called with.
+        if not await workload.obtain(stop):
+            return
         await bind(cfg.outbound, outbound_factory(), "outbound")
         for up in cfg.upstreams:
             await bind(Address("127.0.0.1", up.local_port), outbound_factory(up.service, f"upstream:{up.local_port}"), f"upstream {up.service}")
@@ -232,16 +296,10 @@ async def serve(
             assert inbound is not None
             hosts = {cfg.pod_ip, cfg.inbound.host} - {"", "0.0.0.0", "::"}
             inbound.set_listener(frozenset(hosts), proxy.ports["inbound"])
-        if cfg.admin is not None:
-            admin = AdminServer(registry=registry, ready=lambda: proxy.ready, debug=proxy.debug, shutdown=stop.set)
-            try:
-                await admin.start(cfg.admin.host, cfg.admin.port)
-            except OSError as e:
-                raise StartupError(f"cannot listen on {cfg.admin} (admin): {e.strerror or e}") from e
-            proxy.admin = admin
 
         async with asyncio.TaskGroup() as tg:
             disc = tg.create_task(source.run(publish))
+            renewal = tg.create_task(workload.run())
             # Ready once identity is loaded (above), listeners are bound and the first catalog is in.
             waiter = tg.create_task(proxy.catalog_seen.wait())
             stopper = tg.create_task(stop.wait())
@@ -260,6 +318,7 @@ async def serve(
             await stopper
             await _drain(proxy, cfg.drain_seconds)
             disc.cancel()
+            renewal.cancel()
     finally:
         proxy.ready = False
         for server in proxy.servers:

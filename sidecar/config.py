@@ -27,12 +27,15 @@ ENV_DOC: dict[str, str] = {
     "KUBERPC_APP_PORT": "port of the local app's gRPC server (required when inbound is on)",
     "KUBERPC_UPSTREAMS": "dedicated local ports: svc.ns:port=localport,... (kuberpc.io/upstreams)",
     "KUBERPC_DISCOVERY": "file:/path.yaml | kubernetes (default kubernetes)",
-    "KUBERPC_TLS_CERT": "PEM certificate chain of this workload (SPIFFE URI SAN)",
-    "KUBERPC_TLS_KEY": "PEM private key of this workload",
+    "KUBERPC_DISCOVERY_NAMESPACES": "kubernetes discovery: comma-separated namespaces to watch (default: all)",
+    "KUBERNETES_SERVICE_HOST": "kubernetes discovery: the API server, with KUBERNETES_SERVICE_PORT (set in every pod)",
+    "KUBECONFIG": "kubernetes discovery outside a cluster: kubeconfig file (default ~/.kube/config)",
+    "KUBERPC_TLS_CERT": "PEM certificate chain of this workload (written here when KUBERPC_IDENTITY_ADDR is set)",
+    "KUBERPC_TLS_KEY": "PEM private key of this workload (written here, mode 0600, with KUBERPC_IDENTITY_ADDR)",
     "KUBERPC_TRUST_ANCHORS": "PEM bundle of mesh CA certificates",
     "KUBERPC_TRUST_DOMAIN": "SPIFFE trust domain (default cluster.local)",
-    "KUBERPC_IDENTITY_ADDR": "host:port of the control plane's identity service (certificates by CSR)",
-    "KUBERPC_IDENTITY_TOKEN": "projected ServiceAccount token file (audience kuberpc-identity)",
+    "KUBERPC_IDENTITY_ADDR": "host:port of the control plane's identity service (certificates by CSR; needs KUBERPC_IDENTITY_TOKEN, POD_NAMESPACE, SERVICE_ACCOUNT)",
+    "KUBERPC_IDENTITY_TOKEN": "projected ServiceAccount token file (audience kuberpc-identity), re-read at each renewal",
     "KUBERPC_DRAIN_SECONDS": "seconds in-flight calls may take after SIGTERM (default 10)",
     "KUBERPC_LOG_LEVEL": "debug | info | warning | error (default info)",
     "KUBERPC_CONNECTIONS_PER_ENDPOINT": "HTTP/2 connections kept to each peer endpoint (default 1)",
@@ -70,6 +73,14 @@ class TLSFiles:
 
 
 @dataclass(frozen=True, slots=True)
+class IdentityService:
+    """Where the proxy gets its certificate: then TLSFiles.cert/key are where it writes what it is issued."""
+
+    address: Address  # dialled over TLS, verified against the trust anchors by this host name
+    token_file: str  # re-read for every request: the kubelet rotates it
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     outbound: Address = Address("127.0.0.1", OUTBOUND_PORT)
     inbound: Address | None = Address("0.0.0.0", INBOUND_PORT)
@@ -78,7 +89,12 @@ class Config:
     upstreams: tuple[Upstream, ...] = ()
     discovery: str = "kubernetes"
     discovery_file: str | None = None
+    discovery_namespaces: tuple[str, ...] = ()  # kubernetes discovery: () watches every namespace
+    kubernetes_service_host: str = ""  # in-cluster API server; empty: use the kubeconfig
+    kubernetes_service_port: str = ""
+    kubeconfig: str | None = None
     tls: TLSFiles | None = None
+    identity_service: IdentityService | None = None
     trust_domain: str = "cluster.local"
     drain_seconds: float = 10.0
     log_level: str = "info"
@@ -108,6 +124,24 @@ def parse_address(text: str) -> Address:
         raise ValueError(f"{text!r} is not host:port")
     host = m.group("v6") or m.group("host") or "0.0.0.0"
     return Address(host, parse_port(m.group("port"), allow_zero=True))
+
+
+_HOSTNAME = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9]([-A-Za-z0-9]{0,61}[A-Za-z0-9])?(\.[A-Za-z0-9]([-A-Za-z0-9]{0,61}[A-Za-z0-9])?)*$")
+_SERVICE_ACCOUNT = re.compile(r"^(?=.{1,253}$)[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?(\.[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?)*$")
+
+
+def parse_dial_address(text: str) -> Address:
+    """A host name or IP and a port (1-65535) to connect to."""
+    m = _HOSTPORT.match(text.strip())
+    if not m or not (m.group("v6") or m.group("host")):
+        raise ValueError(f"{text!r} is not host:port")
+    host = m.group("v6") or m.group("host")
+    if not m.group("v6") and not _HOSTNAME.match(host):
+        raise ValueError(f"{text!r}: {host!r} is not a host name or IP address")
+    try:
+        return Address(host, parse_port(m.group("port")))
+    except ValueError as e:
+        raise ValueError(f"{text!r}: {e}") from e
 
 
 def parse_upstreams(text: str, default_namespace: str) -> tuple[Upstream, ...]:
@@ -189,6 +223,15 @@ def load(environ: Mapping[str, str]) -> Config:
         values["discovery"] = "kubernetes"
     else:
         problems.append(f"KUBERPC_DISCOVERY: {disc!r} is not 'kubernetes' or 'file:/path'")
+    if (nss := get("KUBERPC_DISCOVERY_NAMESPACES")) is not None:
+        names = tuple(dict.fromkeys(n.strip() for n in nss.split(",") if n.strip()))
+        bad = [n for n in names if not _DNS_LABEL.match(n)]
+        if bad:
+            problems.append(f"KUBERPC_DISCOVERY_NAMESPACES: not namespace names: {', '.join(map(repr, bad))}")
+        values["discovery_namespaces"] = names
+    values["kubernetes_service_host"] = get("KUBERNETES_SERVICE_HOST") or ""
+    values["kubernetes_service_port"] = get("KUBERNETES_SERVICE_PORT") or ""
+    values["kubeconfig"] = get("KUBECONFIG")
 
     tls_vars = ("KUBERPC_TLS_CERT", "KUBERPC_TLS_KEY", "KUBERPC_TRUST_ANCHORS")
     tls_vals = [get(v) for v in tls_vars]
@@ -226,6 +269,25 @@ def load(environ: Mapping[str, str]) -> Config:
     values["pod_name"] = get("POD_NAME") or ""
     values["pod_ip"] = get("POD_IP") or ""
     values["service_account"] = get("SERVICE_ACCOUNT") or ""
+
+    if (ident := get("KUBERPC_IDENTITY_ADDR")) is not None:
+        address: Address | None = None
+        try:
+            address = parse_dial_address(ident)
+        except ValueError as e:
+            problems.append(f"KUBERPC_IDENTITY_ADDR: {e}")
+        # The certificate names spiffe://<trust domain>/ns/<namespace>/sa/<service account>: no defaults.
+        needed = [v for v in ("KUBERPC_IDENTITY_TOKEN", "SERVICE_ACCOUNT", "POD_NAMESPACE") if get(v) is None]
+        if needed:
+            problems.append(f"{', '.join(needed)}: required with KUBERPC_IDENTITY_ADDR (they make the identity)")
+        sa = get("SERVICE_ACCOUNT")
+        if sa is not None and not _SERVICE_ACCOUNT.match(sa):
+            problems.append(f"SERVICE_ACCOUNT: {sa!r} is not a Kubernetes service account name")
+        if get("POD_NAMESPACE") is not None and not _DNS_LABEL.match(namespace):
+            problems.append(f"POD_NAMESPACE: {namespace!r} is not a Kubernetes namespace name")
+        token = get("KUBERPC_IDENTITY_TOKEN")
+        if address is not None and token is not None:
+            values["identity_service"] = IdentityService(address, token)
 
     if problems:
         raise ConfigError(problems)

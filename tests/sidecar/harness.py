@@ -247,12 +247,19 @@ async def run_pair(
     tmp_path: Path,
     annotations: dict[str, str] | None = None,
     client_workload: Workload | None = None,
+    server_workload: Workload | None = None,
+    client_env: dict[str, str] | None = None,
+    server_env: dict[str, str] | None = None,
 ) -> AsyncIterator[Pair]:
     """client -> outbound proxy -> mTLS -> inbound proxy -> backend: the real mesh path, on loopback."""
     disc = tmp_path / "endpoints.yaml"
     disc.write_text(endpoints_yaml({"echo.default": []}))
     async with run_proxy(
-        mesh_certs.server, disc, KUBERPC_INBOUND_ADDR="127.0.0.1:0", KUBERPC_APP_PORT=str(backend_port)
+        server_workload or mesh_certs.server,
+        disc,
+        KUBERPC_INBOUND_ADDR="127.0.0.1:0",
+        KUBERPC_APP_PORT=str(backend_port),
+        **(server_env or {}),
     ) as server_side:
         disc.write_text(
             endpoints_yaml(
@@ -260,7 +267,7 @@ async def run_pair(
                 {"echo.default": {"kuberpc.io/grpc-services": "test.Echo", **(annotations or {})}},
             )
         )
-        async with run_proxy(client_workload or mesh_certs.client, disc) as client_side:
+        async with run_proxy(client_workload or mesh_certs.client, disc, **(client_env or {})) as client_side:
             await wait_for_endpoints(client_side, "echo.default", 1)
             await wait_for(lambda: _has_policy(server_side), "the server side to load the Service's policy")
             yield Pair(client_side, server_side, disc)
