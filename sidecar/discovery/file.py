@@ -15,6 +15,7 @@ from typing import Any
 
 import yaml
 
+from sidecar.discovery import ProblemLog, port_or_none
 from sidecar.model import DEFAULT_WEIGHT, MAX_WEIGHT, Catalog, Endpoint, EndpointSet, ServiceKey
 from sidecar.policy import parse_service_annotations
 
@@ -33,13 +34,6 @@ _TOP_KEYS = frozenset({"services"})
 _SERVICE_KEYS = frozenset({"name", "namespace", "ports", "annotations", "endpoints"})
 _ENDPOINT_KEYS = frozenset({"address", "port", "weight", "tls", "ready", "serving", "terminating", "pod"})
 _FLAGS = {"tls": True, "ready": True, "serving": True, "terminating": False}
-
-
-def _port(value: object) -> int | None:
-    # bool is an int in Python: `port: true` must not become port 1.
-    if isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= 65535:
-        return value
-    return None
 
 
 def _annotation_value(value: object) -> str | None:
@@ -63,7 +57,7 @@ def _parse_endpoint(raw: object, where: str, problems: list[str]) -> Endpoint | 
     if isinstance(address, str):
         address = address.strip().strip("[]")
     ok_address = isinstance(address, str) and (_is_ip(address) or bool(_HOSTNAME.fullmatch(address)))
-    port = _port(raw.get("port"))
+    port = port_or_none(raw.get("port"))
     if not ok_address:
         problems.append(
             f"{where}: address: {raw.get('address')!r} is not an IP address or host name (endpoint skipped)"
@@ -134,7 +128,7 @@ def _parse_service(raw: object, index: int, namespace: str, problems: list[str])
         problems.append(f"{where}: ports: {raw_ports!r} is not a list of ports")
         raw_ports = []
     for p in raw_ports:
-        port = _port(p)
+        port = port_or_none(p)
         if port is None:
             problems.append(f"{where}: ports: {p!r} is not a port from 1 to 65535 (ignored)")
         elif port not in ports:
@@ -243,16 +237,10 @@ class FileDiscovery:
         self._namespace = namespace
         self._interval = interval
 
-    def _report(self, issues: list[str], logged: set[str]) -> set[str]:
-        for issue in issues:
-            if issue not in logged:
-                log.warning("endpoints file problem path=%s problem=%r", self._path, issue)
-        return set(issues)
-
     async def run(self, publish: Callable[[Catalog], None]) -> None:
         seen: _Signature | None = None
         published: Catalog | None = None
-        logged: set[str] = set()
+        problems_log = ProblemLog(log, "endpoints file problem path=%s problem=%r", self._path)
         while True:
             keeping = "keeping the last catalog" if published is not None else "no catalog yet"
             try:
@@ -260,11 +248,11 @@ class FileDiscovery:
                 current: _Signature | None = _signature(os.stat(self._path))
             except FileNotFoundError:
                 current = None
-                logged = self._report([f"file missing ({keeping})"], logged)
+                problems_log.report([f"file missing ({keeping})"])
                 seen = None
             except OSError as e:
                 current = None
-                logged = self._report([f"cannot stat ({keeping}): {e}"], logged)
+                problems_log.report([f"cannot stat ({keeping}): {e}"])
                 seen = None
             if current is not None and current != seen:
                 try:
@@ -273,9 +261,9 @@ class FileDiscovery:
                 except (OSError, ValueError) as e:
                     # Remember the broken version so it is not re-read every tick; a fix changes it.
                     seen = current
-                    logged = self._report([f"unreadable ({keeping}): {e}"], logged)
+                    problems_log.report([f"unreadable ({keeping}): {e}"])
                 else:
-                    logged = self._report(problems, logged)
+                    problems_log.report(problems)
                     if catalog != published:
                         published = catalog
                         log.info(
