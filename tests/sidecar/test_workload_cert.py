@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime
+import ipaddress
 import itertools
 import logging
 import os
@@ -15,6 +16,7 @@ import random
 import socket
 import ssl
 import stat
+import struct
 import subprocess
 import sys
 import time
@@ -25,6 +27,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
+import h2.config
+import h2.connection
+import h2.errors
+import h2.events
+import h2.exceptions
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -35,7 +42,7 @@ from hypothesis import strategies as st
 
 from proto import identity_pb2, identity_pb2_grpc
 from sidecar import config as config_mod
-from sidecar import identity
+from sidecar import grpc_client, identity
 from sidecar.config import Address, ConfigError, IdentityService
 from sidecar.identity import IdentityError, SpiffeId
 from sidecar.workload_cert import (
@@ -43,6 +50,7 @@ from sidecar.workload_cert import (
     RETRY_CAP,
     CertifyError,
     FileIdentity,
+    GrpcCertifier,
     Issued,
     IssuedIdentity,
     retry_delay,
@@ -115,6 +123,41 @@ def ca(tmp_path_factory: pytest.TempPathFactory) -> CA:
     return CA(key, cert, path)
 
 
+WEBHOOK_ID = SpiffeId(TRUST_DOMAIN, "kuberpc-system", "kuberpc-webhook")
+LOOPBACK = x509.IPAddress(ipaddress.ip_address("127.0.0.1"))
+
+
+def serving_cert(ca: CA, *names: x509.GeneralName) -> tuple[bytes, bytes]:
+    """A TLS server key and chain (PEM) from `ca`, as the identity port has; by default for 127.0.0.1 (an IP
+    SAN: a DNS SAN spelling an address does not name it for a standard TLS client)."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    ca_key = serialization.load_pem_private_key(ca.key_pem, password=None)
+    assert isinstance(ca_key, ec.EllipticCurvePrivateKey)
+    ca_cert = x509.load_pem_x509_certificate(ca.cert_pem)
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([]))
+        .issuer_name(ca_cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - BACKDATE)
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
+        .add_extension(
+            x509.SubjectAlternativeName(list(names or (x509.UniformResourceIdentifier(str(WEBHOOK_ID)), LOOPBACK))),
+            critical=True,
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
+    key_pem = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    return key_pem, cert.public_bytes(serialization.Encoding.PEM) + ca.cert_pem
+
+
 @dataclass
 class Seen:
     identity: str
@@ -157,12 +200,7 @@ class FakeIdentityService(identity_pb2_grpc.IdentityServicer):
 @contextlib.asynccontextmanager
 async def identity_service(service: FakeIdentityService, port: int = 0) -> AsyncIterator[FakeIdentityService]:
     """Serves `service` over TLS on 127.0.0.1 with a certificate from the test CA naming 127.0.0.1."""
-    key, chain = identity.issue_workload(
-        service.ca.key_pem,
-        service.ca.cert_pem,
-        identity=SpiffeId(TRUST_DOMAIN, "kuberpc-system", "kuberpc-webhook"),
-        dns_names=["127.0.0.1"],
-    )
+    key, chain = serving_cert(service.ca)
     server = grpc.aio.server()
     identity_pb2_grpc.add_IdentityServicer_to_server(service, server)
     service.port = server.add_secure_port(f"127.0.0.1:{port}", grpc.ssl_server_credentials([(key, chain)]))
@@ -534,6 +572,349 @@ async def test_an_answer_for_another_identity_is_not_loaded_and_is_retried(rig: 
     await asyncio.gather(obtaining, return_exceptions=True)
 
 
+# ---- the Certify call: the proxy's own HTTP/2 client against grpcio and a strict scripted server ----------
+
+CERTIFY_PATH = b"/kuberpc.identity.v1.Identity/Certify"
+
+
+def grpc_message(payload: bytes) -> bytes:
+    return b"\x00" + struct.pack(">I", len(payload)) + payload
+
+
+@dataclass
+class ScriptedCall:
+    """What the scripted server saw on one connection."""
+
+    headers: dict[bytes, bytes] = field(default_factory=dict)
+    body: bytes = b""
+    received: int = 0  # bytes read after the TLS handshake
+    ended: asyncio.Event = field(default_factory=asyncio.Event)  # the request's END_STREAM
+    reset: int | None = None  # RST_STREAM code sent by the client
+    goaway: bool = False
+    closed: asyncio.Event = field(default_factory=asyncio.Event)  # the client's connection ended
+    error: str | None = None  # what `h2` found wrong in what the client sent
+
+    def request(self) -> identity_pb2.CertifyRequest:
+        assert self.body[:1] == b"\x00" and struct.unpack(">I", self.body[1:5])[0] == len(self.body) - 5
+        return identity_pb2.CertifyRequest.FromString(self.body[5:])
+
+
+# Queues the response to a request on the server's connection; True: close the connection right after.
+Answer = Callable[[h2.connection.H2Connection, int, ScriptedCall], bool]
+
+
+@dataclass
+class Scripted:
+    port: int
+    calls: list[ScriptedCall]
+
+
+@contextlib.asynccontextmanager
+async def scripted_service(
+    ca: CA, tmp_path: Path, answer: Answer, *, cert: tuple[bytes, bytes] | None = None, alpn: tuple[str, ...] = ("h2",)
+) -> AsyncIterator[Scripted]:
+    """A TLS server on 127.0.0.1 speaking HTTP/2 through `h2` (which raises on anything the client gets wrong)
+    and answering each request as `answer` says; by default with a certificate from `ca` for 127.0.0.1."""
+    key_pem, chain_pem = cert or serving_cert(ca)
+    (tmp_path / "server.key").write_bytes(key_pem)
+    (tmp_path / "server.pem").write_bytes(chain_pem)
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(tmp_path / "server.pem", tmp_path / "server.key")
+    if alpn:
+        ctx.set_alpn_protocols(list(alpn))
+    calls: list[ScriptedCall] = []
+    writers: list[asyncio.StreamWriter] = []
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        call = ScriptedCall()
+        calls.append(call)
+        writers.append(writer)
+        conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False, header_encoding=None))
+        conn.initiate_connection()
+        writer.write(conn.data_to_send())  # before the client has said anything: it must keep these bytes
+        try:
+            while data := await reader.read(65536):
+                call.received += len(data)
+                close = False
+                for ev in conn.receive_data(data):
+                    if isinstance(ev, h2.events.RequestReceived):
+                        call.headers = dict(ev.headers)
+                    elif isinstance(ev, h2.events.DataReceived):
+                        call.body += ev.data
+                        conn.acknowledge_received_data(ev.flow_controlled_length, ev.stream_id)
+                    elif isinstance(ev, h2.events.StreamEnded):
+                        call.ended.set()
+                        close = answer(conn, ev.stream_id, call)
+                    elif isinstance(ev, h2.events.StreamReset):
+                        call.reset = ev.error_code
+                    elif isinstance(ev, h2.events.ConnectionTerminated):
+                        call.goaway = True
+                writer.write(conn.data_to_send())
+                if close:
+                    await writer.drain()
+                    break
+        except h2.exceptions.ProtocolError as e:
+            call.error = repr(e)
+        except (ConnectionError, ssl.SSLError):
+            pass
+        finally:
+            call.closed.set()
+            writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0, ssl=ctx)
+    try:
+        yield Scripted(server.sockets[0].getsockname()[1], calls)
+    finally:
+        server.close()
+        for writer in writers:
+            writer.transport.abort()  # connections the test left open end now, not with the event loop
+        await asyncio.wait_for(asyncio.gather(*(c.closed.wait() for c in calls)), 5)
+    assert [c.error for c in calls if c.error] == []
+
+
+def answer_with(response: identity_pb2.CertifyResponse) -> Answer:
+    def answer(conn: h2.connection.H2Connection, sid: int, call: ScriptedCall) -> bool:
+        conn.send_headers(sid, [(b":status", b"200"), (b"content-type", b"application/grpc")])
+        conn.send_data(sid, grpc_message(response.SerializeToString()))
+        conn.send_headers(sid, [(b"grpc-status", b"0")], end_stream=True)
+        return False
+
+    return answer
+
+
+def answer_status(status: int, message: bytes, *, trailers_only: bool) -> Answer:
+    def answer(conn: h2.connection.H2Connection, sid: int, call: ScriptedCall) -> bool:
+        head = [(b":status", b"200"), (b"content-type", b"application/grpc")]
+        tail = [(b"grpc-status", b"%d" % status), (b"grpc-message", message)]
+        if trailers_only:
+            conn.send_headers(sid, head + tail, end_stream=True)
+        else:
+            conn.send_headers(sid, head)
+            conn.send_headers(sid, tail, end_stream=True)
+        return False
+
+    return answer
+
+
+def never_answer(conn: h2.connection.H2Connection, sid: int, call: ScriptedCall) -> bool:
+    return False
+
+
+def certifier(port: int, ca: CA, *, timeout: float = 10.0) -> GrpcCertifier:
+    return GrpcCertifier(Address("127.0.0.1", port), str(ca.path), timeout=timeout)
+
+
+async def certify(c: GrpcCertifier) -> tuple[identity.CertificateRequest, Issued]:
+    request = identity.create_csr(CLIENT_ID)
+    return request, await c(CLIENT_ID, TOKEN, request.csr_der)
+
+
+async def refusal(c: GrpcCertifier) -> CertifyError:
+    with pytest.raises(CertifyError) as e:
+        await certify(c)
+    return e.value
+
+
+async def until_set(event: asyncio.Event, what: str) -> None:
+    try:
+        await asyncio.wait_for(event.wait(), 5)
+    except TimeoutError:
+        raise AssertionError(f"timed out waiting for {what}") from None
+
+
+async def test_certify_sends_one_grpc_message_with_grpc_headers_and_returns_the_chain_then_closes_the_connection(
+    ca: CA, tmp_path: Path
+) -> None:
+    leaf, intermediate = b"leaf certificate, DER", x509.load_pem_x509_certificate(ca.cert_pem)
+    response = identity_pb2.CertifyResponse(
+        leaf_certificate=leaf,
+        intermediate_certificates=[intermediate.public_bytes(serialization.Encoding.DER)],
+        valid_until=1,
+    )
+    async with scripted_service(ca, tmp_path, answer_with(response)) as server:
+        request, issued = await certify(certifier(server.port, ca))
+        (call,) = server.calls
+        await until_set(call.closed, "the client to close the connection")
+    assert issued == Issued(leaf, (intermediate.public_bytes(serialization.Encoding.DER),))
+    headers = call.headers
+    assert {k: headers[k] for k in (b":method", b":scheme", b":path", b":authority", b"content-type", b"te")} == {
+        b":method": b"POST",
+        b":scheme": b"https",
+        b":path": CERTIFY_PATH,
+        b":authority": f"127.0.0.1:{server.port}".encode(),
+        b"content-type": b"application/grpc",
+        b"te": b"trailers",
+    }
+    timeout = headers[b"grpc-timeout"]
+    assert timeout.endswith(b"m") and 9_000 < int(timeout[:-1]) <= 10_000
+    sent = call.request()
+    assert (sent.identity, sent.token, sent.certificate_signing_request) == (str(CLIENT_ID), TOKEN, request.csr_der)
+    assert call.goaway and call.reset is None
+
+
+async def test_certify_with_a_grpcio_server_returns_a_certificate_for_the_csr_key(ca: CA) -> None:
+    async with identity_service(FakeIdentityService(ca)) as service:
+        request, issued = await certify(certifier(service.port, ca))
+    (seen,) = service.seen
+    assert (seen.identity, seen.token) == (str(CLIENT_ID), TOKEN)
+    leaf = x509.load_der_x509_certificate(issued.leaf_der)
+    assert leaf.public_key() == x509.load_der_x509_csr(request.csr_der).public_key()
+    assert identity.accept_issued(request, issued.leaf_der, issued.intermediates_der).serial == leaf.serial_number
+
+
+async def test_an_error_status_from_a_grpcio_server_keeps_its_code_and_its_message_percent_decoded(ca: CA) -> None:
+    message = "CSR refusée: 100% invalide\n(identité inconnue)"
+    service = FakeIdentityService(ca, refusals=[(grpc.StatusCode.INVALID_ARGUMENT, message)])
+    async with identity_service(service):
+        error = await refusal(certifier(service.port, ca))
+    assert (error.code, error.message) == ("INVALID_ARGUMENT", message)
+
+
+@pytest.mark.parametrize("trailers_only", [False, True], ids=["headers-then-trailers", "trailers-only"])
+async def test_an_error_status_is_raised_with_its_name_and_percent_decoded_message(
+    ca: CA, tmp_path: Path, trailers_only: bool
+) -> None:
+    # A malformed escape (%zz) is kept as received: the gRPC spec forbids failing on it.
+    answer = answer_status(16, b"token rejected: identit%C3%A9 %25 %zz", trailers_only=trailers_only)
+    async with scripted_service(ca, tmp_path, answer) as server:
+        error = await refusal(certifier(server.port, ca))
+    assert (error.code, error.message) == ("UNAUTHENTICATED", "token rejected: identité % %zz")
+
+
+@pytest.mark.parametrize(("http_status", "code"), [(b"503", "UNAVAILABLE"), (b"404", "UNIMPLEMENTED"), (b"500", "UNKNOWN")])
+async def test_an_http_error_without_grpc_status_maps_to_the_grpc_code(
+    ca: CA, tmp_path: Path, http_status: bytes, code: str
+) -> None:
+    def answer(conn: h2.connection.H2Connection, sid: int, call: ScriptedCall) -> bool:
+        conn.send_headers(sid, [(b":status", http_status), (b"content-type", b"text/plain")], end_stream=True)
+        return False
+
+    async with scripted_service(ca, tmp_path, answer) as server:
+        error = await refusal(certifier(server.port, ca))
+    assert error.code == code and http_status.decode() in error.message
+
+
+async def test_a_server_that_never_answers_is_given_up_at_the_deadline_and_the_call_cancelled(
+    ca: CA, tmp_path: Path
+) -> None:
+    async with scripted_service(ca, tmp_path, never_answer) as server:
+        started = time.monotonic()
+        error = await refusal(certifier(server.port, ca, timeout=0.3))
+        elapsed = time.monotonic() - started
+        (call,) = server.calls
+        await until_set(call.closed, "the client to close the connection")
+    assert error.code == "DEADLINE_EXCEEDED"
+    assert 0.3 <= elapsed < 2.0
+    timeout = call.headers[b"grpc-timeout"]  # what was left of the 300 ms once connected
+    assert timeout.endswith(b"m") and 0 < int(timeout[:-1]) <= 300
+    assert call.reset == h2.errors.ErrorCodes.CANCEL and call.goaway
+
+
+async def test_a_server_that_stalls_the_tls_handshake_is_given_up_at_the_deadline(ca: CA) -> None:
+    hung_up = asyncio.Event()
+
+    async def mute(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read()  # the ClientHello, then nothing until the client hangs up
+        hung_up.set()
+        writer.close()
+
+    server = await asyncio.start_server(mute, "127.0.0.1", 0)
+    async with server:
+        error = await refusal(certifier(server.sockets[0].getsockname()[1], ca, timeout=0.3))
+        await until_set(hung_up, "the client to hang up")
+    assert error.code == "DEADLINE_EXCEEDED"
+
+
+async def test_cancelling_the_caller_resets_the_call_and_closes_the_connection(ca: CA, tmp_path: Path) -> None:
+    async with scripted_service(ca, tmp_path, never_answer) as server:
+        task = asyncio.create_task(certify(certifier(server.port, ca)))
+        await wait_for(lambda: len(server.calls) == 1, "the connection")
+        (call,) = server.calls
+        await until_set(call.ended, "the request")
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await until_set(call.closed, "the client to close the connection")
+    assert call.reset == h2.errors.ErrorCodes.CANCEL and call.goaway
+
+
+async def test_a_server_closing_the_connection_mid_call_is_unavailable(ca: CA, tmp_path: Path) -> None:
+    def hang_up(conn: h2.connection.H2Connection, sid: int, call: ScriptedCall) -> bool:
+        conn.send_headers(sid, [(b":status", b"200"), (b"content-type", b"application/grpc")])
+        conn.send_data(sid, grpc_message(b"part of"))  # and neither the rest nor trailers
+        return True
+
+    async with scripted_service(ca, tmp_path, hang_up) as server:
+        error = await refusal(certifier(server.port, ca))
+    assert error.code == "UNAVAILABLE" and "lost" in error.message
+
+
+async def test_a_response_over_the_size_limit_is_refused(ca: CA, tmp_path: Path) -> None:
+    response = identity_pb2.CertifyResponse(leaf_certificate=b"x" * 4096)
+    async with scripted_service(ca, tmp_path, answer_with(response)) as server:
+        with pytest.raises(grpc_client.CallError) as e:
+            await grpc_client.unary_call(
+                Address("127.0.0.1", server.port), CERTIFY_PATH.decode(), b"", timeout=5,
+                ssl_context=grpc_client.tls_context(ca.cert_pem), max_response=1024,
+            )  # fmt: skip
+    assert e.value.code == "RESOURCE_EXHAUSTED"
+
+
+async def test_a_server_certificate_not_from_the_trust_anchors_is_refused_before_any_request(
+    ca: CA, tmp_path: Path
+) -> None:
+    other_key, other_cert = identity.create_ca(trust_domain=TRUST_DOMAIN)
+    impostor = serving_cert(CA(other_key, other_cert, tmp_path / "unused.pem"))
+    async with scripted_service(ca, tmp_path, never_answer, cert=impostor) as server:
+        error = await refusal(certifier(server.port, ca))
+    assert error.code == "UNAVAILABLE" and "untrusted certificate" in error.message
+    assert server.calls == []  # the handshake failed: no HTTP/2 connection, no token sent
+
+
+async def test_a_server_certificate_for_another_name_is_refused_before_any_request(ca: CA, tmp_path: Path) -> None:
+    other_name = serving_cert(ca, x509.DNSName("kuberpc-webhook.kuberpc-system.svc"))
+    async with scripted_service(ca, tmp_path, never_answer, cert=other_name) as server:
+        error = await refusal(certifier(server.port, ca))
+    assert error.code == "UNAVAILABLE" and "mismatch" in error.message
+    assert server.calls == []
+
+
+@pytest.mark.parametrize("alpn", [("http/1.1",), ()], ids=["http1.1", "no-alpn"])
+async def test_a_server_that_does_not_negotiate_h2_is_refused_before_anything_is_sent(
+    ca: CA, tmp_path: Path, alpn: tuple[str, ...]
+) -> None:
+    async with scripted_service(ca, tmp_path, never_answer, alpn=alpn) as server:
+        error = await refusal(certifier(server.port, ca))
+        await wait_for(lambda: len(server.calls) == 1, "the connection")
+        await until_set(server.calls[0].closed, "the client to hang up")
+    assert error.code == "UNAVAILABLE" and "ALPN" in error.message
+    assert server.calls[0].received == 0  # not even the HTTP/2 preface
+
+
+def test_certify_works_on_uvloop_the_proxy_s_event_loop(ca: CA, tmp_path: Path) -> None:
+    uvloop = pytest.importorskip("uvloop")
+    response = identity_pb2.CertifyResponse(leaf_certificate=b"leaf")
+
+    async def main() -> tuple[Issued, ScriptedCall]:
+        async with scripted_service(ca, tmp_path, answer_with(response)) as server:
+            _, issued = await certify(certifier(server.port, ca))
+            await until_set(server.calls[0].closed, "the client to close the connection")
+        return issued, server.calls[0]
+
+    issued, call = uvloop.run(main())
+    assert issued == Issued(b"leaf") and call.request().token == TOKEN and call.goaway
+
+
+async def test_nothing_listening_is_unavailable(ca: CA) -> None:
+    error = await refusal(certifier(free_port(), ca))
+    assert error.code == "UNAVAILABLE" and "cannot connect" in error.message
+
+
+async def test_unreadable_trust_anchors_are_reported_as_such(tmp_path: Path) -> None:
+    error = await refusal(GrpcCertifier(Address("127.0.0.1", 1), str(tmp_path / "missing.pem")))
+    assert error.code == "TRUST_ANCHORS" and "missing.pem" in error.message
+
+
 # ---- real proxies and the fake identity service over gRPC/TLS ----------------------------------------
 
 
@@ -764,6 +1145,44 @@ asyncio.run(main())
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.strip() == "grpc imported: False"
+
+
+async def test_a_proxy_with_an_identity_service_never_imports_grpc(ca: CA, tmp_path: Path, token_file: Path) -> None:
+    out = output_workload(ca, tmp_path / "out", CLIENT_ID)
+    disc = tmp_path / "endpoints.yaml"
+    disc.write_text(endpoints_yaml({"echo.default": []}))
+    async with identity_service(FakeIdentityService(ca)) as service:
+        environ = {
+            "KUBERPC_OUTBOUND_ADDR": "127.0.0.1:0", "KUBERPC_ADMIN_ADDR": "127.0.0.1:0", "KUBERPC_INBOUND_ADDR": "off",
+            "KUBERPC_DISCOVERY": f"file:{disc}", "KUBERPC_TLS_CERT": out.cert, "KUBERPC_TLS_KEY": out.key,
+            "KUBERPC_TRUST_ANCHORS": out.ca, **identity_env(service.port, token_file, CLIENT_ID),
+        }  # fmt: skip
+        script = f"""
+import asyncio, sys
+from sidecar import config
+from sidecar.app import serve
+
+async def main():
+    cfg = config.load({environ!r})
+    stop = asyncio.Event()
+    started = asyncio.get_running_loop().create_future()
+    task = asyncio.create_task(serve(cfg, stop=stop, started=started))
+    proxy = await asyncio.wait_for(started, 20)
+    print("certificate from the identity service:", proxy.workload.current is not None)
+    stop.set()
+    await task
+    print("grpc imported:", sorted(m for m in sys.modules if m == "grpc" or m.startswith("grpc.")))
+
+asyncio.run(main())
+"""
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-c", script, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            env={"PYTHONPATH": str(REPO), "PATH": os.environ.get("PATH", "/usr/bin:/bin")},
+        )  # fmt: skip
+        stdout, stderr = await asyncio.wait_for(proc.communicate(), 60)
+        assert proc.returncode == 0, stderr.decode()[-3000:]
+        assert [s.identity for s in service.seen] == [str(CLIENT_ID)]
+    assert stdout.decode().splitlines() == ["certificate from the identity service: True", "grpc imported: []"]
 
 
 # ---- certificate files rotated by someone else ---------------------------------------------------------

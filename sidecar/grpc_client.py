@@ -1,0 +1,312 @@
+"""One unary gRPC call over TLS, made with the proxy's own HTTP/2 Connection on a connection opened for it.
+
+Must not import grpc (the proxy image ships without it), keep the connection after the call, nor read the
+messages it carries: it moves bytes and reports the call's status.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import ssl
+import struct
+import urllib.parse
+from typing import cast
+
+from sidecar.config import Address
+from sidecar.h2 import frames as F
+from sidecar.h2.connection import Connection, Flusher, Headers, Limits, Stream
+
+# gRPC status names by code (the `grpc-status` trailer); what grpcio calls StatusCode.<name>.
+STATUS_NAMES = (
+    "OK", "CANCELLED", "UNKNOWN", "INVALID_ARGUMENT", "DEADLINE_EXCEEDED", "NOT_FOUND", "ALREADY_EXISTS",
+    "PERMISSION_DENIED", "RESOURCE_EXHAUSTED", "FAILED_PRECONDITION", "ABORTED", "OUT_OF_RANGE",
+    "UNIMPLEMENTED", "INTERNAL", "UNAVAILABLE", "DATA_LOSS", "UNAUTHENTICATED",
+)  # fmt: skip
+# gRPC over HTTP/2, "Errors": a stream reset by the server, as a status.
+_RESET_STATUS = {
+    F.REFUSED_STREAM: "UNAVAILABLE",
+    F.CANCEL: "CANCELLED",
+    F.ENHANCE_YOUR_CALM: "RESOURCE_EXHAUSTED",
+    F.INADEQUATE_SECURITY: "PERMISSION_DENIED",
+}
+# gRPC's "HTTP to gRPC status code mapping": an answer without grpc-status (from a proxy or a non-gRPC server).
+_HTTP_STATUS = {
+    b"400": "INTERNAL",
+    b"401": "UNAUTHENTICATED",
+    b"403": "PERMISSION_DENIED",
+    b"404": "UNIMPLEMENTED",
+    b"429": "UNAVAILABLE",
+    b"502": "UNAVAILABLE",
+    b"503": "UNAVAILABLE",
+    b"504": "UNAVAILABLE",
+}
+# A larger answer is refused (grpc's default receive limit is 4 MiB; what this proxy asks for is a few KiB).
+MAX_RESPONSE = 1 << 20
+# After the call, the transport's TLS close waits this long for the server's close_notify, then drops the
+# socket. Not awaited: the answer is the caller's as soon as it is read (grpc servers leave close_notify
+# unanswered until the socket closes, which would delay every call by this much).
+CLOSE_TIMEOUT = 1.0
+_PREFIX = struct.Struct(">BL")  # gRPC message prefix: compressed flag, length
+_LIMITS = Limits(keepalive_interval=0.0)  # one call, then closed: nothing to keep alive
+
+
+class CallError(Exception):
+    """The call did not return a message: `code` is the gRPC status name, `message` its grpc-message."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+
+
+async def unary_call(
+    address: Address,
+    path: str,
+    request: bytes,
+    *,
+    ssl_context: ssl.SSLContext,
+    timeout: float,  # noqa: ASYNC109 - also sent as grpc-timeout, which an enclosing asyncio.timeout cannot tell
+    max_response: int = MAX_RESPONSE,
+) -> bytes:
+    """Calls `path` (/package.Service/Method) at `address` with one serialized message; returns the answer's.
+
+    TLS as `ssl_context` (see tls_context) says, with `address.host` as the server name; ALPN h2 required.
+    The whole call, connecting included, has `timeout` seconds (sent as grpc-timeout too). Raises CallError
+    for every outcome but a message with status OK; cancelling the caller resets the call and closes the
+    connection.
+    """
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    try:
+        async with asyncio.timeout_at(deadline):
+            transport, early = await _open(address, ssl_context)
+            return await _exchange(transport, early, address, path, request, deadline, max_response)
+    except TimeoutError:
+        raise CallError("DEADLINE_EXCEEDED", f"no answer from {address} within {timeout:g} s") from None
+
+
+def tls_context(trust_anchors_pem: bytes) -> ssl.SSLContext:
+    """What a call needs of TLS: the server's chain verified to these anchors alone, its name to the host
+    dialled, and ALPN h2 offered. ssl.SSLError or ValueError when the anchors are not PEM certificates."""
+    ctx = ssl.create_default_context(cadata=trust_anchors_pem.decode("ascii"))
+    ctx.set_alpn_protocols(["h2"])
+    return ctx
+
+
+class _Handshake(asyncio.Protocol):
+    """The protocol of the transport until ALPN is checked: a server may send its SETTINGS as soon as the
+    handshake ends, so what arrives is kept for the Connection (which accepts bytes before connection_made)."""
+
+    def __init__(self) -> None:
+        self.early = bytearray()
+        self.lost = False
+
+    def data_received(self, data: bytes) -> None:
+        self.early += data
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost = True
+
+
+async def _open(address: Address, ctx: ssl.SSLContext) -> tuple[asyncio.Transport, bytes]:
+    """A TLS connection that negotiated h2, and the bytes already received on it."""
+    loop = asyncio.get_running_loop()
+    handshake = _Handshake()
+    try:
+        transport, _ = await loop.create_connection(
+            lambda: handshake,
+            address.host,
+            address.port,
+            ssl=ctx,
+            server_hostname=address.host,
+            ssl_shutdown_timeout=CLOSE_TIMEOUT,
+        )
+    except ssl.SSLCertVerificationError as e:  # before OSError: SSLError is one
+        raise CallError(
+            "UNAVAILABLE", f"{address} presented an untrusted certificate: {e.verify_message}"
+        ) from e
+    except ssl.SSLError as e:
+        raise CallError("UNAVAILABLE", f"TLS handshake with {address} failed: {e.reason or e}") from e
+    except OSError as e:
+        raise CallError("UNAVAILABLE", f"cannot connect to {address}: {e.strerror or e}") from e
+    ssl_object = transport.get_extra_info("ssl_object")
+    alpn = ssl_object.selected_alpn_protocol() if ssl_object is not None else None
+    if alpn != "h2" or handshake.lost:
+        transport.abort()
+        if handshake.lost:
+            raise CallError("UNAVAILABLE", f"{address} closed the connection after the TLS handshake")
+        # gRPC needs HTTP/2, and HTTP/2 over TLS is only spoken once both sides agreed to it (RFC 9113 §3.2).
+        raise CallError("UNAVAILABLE", f"{address} did not negotiate HTTP/2 (ALPN: {alpn or 'none'})")
+    return transport, bytes(handshake.early)
+
+
+class _Exchange:
+    """The ConnectionHandler of the call's connection, and the receiver of the response body.
+
+    Connection is built to relay: it hands a stream's DATA to `stream.peer.conn.send_data`. The response
+    stream's peer is therefore a Stream whose `conn` is this object, which keeps the body instead of
+    forwarding it (connection.py stays as it is: this is its hot path, and this call comes every ~16 h).
+    """
+
+    def __init__(self, address: Address, max_response: int) -> None:
+        self.address = address
+        self.max_response = max_response
+        self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.headers: Headers | None = None
+        self.trailers: Headers | None = None
+        self.body = bytearray()
+
+    def _finish(self, error: CallError | None = None) -> None:
+        if self.done.done():
+            return
+        if error is None:
+            self.done.set_result(None)
+        else:
+            self.done.set_exception(error)
+
+    # ---- ConnectionHandler ----
+
+    def on_request(self, conn: Connection, stream: Stream, headers: Headers, end_stream: bool) -> None:
+        raise AssertionError("a client connection is not sent requests")  # pragma: no cover
+
+    def on_headers(self, stream: Stream, headers: Headers, end_stream: bool) -> None:
+        if self.headers is None:
+            self.headers = headers
+        else:
+            self.trailers = headers
+        if end_stream:
+            self._finish()
+
+    def on_reset(self, stream: Stream, code: int) -> None:
+        if stream.conn.closed:
+            self._finish(
+                CallError("UNAVAILABLE", f"the connection to {self.address} was lost during the call")
+            )
+            return
+        name = F.ERROR_NAMES.get(code, str(code))
+        self._finish(
+            CallError(_RESET_STATUS.get(code, "INTERNAL"), f"the call was reset (RST_STREAM {name})")
+        )
+
+    def on_closed(self, stream: Stream) -> None:
+        self._finish(CallError("INTERNAL", "the stream closed before the response ended"))
+
+    def on_refused(self, stream: Stream) -> None:
+        self._finish(CallError("UNAVAILABLE", f"{self.address} refused the call (GOAWAY)"))
+
+    def on_connection_made(self, conn: Connection) -> None:
+        pass
+
+    def on_connection_lost(self, conn: Connection) -> None:
+        self._finish(CallError("UNAVAILABLE", f"the connection to {self.address} was lost during the call"))
+
+    # ---- where Connection relays the response's DATA ----
+
+    def send_data(self, stream: Stream, data: bytes, end: bool, src: Stream | None, credit: int) -> None:
+        if src is not None:
+            src.conn.credit(src, credit)  # consumed at once: the server may send more
+        if len(self.body) + len(data) > self.max_response:
+            self._finish(CallError("RESOURCE_EXHAUSTED", f"response larger than {self.max_response} bytes"))
+            return
+        self.body += data
+        if end:
+            self._finish()  # no trailers: the result says so
+
+
+async def _exchange(
+    transport: asyncio.Transport,
+    early: bytes,
+    address: Address,
+    path: str,
+    request: bytes,
+    deadline: float,
+    max_response: int,
+) -> bytes:
+    loop = asyncio.get_running_loop()
+    exchange = _Exchange(address, max_response)
+    conn = Connection(exchange, client=True, flusher=Flusher(loop), limits=_LIMITS, name=str(address))
+    transport.set_protocol(conn)
+    if early:
+        conn.data_received(early)  # kept until connection_made, which reads it
+    conn.connection_made(transport)
+    stream = Stream(conn)
+    receiver = Stream(conn)
+    receiver.conn = cast(Connection, exchange)  # see _Exchange
+    stream.peer = receiver
+    try:
+        headers: Headers = [
+            (b":method", b"POST"),
+            (b":scheme", b"https"),
+            (b":path", path.encode()),
+            (b":authority", str(address).encode()),
+            (b"content-type", b"application/grpc"),
+            (b"te", b"trailers"),
+            (b"grpc-timeout", _grpc_timeout(deadline - loop.time())),
+        ]
+        if not conn.open_stream(stream, headers, False):
+            raise CallError("UNAVAILABLE", f"{address} closed the connection before the call")
+        conn.send_data(stream, _PREFIX.pack(0, len(request)) + request, True, None, 0)
+        try:
+            await exchange.done
+        except asyncio.CancelledError:
+            conn.reset_stream(stream, F.CANCEL)  # before close() writes its GOAWAY
+            raise
+        return _result(exchange)
+    finally:
+        conn.close()  # GOAWAY, then the TLS close (see CLOSE_TIMEOUT)
+
+
+def _result(exchange: _Exchange) -> bytes:
+    headers = exchange.headers or []
+    final = exchange.trailers if exchange.trailers is not None else headers
+    status = _header(final, b"grpc-status")
+    if status is None:
+        http = _header(headers, b":status") or b""
+        if http != b"200":
+            raise CallError(
+                _HTTP_STATUS.get(http, "UNKNOWN"), f"HTTP status {http.decode('latin-1')} without grpc-status"
+            )
+        content_type = _header(headers, b"content-type") or b""
+        if not content_type.startswith(b"application/grpc"):
+            raise CallError(
+                "UNKNOWN", f"not a gRPC response (content-type {content_type.decode('latin-1')!r})"
+            )
+        raise CallError("INTERNAL", "the response ended without trailers (no grpc-status)")
+    code = int(status) if status.isdigit() and len(status) <= 2 else -1
+    if code != 0:
+        name = STATUS_NAMES[code] if 0 <= code < len(STATUS_NAMES) else "UNKNOWN"
+        raise CallError(name, _decode_message(_header(final, b"grpc-message") or b""))
+    return _message(bytes(exchange.body))
+
+
+def _message(body: bytes) -> bytes:
+    """The one length-prefixed message of a unary response."""
+    if not body:
+        raise CallError("INTERNAL", "status OK without a response message")
+    if len(body) < _PREFIX.size:
+        raise CallError("INTERNAL", "truncated response message")
+    compressed, length = _PREFIX.unpack_from(body)
+    if compressed:
+        raise CallError("INTERNAL", "compressed response message, but no compression was accepted")
+    if len(body) != _PREFIX.size + length:
+        raise CallError("INTERNAL", "response body is not exactly one message")
+    return body[_PREFIX.size :]
+
+
+def _header(headers: Headers, name: bytes) -> bytes | None:
+    for key, value in headers:
+        if key == name:
+            return value
+    return None
+
+
+def _decode_message(value: bytes) -> str:
+    """grpc-message is percent-encoded UTF-8; a bad escape is shown as received, never an error (gRPC spec)."""
+    return urllib.parse.unquote(value.decode("latin-1"), encoding="utf-8", errors="replace")
+
+
+def _grpc_timeout(seconds: float) -> bytes:
+    """grpc-timeout in whole milliseconds, rounded up (at most 8 digits: ~27 h). Not relay.format_grpc_timeout:
+    the relay is a layer above, and one unit is enough for a deadline of seconds."""
+    return b"%dm" % min(max(math.ceil(seconds * 1000), 1), 99_999_999)
