@@ -6,10 +6,10 @@ No I/O, no clock and no cluster access: the caller passes the Pod, its namespace
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from decimal import Decimal
-from typing import Literal, NotRequired, TypedDict
+from typing import Literal, NamedTuple, NotRequired, TypedDict
 
 from webhook import annotations as a
 from webhook.config import InjectorConfig, parse_positive_quantity, quantity_value
@@ -70,6 +70,14 @@ def pod_labels(pod: Mapping[str, object]) -> dict[str, str]:
     return _str_map(_map(pod, "metadata"), "labels")
 
 
+def _all_are(items: Iterable[object], kind: type) -> bool:
+    # A plain loop: all() over a generator costs a generator frame per call, on every admission.
+    for item in items:
+        if not isinstance(item, kind):
+            return False
+    return True
+
+
 def shape_problem(pod: Mapping[str, object]) -> str | None:
     """Why this object cannot be patched as a Pod (the API server would reject it anyway), or None."""
     metadata = pod.get("metadata", {})
@@ -77,9 +85,7 @@ def shape_problem(pod: Mapping[str, object]) -> str | None:
         return "metadata is not an object"
     for key in ("annotations", "labels"):
         m = metadata.get(key)
-        if m is not None and not (
-            isinstance(m, dict) and all(isinstance(v, str) for v in m.values())
-        ):
+        if m is not None and not (isinstance(m, dict) and _all_are(m.values(), str)):
             return f"metadata.{key} is not a map of strings"
     spec = pod.get("spec")
     if not isinstance(spec, dict):
@@ -89,9 +95,7 @@ def shape_problem(pod: Mapping[str, object]) -> str | None:
         return "spec.containers is empty"
     for key in ("containers", "initContainers", "volumes"):
         items = spec.get(key)
-        if items is not None and not (
-            isinstance(items, list) and all(isinstance(i, dict) for i in items)
-        ):
+        if items is not None and not (isinstance(items, list) and _all_are(items, dict)):
             return f"spec.{key} is not a list of objects"
     return None
 
@@ -106,27 +110,113 @@ class Decision:
 
 def needs_namespace_labels(pod: Mapping[str, object]) -> bool:
     """False when the pod's own `kuberpc.io/inject` decides, so the namespace need not be looked up."""
-    return pod_annotations(pod).get(a.INJECT) not in (a.INJECT_ENABLED, a.INJECT_DISABLED)
+    annotations = _map(_map(pod, "metadata"), "annotations")  # one value wanted: no copy of the whole map
+    return (annotations or {}).get(a.INJECT) not in (a.INJECT_ENABLED, a.INJECT_DISABLED)
 
 
 def already_injected(pod: Mapping[str, object]) -> bool:
     """Either marker, or a container already named like the proxy (a hand-made or half-removed injection)."""
-    return _already_injected(pod, pod_annotations(pod))
+    metadata = _map(pod, "metadata")
+    return _already_injected(_map(metadata, "annotations"), _map(metadata, "labels"), _map(pod, "spec"))
 
 
-# The private variants below take the pod's annotations read once by `mutate`: reading them is a filtered
-# copy of a map, and one admission otherwise repeats it in every step.
-
-
-def _already_injected(pod: Mapping[str, object], ann: Mapping[str, str]) -> bool:
-    if a.INJECTED in ann or pod_labels(pod).get(a.INJECTED) == a.INJECTED_LABEL_VALUE:
+def _already_injected(
+    annotations: Mapping[str, object] | None, labels: Mapping[str, object] | None, spec: Mapping[str, object] | None
+) -> bool:
+    if (annotations is not None and isinstance(annotations.get(a.INJECTED), str)) or (
+        labels is not None and labels.get(a.INJECTED) == a.INJECTED_LABEL_VALUE
+    ):
         return True
-    spec = _map(pod, "spec")
     for key in ("containers", "initContainers"):
         for c in _list(spec, key) or ():
             if isinstance(c, dict) and c.get("name") == a.PROXY_CONTAINER:
                 return True
     return False
+
+
+# PatchLayout and PodFacts are NamedTuples rather than frozen dataclasses: every admission builds one of each,
+# and a frozen dataclass's __init__ (one object.__setattr__ per field) costs several times a tuple's.
+
+
+class PatchLayout(NamedTuple):
+    """What the patch reads from the Pod besides the settings: which lists and maps exist, which keys it keeps."""
+
+    containers: bool  # spec.containers is a non-empty list (else the patch writes the whole list)
+    init_containers: bool
+    volumes: bool
+    annotations: bool  # metadata.annotations is a map (else the patch writes the whole map)
+    labels: bool
+    kept: tuple[str, ...]  # annotations the injector would write that the Pod already has (the Pod's win)
+
+
+_KEEPABLE = (a.PROMETHEUS_SCRAPE, a.PROMETHEUS_PORT, a.PROMETHEUS_PATH, a.DEFAULT_CONTAINER)
+
+
+class PodFacts(NamedTuple):
+    """Everything the injector reads from a Pod, read once: decisions and patches are functions of these alone.
+
+    So pods with equal facts (a StatefulSet's replicas, say, that differ only in names and their own labels)
+    get the same answer, and the facts can key a memo of it.
+    """
+
+    annotations: tuple[tuple[str, str], ...]  # those with string values, in the Pod's order
+    inject: str | None  # the `kuberpc.io/inject` annotation
+    namespace: str  # metadata.namespace as text, "" when absent
+    injected: bool  # see already_injected
+    problem: str | None  # see shape_problem
+    host_network: bool
+    clashing_volumes: tuple[str, ...]  # the Pod's volumes named like the proxy's, in order
+    app_container: str | None  # the first container's name
+    container_ports: tuple[tuple[str, int], ...]  # (container name, port) of every valid containerPort
+    first_port: int | None  # the first container's first valid port
+    grace_seconds: int  # terminationGracePeriodSeconds, or its default
+    layout: PatchLayout
+
+
+def read_pod(pod: Mapping[str, object]) -> PodFacts:
+    """The facts of any JSON object handed over as a Pod (a malformed one included: see `problem`)."""
+    metadata = _map(pod, "metadata")
+    spec = _map(pod, "spec")
+    raw_annotations = _map(metadata, "annotations")
+    raw_labels = _map(metadata, "labels")
+    ann = _str_map(metadata, "annotations")
+    containers = _list(spec, "containers") or []
+    volumes = _list(spec, "volumes") or ()
+    first = containers[0] if containers else None
+    app_container = first.get("name") if isinstance(first, dict) else None
+    first_ports = _container_ports([first]) if first is not None else []
+    grace = spec.get("terminationGracePeriodSeconds") if spec is not None else None
+    clashing = []
+    for v in volumes:
+        name = v.get("name") if isinstance(v, dict) else None
+        if isinstance(name, str) and name in PROXY_VOLUME_NAMES:
+            clashing.append(name)
+    kept = []
+    for key in _KEEPABLE:
+        if key in ann:
+            kept.append(key)
+    # Positional: a NamedTuple built from keywords costs a dict's worth more (field order as in the class).
+    return PodFacts(
+        tuple(ann.items()),
+        ann.get(a.INJECT),
+        str((metadata or {}).get("namespace") or ""),
+        _already_injected(raw_annotations, raw_labels, spec),
+        shape_problem(pod),
+        spec is not None and spec.get("hostNetwork") is True,
+        tuple(clashing),
+        app_container if isinstance(app_container, str) else None,
+        tuple(_container_ports(containers)),
+        first_ports[0][1] if first_ports else None,
+        grace if isinstance(grace, int) and not isinstance(grace, bool) else a.DEFAULT_GRACE_SECONDS,
+        PatchLayout(
+            bool(containers),
+            bool(_list(spec, "initContainers")),
+            bool(volumes),
+            raw_annotations is not None,
+            raw_labels is not None,
+            tuple(kept),
+        ),
+    )
 
 
 def needs_injection(
@@ -137,21 +227,25 @@ def needs_injection(
     namespace: str = "",
 ) -> Decision:
     """Opted in (pod annotation first, then namespace label), not injected yet, and able to carry a proxy."""
-    return _needs_injection(pod, pod_annotations(pod), ns_labels, cfg, namespace=namespace)
+    facts = read_pod(pod)
+    return _needs_injection(facts, dict(facts.annotations), ns_labels, cfg, namespace=namespace)
+
+
+# The private variants below take the facts and their annotations as a map, both made once per admission.
 
 
 def _needs_injection(
-    pod: Mapping[str, object],
+    f: PodFacts,
     ann: Mapping[str, str],
     ns_labels: Mapping[str, str],
     cfg: InjectorConfig,
     *,
     namespace: str,
 ) -> Decision:
-    ns = namespace or str((_map(pod, "metadata") or {}).get("namespace") or "")
+    ns = namespace or f.namespace
     if ns == cfg.control_plane_namespace:
         return Decision(False, f"namespace {ns} is kuberpc's control plane")
-    if _already_injected(pod, ann):
+    if f.injected:
         return Decision(False, "already injected")
     wanted = ann.get(a.INJECT)
     if wanted == a.INJECT_DISABLED:
@@ -160,9 +254,9 @@ def _needs_injection(
         if wanted is not None:  # e.g. "true": say what was expected rather than only "not opted in"
             return Decision(False, f"{a.INJECT} is {show(wanted)}, not {a.INJECT_ENABLED} or {a.INJECT_DISABLED}")
         return Decision(False, f"not opted in ({a.INJECT}: {a.INJECT_ENABLED} on the pod or its namespace)")
-    if (problem := shape_problem(pod)) is not None:
-        return Decision(False, f"not a valid pod: {problem}")
-    if (_map(pod, "spec") or {}).get("hostNetwork") is True:
+    if f.problem is not None:
+        return Decision(False, f"not a valid pod: {f.problem}")
+    if f.host_network:
         return Decision(False, "hostNetwork pods share the node's ports and cannot carry a proxy")
     return Decision(True, "opted in")
 
@@ -253,24 +347,16 @@ def _seconds(value: Decimal) -> str:
 
 def plan_injection(pod: Mapping[str, object], cfg: InjectorConfig, *, namespace: str = "") -> Plan:
     """Read and check every annotation; raise Denied listing each that would break the pod."""
-    return _plan_injection(pod, pod_annotations(pod), cfg, namespace=namespace)
+    facts = read_pod(pod)
+    return _plan_injection(facts, dict(facts.annotations), cfg, namespace=namespace)
 
 
-def _plan_injection(pod: Mapping[str, object], ann: Mapping[str, str], cfg: InjectorConfig, *, namespace: str) -> Plan:
-    spec = _map(pod, "spec") or {}
-    containers = _list(spec, "containers") or []
-    ns = namespace or str((_map(pod, "metadata") or {}).get("namespace") or "default")
-    problems: list[str] = []
+def _plan_injection(f: PodFacts, ann: Mapping[str, str], cfg: InjectorConfig, *, namespace: str) -> Plan:
+    ns = namespace or f.namespace or "default"
+    problems = [f"volume {show(name)} already exists; the proxy needs that name" for name in f.clashing_volumes]
     warnings: list[str] = []
 
-    for v in _list(spec, "volumes") or ():
-        name = v.get("name") if isinstance(v, dict) else None
-        if isinstance(name, str) and name in PROXY_VOLUME_NAMES:
-            problems.append(f"volume {show(name)} already exists; the proxy needs that name")
-
-    first = containers[0] if containers else None
-    app_container = first.get("name") if isinstance(first, dict) else None
-    app_ports = _container_ports(containers)
+    app_ports = f.container_ports
     for cname, port in app_ports:
         if port in a.PROXY_PORTS:
             problems.append(f"container {show(cname)} port {port} is one of the proxy's ports (15001, 15443, 15090)")
@@ -284,8 +370,7 @@ def _plan_injection(pod: Mapping[str, object], ann: Mapping[str, str], cfg: Inje
         except ValueError:
             problems.append(f"{a.APP_PORT}: {show(ann[a.APP_PORT])} is not a port (1-65535)")
     else:
-        first_ports = _container_ports([first]) if first is not None else []
-        app_port = first_ports[0][1] if first_ports else None
+        app_port = f.first_port
 
     upstreams = ""
     if a.UPSTREAMS in ann:
@@ -327,8 +412,7 @@ def _plan_injection(pod: Mapping[str, object], ann: Mapping[str, str], cfg: Inje
         if not image or any(ch.isspace() for ch in image) or len(image) > 512:
             problems.append(f"{a.PROXY_IMAGE}: {show(ann[a.PROXY_IMAGE])} is not an image reference")
 
-    grace = spec.get("terminationGracePeriodSeconds")
-    grace_s = grace if isinstance(grace, int) and not isinstance(grace, bool) else a.DEFAULT_GRACE_SECONDS
+    grace_s = f.grace_seconds
     drain = Decimal(min(a.MAX_DRAIN_SECONDS, max(a.MIN_DRAIN_SECONDS, grace_s - a.DRAIN_MARGIN_SECONDS)))
     if a.DRAIN_SECONDS in ann:
         text = ann[a.DRAIN_SECONDS].strip()
@@ -383,7 +467,7 @@ def _plan_injection(pod: Mapping[str, object], ann: Mapping[str, str], cfg: Inje
         drain_seconds=_seconds(drain),
         native=native,
         startup_hold=cfg.startup_hold,
-        app_container=str(app_container) if isinstance(app_container, str) else None,
+        app_container=f.app_container,
         weight=weight,
     )
     return Plan(settings, tuple(warnings))
@@ -497,18 +581,18 @@ def proxy_volumes() -> list[JsonObject]:
     ]
 
 
-def _set_map_entries(pod: Mapping[str, object], key: str, entries: dict[str, str]) -> list[JsonPatchOp]:
+def _set_map_entries(key: str, exists: bool, entries: dict[str, str]) -> list[JsonPatchOp]:
     if not entries:
         return []
     base = f"/metadata/{key}"
-    if _map(_map(pod, "metadata"), key) is None:
+    if not exists:
         return [{"op": "add", "path": base, "value": dict(entries)}]
     return [{"op": "add", "path": f"{base}/{escape(k)}", "value": v} for k, v in entries.items()]
 
 
-def _append_items(spec: Mapping[str, object], key: str, items: list[JsonObject], *, first: bool) -> list[JsonPatchOp]:
+def _append_items(key: str, exists: bool, items: list[JsonObject], *, first: bool) -> list[JsonPatchOp]:
     base = f"/spec/{key}"
-    if not _list(spec, key):
+    if not exists:
         return [{"op": "add", "path": base, "value": list[Json](items)}]
     pos = "0" if first else "-"
     return [{"op": "add", "path": f"{base}/{pos}", "value": item} for item in (reversed(items) if first else items)]
@@ -516,18 +600,22 @@ def _append_items(spec: Mapping[str, object], key: str, items: list[JsonObject],
 
 def build_patch(pod: Mapping[str, object], cfg: InjectorConfig, settings: ProxySettings) -> list[JsonPatchOp]:
     """The JSON Patch that injects the proxy described by `settings`; applies cleanly to `pod`."""
-    return _build_patch(pod, pod_annotations(pod), cfg, settings)
+    return patch_ops(cfg, settings, read_pod(pod).layout)
 
 
-def _build_patch(
-    pod: Mapping[str, object], ann: Mapping[str, str], cfg: InjectorConfig, settings: ProxySettings
-) -> list[JsonPatchOp]:
-    spec = _map(pod, "spec") or {}
+def patch_ops(cfg: InjectorConfig, settings: ProxySettings, layout: PatchLayout) -> list[JsonPatchOp]:
+    """The JSON Patch that injects the proxy described by `settings` into a Pod of this layout."""
     ops: list[JsonPatchOp] = []
-    where = "initContainers" if settings.native else "containers"
-    ops += _append_items(spec, where, [proxy_container(cfg, settings)], first=True)
-    ops += _append_items(spec, "volumes", proxy_volumes(), first=False)
+    if settings.native:
+        ops += _append_items("initContainers", layout.init_containers, [proxy_container(cfg, settings)], first=True)
+    else:
+        ops += _append_items("containers", layout.containers, [proxy_container(cfg, settings)], first=True)
+    ops += _append_items("volumes", layout.volumes, proxy_volumes(), first=False)
+    ops += _metadata_ops(cfg, settings, layout)
+    return ops
 
+
+def _metadata_ops(cfg: InjectorConfig, settings: ProxySettings, layout: PatchLayout) -> list[JsonPatchOp]:
     new_ann: dict[str, str] = {}
     # The app's own scrape annotations win: overwriting them would hide the app's metrics.
     for key, value in (
@@ -535,16 +623,16 @@ def _build_patch(
         (a.PROMETHEUS_PORT, str(a.ADMIN_PORT)),
         (a.PROMETHEUS_PATH, a.METRICS_PATH),
     ):
-        if key not in ann:
+        if key not in layout.kept:
             new_ann[key] = value
-    if a.DEFAULT_CONTAINER not in ann and settings.app_container:
+    if a.DEFAULT_CONTAINER not in layout.kept and settings.app_container:
         new_ann[a.DEFAULT_CONTAINER] = settings.app_container
     if settings.weight is not None:
         new_ann[a.WEIGHT] = settings.weight
     new_ann[a.INJECTED] = cfg.version
-    ops += _set_map_entries(pod, "annotations", new_ann)
-    ops += _set_map_entries(pod, "labels", {a.INJECTED: a.INJECTED_LABEL_VALUE})
-    return ops
+    return _set_map_entries("annotations", layout.annotations, new_ann) + _set_map_entries(
+        "labels", layout.labels, {a.INJECTED: a.INJECTED_LABEL_VALUE}
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -557,6 +645,24 @@ class Outcome:
     message: str = ""
 
 
+def _admit(f: PodFacts, ns_labels: Mapping[str, str], cfg: InjectorConfig, *, namespace: str) -> Outcome | Plan:
+    """A skip or a denial as its Outcome, or the Plan to inject with the warnings the user is shown."""
+    ann = dict(f.annotations)
+    decision = _needs_injection(f, ann, ns_labels, cfg, namespace=namespace)
+    if not decision.inject:
+        return Outcome("skipped", warnings=(f"kuberpc: not injected: {decision.reason}",))
+    try:
+        plan = _plan_injection(f, ann, cfg, namespace=namespace)
+    except Denied as e:
+        return Outcome("denied", message=str(e))
+    warnings = [f"kuberpc: {w}" for w in plan.warnings]
+    for key in (a.PROMETHEUS_SCRAPE, a.PROMETHEUS_PORT, a.PROMETHEUS_PATH):
+        if key in ann:
+            warnings.append(f"kuberpc: {key} already set; the proxy's metrics are not scraped through it")
+            break
+    return Plan(plan.settings, tuple(warnings))
+
+
 def mutate(
     pod: Mapping[str, object],
     ns_labels: Mapping[str, str],
@@ -565,17 +671,12 @@ def mutate(
     namespace: str = "",
 ) -> Outcome:
     """needs_injection, then plan_injection, then build_patch."""
-    ann = pod_annotations(pod)
-    decision = _needs_injection(pod, ann, ns_labels, cfg, namespace=namespace)
-    if not decision.inject:
-        return Outcome("skipped", warnings=(f"kuberpc: not injected: {decision.reason}",))
-    try:
-        plan = _plan_injection(pod, ann, cfg, namespace=namespace)
-    except Denied as e:
-        return Outcome("denied", message=str(e))
-    warnings = [f"kuberpc: {w}" for w in plan.warnings]
-    for key in (a.PROMETHEUS_SCRAPE, a.PROMETHEUS_PORT, a.PROMETHEUS_PATH):
-        if key in ann:
-            warnings.append(f"kuberpc: {key} already set; the proxy's metrics are not scraped through it")
-            break
-    return Outcome("injected", tuple(_build_patch(pod, ann, cfg, plan.settings)), tuple(warnings))
+    return decide(read_pod(pod), ns_labels, cfg, namespace=namespace)
+
+
+def decide(facts: PodFacts, ns_labels: Mapping[str, str], cfg: InjectorConfig, *, namespace: str = "") -> Outcome:
+    """`mutate` for a Pod with these facts: pods with equal facts get equal outcomes (the server memoises it)."""
+    verdict = _admit(facts, ns_labels, cfg, namespace=namespace)
+    if isinstance(verdict, Outcome):
+        return verdict
+    return Outcome("injected", tuple(patch_ops(cfg, verdict.settings, facts.layout)), verdict.warnings)

@@ -20,17 +20,15 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from webhook.config import InjectorConfig
 from webhook.kube import NamespaceLookupError
 from webhook.metrics import AdmissionResult, WebhookMetrics
-from webhook.patch import already_injected, mutate, needs_namespace_labels
+from webhook.patch import PodFacts, already_injected, decide, needs_namespace_labels, read_pod
 from webhook.review import (
-    AdmissionReviewResponse,
     MalformedReview,
     PreparedAnswer,
     allow,
     encode,
-    object_key,
+    encode_prepared,
     parse_review,
     prepare,
-    respond_prepared,
 )
 
 log = logging.getLogger(__name__)
@@ -94,29 +92,33 @@ class CertReloader:
             sock.context = current
 
 
-AnswerKey = tuple[bytes, str, tuple[tuple[str, str], ...]]
+AnswerKey = tuple[PodFacts, str, tuple[tuple[str, str], ...]]
 
 
 class AnswerCache:
-    """Answers already worked out, by (Pod as JSON, namespace, namespace labels): a memo of a pure function.
+    """Answers already worked out, by (Pod facts, namespace, namespace labels): a memo of a pure function.
 
-    A rollout's burst admits many copies of one pod template (same generateName, no name yet), so all but the
-    first reuse the first one's patch. Bounded in entries and in the size of the Pods it keeps.
+    The answer depends on the Pod only through its facts (patch.PodFacts), so the replicas of one workload,
+    which differ in names, generated labels, env or the app's image but not in what the injector reads,
+    share one answer: a rollout's burst works out the first and reuses it for the rest. Bounded in entries
+    and in the size of the annotations each key holds.
     """
 
-    def __init__(self, *, max_entries: int = 256, max_object_bytes: int = 64 * 1024) -> None:
+    def __init__(self, *, max_entries: int = 256, max_annotation_bytes: int = 64 * 1024) -> None:
         self._entries: OrderedDict[AnswerKey, PreparedAnswer] = OrderedDict()
         self._max_entries = max_entries
-        self._max_object_bytes = max_object_bytes
+        self._max_annotation_bytes = max_annotation_bytes
 
-    def key(self, obj: Mapping[str, object], namespace: str, ns_labels: Mapping[str, str]) -> AnswerKey | None:
-        """None when the answer should not be kept (caching off, a Pod too large or not re-encodable)."""
+    def key(self, facts: PodFacts, namespace: str, ns_labels: Mapping[str, str]) -> AnswerKey | None:
+        """None when the answer should not be kept (caching off, or a Pod whose annotations are too large)."""
         if self._max_entries <= 0:
             return None
-        encoded = object_key(obj)
-        if encoded is None or len(encoded) > self._max_object_bytes:
+        size = 0
+        for k, v in facts.annotations:
+            size += len(k) + len(v)
+        if size > self._max_annotation_bytes:
             return None
-        return encoded, namespace, tuple(sorted(ns_labels.items()))
+        return facts, namespace, tuple(sorted(ns_labels.items()))
 
     def get(self, key: AnswerKey) -> PreparedAnswer | None:
         found = self._entries.get(key)
@@ -140,21 +142,18 @@ def create_app(
     namespace_labels: NamespaceLabelsLookup,
     clock: Callable[[], float] = time.perf_counter,
     answers: AnswerCache | None = None,
-) -> web.Application:
+) -> web.Server:
     """The webhook's routes. `answers` (default: a fresh AnswerCache) reuses the answer for identical Pods.
 
     One cache per app: `cfg` is part of every answer it keeps, so it must not be shared across configs.
+    Call it with the event loop running (aiohttp's server binds to it).
     """
     cache = AnswerCache() if answers is None else answers
 
-    def reply(review: AdmissionReviewResponse) -> web.Response:
-        # Headers passed whole: the content_type= argument is parsed again on every response.
-        return web.Response(body=encode(review), headers={"Content-Type": "application/json"})
-
-    async def decide(body: bytes) -> tuple[AdmissionResult, web.Response]:
-        req = parse_review(body)
+    async def admit(request: web.BaseRequest) -> tuple[AdmissionResult, bytes]:
+        req = parse_review(await _read_body(request))
         if not req.is_pod_creation:
-            return "skipped", reply(allow(req.uid))
+            return "skipped", encode(allow(req.uid))
         labels: Mapping[str, str] = {}
         # Look the namespace up only when its label can change the answer (reinvocations and the
         # control plane's own pods never need it).
@@ -165,23 +164,24 @@ def create_app(
             and not already_injected(req.obj)
         ):
             labels = await namespace_labels(req.namespace)
-        key = cache.key(req.obj, req.namespace, labels)
+        facts = read_pod(req.obj)
+        key = cache.key(facts, req.namespace, labels)
         prepared = cache.get(key) if key is not None else None
         if prepared is None:
-            prepared = prepare(mutate(req.obj, labels, cfg, namespace=req.namespace))
+            prepared = prepare(decide(facts, labels, cfg, namespace=req.namespace))
             if key is not None:
                 cache.put(key, prepared)
         # Per-review lines are DEBUG (a burst must not wait on the log); the user sees a denial's reason in
         # the API server's answer and operators see the count in kuberpc_webhook_admissions_total.
         log.debug("event=%s namespace=%s uid=%s message=%s", prepared.result, req.namespace, req.uid, prepared.message)
-        return prepared.result, reply(respond_prepared(req.uid, prepared))
+        return prepared.result, encode_prepared(req.uid, prepared)
 
-    async def mutate_handler(request: web.Request) -> web.StreamResponse:
+    async def mutate_handler(request: web.BaseRequest) -> web.StreamResponse:
         started = clock()
         result: AdmissionResult = "error"
         try:
-            result, response = await decide(await request.read())
-            return response
+            result, body = await admit(request)
+            return web.Response(body=body, content_type="application/json")
         except MalformedReview as e:
             return web.Response(status=400, text=f"malformed AdmissionReview: {e}\n")
         except NamespaceLookupError as e:
@@ -196,26 +196,60 @@ def create_app(
         finally:
             metrics.observe(result, clock() - started)
 
-    async def healthz(_: web.Request) -> web.Response:
+    async def healthz(_: web.BaseRequest) -> web.StreamResponse:
         return web.Response(text="ok\n")
 
-    async def metrics_handler(_: web.Request) -> web.Response:
+    async def metrics_handler(_: web.BaseRequest) -> web.StreamResponse:
         return web.Response(body=generate_latest(metrics.registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
-    app = web.Application(client_max_size=MAX_BODY_BYTES)
-    # The API server appends ?timeout=10s: routes match the path only, so the query is ignored.
-    app.router.add_post("/mutate", mutate_handler)
-    app.router.add_get("/healthz", healthz)
-    app.router.add_get("/metrics", metrics_handler)
-    return app
+    # Three fixed paths: aiohttp's low-level server with one dispatching handler spends less per request than
+    # an Application (no router, middlewares, signals or per-request Request clone).
+    # The API server appends ?timeout=10s: paths are matched without the query.
+    routes: dict[str, tuple[frozenset[str], Handler]] = {
+        "/mutate": (frozenset({"POST"}), mutate_handler),
+        "/healthz": (_GET, healthz),
+        "/metrics": (_GET, metrics_handler),
+    }
+
+    async def dispatch(request: web.BaseRequest) -> web.StreamResponse:
+        route = routes.get(request.path)
+        if route is None:
+            raise web.HTTPNotFound()
+        methods, handler = route
+        if request.method not in methods:
+            raise web.HTTPMethodNotAllowed(request.method, sorted(methods))
+        return await handler(request)
+
+    return web.Server(dispatch, access_log=None)
+
+
+Handler = Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
+_GET = frozenset({"GET", "HEAD"})
+
+
+async def _read_body(request: web.BaseRequest) -> bytes:
+    """The request body, refused with 413 past MAX_BODY_BYTES (a Pod can approach etcd's 1.5 MiB object limit)."""
+    if (request.content_length or 0) > MAX_BODY_BYTES:
+        raise web.HTTPRequestEntityTooLarge(max_size=MAX_BODY_BYTES, actual_size=request.content_length or 0)
+    # Read the stream, not request.read(): that one enforces the low-level server's fixed 1 MiB limit.
+    body = bytearray()
+    while chunk := await request.content.readany():
+        body += chunk
+        if len(body) > MAX_BODY_BYTES:  # a chunked body declares no length
+            raise web.HTTPRequestEntityTooLarge(max_size=MAX_BODY_BYTES, actual_size=len(body))
+    return bytes(body)
 
 
 @asynccontextmanager
 async def running(
-    app: web.Application, *, host: str, port: int, ssl_context: ssl.SSLContext | None
+    app: web.Server | web.Application, *, host: str, port: int, ssl_context: ssl.SSLContext | None
 ) -> AsyncIterator[tuple[str, int]]:
     """Serve `app` until the block exits (then drain in-flight requests); yields the bound (host, port)."""
-    runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=10.0)
+    runner: web.BaseRunner
+    if isinstance(app, web.Application):  # e.g. a fake API server in tests
+        runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=10.0)
+    else:
+        runner = web.ServerRunner(app, handle_signals=False, shutdown_timeout=10.0)
     await runner.setup()
     try:
         site = web.TCPSite(runner, host, port, ssl_context=ssl_context, backlog=1024)

@@ -10,13 +10,14 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import jsonpatch
 import pytest
 from prometheus_client import CollectorRegistry
 
 from webhook.config import InjectorConfig
 from webhook.install import KeyPair
 from webhook.metrics import WebhookMetrics
-from webhook.patch import Outcome, mutate
+from webhook.patch import Outcome, mutate, read_pod
 from webhook.review import prepare
 from webhook.server import AnswerCache, CertReloader, create_app, running
 
@@ -103,9 +104,30 @@ async def test_a_reused_answer_is_the_one_a_fresh_webhook_gives(served: Served, 
     assert patch_of(reused) == list(fresh.patch)
 
 
+async def test_replicas_differing_only_where_the_injector_does_not_look_share_one_answer(
+    served: Served, cache: AnswerCache, review: Review, native_cfg: InjectorConfig
+) -> None:
+    """Names, the workload's own labels, env and the app's image vary between pods; the proxy does not."""
+    first, second = review("deployment-pod-review"), review("deployment-pod-review")
+    pod = second["request"]["object"]
+    pod["metadata"]["name"] = "arith-7d9f-abcde"
+    pod["metadata"].setdefault("labels", {})["pod-template-hash"] = "other"
+    app = pod["spec"]["containers"][0]
+    app["image"] = "example/arith:2"
+    app["env"] = [{"name": "GREETING", "value": "hi"}]
+    second["request"]["uid"] = "second-uid"
+    await served.answer(first)
+    reused = await served.answer(second)
+    assert len(cache) == 1
+    assert patch_of(reused) == list(mutate(pod, {}, native_cfg, namespace=second["request"]["namespace"]).patch)
+    patched = jsonpatch.apply_patch(pod, patch_of(reused))
+    assert patched["spec"]["containers"][-1]["image"] == "example/arith:2"  # the app is this replica's, untouched
+    assert patched["metadata"]["name"] == "arith-7d9f-abcde"
+
+
 def test_the_least_recently_used_answer_goes_first_past_max_entries() -> None:
     cache = AnswerCache(max_entries=2)
-    keys = [cache.key({**POD, "n": i}, "ns", {}) for i in range(3)]
+    keys = [cache.key(read_pod(pod_with({"n": str(i)})), "ns", {}) for i in range(3)]
     assert all(k is not None for k in keys)
     k0, k1, k2 = (k for k in keys if k is not None)
     answer = prepare(Outcome("skipped"))
@@ -116,32 +138,26 @@ def test_the_least_recently_used_answer_goes_first_past_max_entries() -> None:
     assert (cache.get(k0), cache.get(k1), cache.get(k2)) == (answer, None, answer)
 
 
-def test_a_pod_larger_than_the_limit_is_never_kept() -> None:
-    cache = AnswerCache(max_object_bytes=100)
-    big = {**POD, "metadata": {"annotations": {"x": "y" * 200}}}
-    assert cache.key(big, "ns", {}) is None
-    assert cache.key(POD, "ns", {}) is not None
-
-
-def test_a_pod_too_deep_to_encode_again_is_never_kept() -> None:
-    deep: dict[str, object] = {}
-    node = deep
-    for _ in range(400):  # deeper than orjson encodes, though the API server's JSON may nest this far
-        child: dict[str, object] = {}
-        node["x"] = child
-        node = child
-    assert AnswerCache().key({**POD, "deep": deep}, "ns", {}) is None
+def test_a_pod_with_annotations_past_the_limit_is_never_kept() -> None:
+    cache = AnswerCache(max_annotation_bytes=100)
+    assert cache.key(read_pod(pod_with({"x": "y" * 200})), "ns", {}) is None
+    assert cache.key(read_pod(pod_with({"x": "y"})), "ns", {}) is not None
 
 
 def test_zero_entries_turns_reuse_off() -> None:
-    assert AnswerCache(max_entries=0).key(POD, "ns", {}) is None
+    assert AnswerCache(max_entries=0).key(read_pod(POD), "ns", {}) is None
 
 
 def test_the_key_tells_namespaces_and_their_labels_apart() -> None:
     cache = AnswerCache()
+    facts = read_pod(POD)
     keys = {
-        cache.key(POD, "a", {}),
-        cache.key(POD, "b", {}),
-        cache.key(POD, "a", {"kuberpc.io/inject": "enabled"}),
+        cache.key(facts, "a", {}),
+        cache.key(facts, "b", {}),
+        cache.key(facts, "a", {"kuberpc.io/inject": "enabled"}),
     }
     assert len(keys) == 3 and None not in keys
+
+
+def pod_with(annotations: dict[str, str]) -> dict[str, object]:
+    return {"metadata": {"generateName": "a-", "annotations": annotations}, "spec": {"containers": [{"name": "app"}]}}

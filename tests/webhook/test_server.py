@@ -178,3 +178,34 @@ async def test_a_client_offering_its_last_tls_session_resumes_it(live_server: An
     assert not reused and session is not None
     reused, _ = await asyncio.to_thread(_get_healthz, port, ctx, session)
     assert reused
+
+
+async def test_a_pod_past_one_mebibyte_is_answered(live_server: Any, review: Review) -> None:
+    """A Pod may approach etcd's 1.5 MiB object limit (large annotations): the webhook reads up to 4 MiB."""
+    r = review("deployment-pod-review")
+    r["request"]["object"]["metadata"]["annotations"]["example.com/blob"] = "x" * (1536 * 1024)
+    resp = await answer(live_server, r)
+    assert resp["uid"] == r["request"]["uid"] and "patch" in resp
+
+
+@pytest.mark.parametrize("chunked", [False, True], ids=["content-length", "chunked"])
+async def test_a_body_past_the_limit_is_413_whether_or_not_it_declares_its_length(
+    live_server: Any, chunked: bool
+) -> None:
+    from webhook.server import MAX_BODY_BYTES
+
+    body = b"x" * (MAX_BODY_BYTES + 1)
+
+    async def chunks() -> Any:  # an async generator body is sent chunked, with no Content-Length
+        for i in range(0, len(body), 256 * 1024):
+            yield body[i : i + 256 * 1024]
+
+    resp = await live_server.post("/mutate", chunks() if chunked else body)
+    assert resp.status == 413
+
+
+async def test_head_on_healthz_answers_without_a_body(live_server: Any) -> None:
+    resp = await live_server.session.head(
+        live_server.base + "/healthz", ssl=live_server.client_ssl, server_hostname=SERVER_NAME
+    )
+    assert resp.status == 200 and await resp.read() == b""
