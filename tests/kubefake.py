@@ -18,6 +18,8 @@ import pytest
 
 Obj = dict[str, Any]
 TOKEN_REVIEWS = "post /apis/authentication.k8s.io/v1/tokenreviews"
+# The audience of a projected token that names none: the API server's own (its --api-audiences default).
+API_AUDIENCE = "https://kubernetes.default.svc.cluster.local"
 
 
 @dataclass
@@ -78,6 +80,10 @@ class FakeCluster:
         self.port: int | None = None
         self.tokens: dict[str, tuple[str, tuple[str, ...]]] = {}  # token -> (username, audiences)
         self.reviews: list[tuple[str, tuple[str, ...]]] = []  # (token, audiences asked), as received
+        # authenticate=True: lists and watches need a bearer token issued for API_AUDIENCE (else 401), and
+        # `readers` records who made them, as the API server's authentication would see them.
+        self.authenticate = False
+        self.readers: set[str] = set()
         handler[kmock.action.LIST] << self._list
         handler[kmock.action.WATCH] << self._watch
         handler[TOKEN_REVIEWS] << self._review
@@ -207,6 +213,15 @@ class FakeCluster:
             "status": status,
         }
 
+    def _authenticate(self, request: kmock.Request) -> None:
+        if not self.authenticate:
+            return
+        scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+        username, audiences = self.tokens.get(token, ("", ()))
+        if scheme != "Bearer" or API_AUDIENCE not in audiences:
+            raise kmock.KubernetesError(status=401, reason="Unauthorized", message="Unauthorized")
+        self.readers.add(username)
+
     def _visible(self, plural: str, namespace: str | None, obj: Obj, selector: str) -> bool:
         return (namespace is None or obj["metadata"]["namespace"] == namespace) and _matches(obj, selector)
 
@@ -215,6 +230,7 @@ class FakeCluster:
         plural = request.resource.plural
         if self.down:
             raise kmock.KubernetesError(status=503, reason="ServiceUnavailable", message="shutting down")
+        self._authenticate(request)
         if plural in self.forbidden:
             raise kmock.KubernetesError(
                 status=403,
@@ -247,6 +263,7 @@ class FakeCluster:
         plural = request.resource.plural
         if self.down:
             raise kmock.KubernetesError(status=503, reason="ServiceUnavailable", message="shutting down")
+        self._authenticate(request)
         since = int(request.params.get("resourceVersion") or 0)
         if since < self.oldest:
             raise kmock.KubernetesError(
@@ -286,12 +303,14 @@ async def cluster() -> AsyncIterator[FakeCluster]:
                 await fake.stop()
 
 
-def kubeconfig(path: Path, url: str) -> Path:
+def kubeconfig(path: Path, url: str, *, token_file: Path | None = None) -> Path:
+    """A kubeconfig for the fake API at `url`: a fixed token, or the token in `token_file` (read by the client)."""
+    user = f'tokenFile: "{token_file}"' if token_file is not None else "token: t0k3n"
     path.write_text(
         f"""apiVersion: v1
 kind: Config
 clusters: [{{name: fake, cluster: {{server: "{url}"}}}}]
-users: [{{name: proxy, user: {{token: t0k3n}}}}]
+users: [{{name: proxy, user: {{{user}}}}}]
 contexts: [{{name: fake, context: {{cluster: fake, user: proxy}}}}]
 current-context: fake
 """

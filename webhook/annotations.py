@@ -80,6 +80,14 @@ TOKEN_DIR: Final = "/var/run/secrets/kuberpc.io/tokens"
 TOKEN_AUDIENCE: Final = "kuberpc-identity"
 TOKEN_FILE: Final = "kuberpc-identity"
 TOKEN_EXPIRATION_SECONDS: Final = 3600
+# The proxy's own credentials for the Kubernetes API (discovery), where in-cluster clients look for them. The
+# ServiceAccount admission plugin mounts the same at this path into the pod's containers, but it ran before
+# this webhook and mounts nothing when automountServiceAccountToken is false: the proxy gets its own copy,
+# made like the plugin's (a bound token the kubelet rotates, the cluster's CA, the namespace).
+API_ACCESS_VOLUME: Final = "kuberpc-api-access"
+API_ACCESS_DIR: Final = "/var/run/secrets/kubernetes.io/serviceaccount"
+API_TOKEN_EXPIRATION_SECONDS: Final = 3607  # the plugin's value: the kubelet refreshes it at 80 % of its life
+API_CA_CONFIGMAP: Final = "kube-root-ca.crt"  # published in every namespace since Kubernetes 1.21
 TLS_CERT_PATH: Final = IDENTITY_DIR + "/cert.pem"
 TLS_KEY_PATH: Final = IDENTITY_DIR + "/key.pem"
 TRUST_ANCHORS_PATH: Final = TRUST_ANCHORS_DIR + "/" + TRUST_ANCHORS_KEY

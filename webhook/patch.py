@@ -538,6 +538,7 @@ def proxy_container(cfg: InjectorConfig, s: ProxySettings) -> JsonObject:
             {"name": a.IDENTITY_VOLUME, "mountPath": a.IDENTITY_DIR},
             {"name": a.TRUST_ANCHORS_VOLUME, "mountPath": a.TRUST_ANCHORS_DIR, "readOnly": True},
             {"name": a.TOKEN_VOLUME, "mountPath": a.TOKEN_DIR, "readOnly": True},
+            {"name": a.API_ACCESS_VOLUME, "mountPath": a.API_ACCESS_DIR, "readOnly": True},
         ],
         # Startup allows two minutes for the first certificate; readiness then follows /ready.
         "startupProbe": _probe(a.READY_PATH, period=1, failures=120),
@@ -554,7 +555,9 @@ def proxy_container(cfg: InjectorConfig, s: ProxySettings) -> JsonObject:
     return container
 
 
-PROXY_VOLUME_NAMES: frozenset[str] = frozenset({a.IDENTITY_VOLUME, a.TRUST_ANCHORS_VOLUME, a.TOKEN_VOLUME})
+PROXY_VOLUME_NAMES: frozenset[str] = frozenset(
+    {a.IDENTITY_VOLUME, a.TRUST_ANCHORS_VOLUME, a.TOKEN_VOLUME, a.API_ACCESS_VOLUME}
+)
 
 
 def proxy_volumes() -> list[JsonObject]:
@@ -575,6 +578,22 @@ def proxy_volumes() -> list[JsonObject]:
                             "path": a.TOKEN_FILE,
                         }
                     }
+                ]
+            },
+        },
+        {
+            "name": a.API_ACCESS_VOLUME,
+            "projected": {
+                "sources": [
+                    {"serviceAccountToken": {"expirationSeconds": a.API_TOKEN_EXPIRATION_SECONDS, "path": "token"}},
+                    {"configMap": {"name": a.API_CA_CONFIGMAP, "items": [{"key": "ca.crt", "path": "ca.crt"}]}},
+                    {
+                        "downwardAPI": {
+                            "items": [
+                                {"path": "namespace", "fieldRef": {"apiVersion": "v1", "fieldPath": "metadata.namespace"}}
+                            ]
+                        }
+                    },
                 ]
             },
         },

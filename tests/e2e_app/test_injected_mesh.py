@@ -33,7 +33,7 @@ from e2e.arith import client as arith_client
 from e2e.arith import server as arith_server
 from sidecar import config as config_mod
 from sidecar.app import Proxy, serve
-from tests.kubefake import FakeCluster, Obj, cluster, free_loopback_addresses, kubeconfig
+from tests.kubefake import API_AUDIENCE, FakeCluster, Obj, cluster, free_loopback_addresses, kubeconfig
 from tests.sidecar.harness import wait_for
 from webhook import annotations as a
 from webhook.config import InjectorConfig, load_config
@@ -45,7 +45,7 @@ from webhook.identity_service import (
     identity_dns_names,
     serving,
 )
-from webhook.install import render
+from webhook.install import generate_ca, render
 from webhook.kube import review_token
 from webhook.patch import mutate
 
@@ -211,11 +211,16 @@ def container_env(pod: Obj, container: Obj) -> dict[str, str]:
             env[var["name"]] = var["value"]
             continue
         assert list(var["valueFrom"]) == ["fieldRef"], var  # the only source the webhook uses
-        value: Any = pod
-        for part in var["valueFrom"]["fieldRef"]["fieldPath"].split("."):
-            value = value[part]
-        env[var["name"]] = str(value)
+        env[var["name"]] = field_value(pod, var["valueFrom"]["fieldRef"]["fieldPath"])
     return env
+
+
+def field_value(pod: Obj, path: str) -> str:
+    """A downward-API fieldRef (`metadata.namespace`, `status.podIP`...) read from the running Pod."""
+    value: Any = pod
+    for part in path.split("."):
+        value = value[part]
+    return str(value)
 
 
 def mount_volumes(pod: Obj, container: Obj, cluster: FakeCluster, root: Path) -> dict[str, Path]:
@@ -235,11 +240,21 @@ def mount_volumes(pod: Obj, container: Obj, cluster: FakeCluster, root: Path) ->
                 (directory / item["path"]).write_text(data[item["key"]])
         elif "projected" in volume:
             for source in volume["projected"]["sources"]:
-                request = source["serviceAccountToken"]  # TokenRequest for the pod's ServiceAccount
-                token = cluster.issue_token(
-                    namespace, pod["spec"]["serviceAccountName"], audience=request["audience"]
-                )
-                (directory / request["path"]).write_text(token)
+                if "serviceAccountToken" in source:  # TokenRequest for the pod's ServiceAccount
+                    request = source["serviceAccountToken"]
+                    token = cluster.issue_token(
+                        namespace,
+                        pod["spec"]["serviceAccountName"],
+                        audience=request.get("audience", API_AUDIENCE),
+                    )
+                    (directory / request["path"]).write_text(token)
+                elif "configMap" in source:
+                    data = cluster.objects[("configmaps", namespace, source["configMap"]["name"])]["data"]
+                    for item in source["configMap"]["items"]:
+                        (directory / item["path"]).write_text(data[item["key"]])
+                else:
+                    for item in source["downwardAPI"]["items"]:
+                        (directory / item["path"]).write_text(field_value(pod, item["fieldRef"]["fieldPath"]))
         else:
             raise AssertionError(f"volume {mount['name']} is of a kind the webhook does not inject")
         mounts[mount["mountPath"]] = directory
@@ -257,20 +272,26 @@ def proxy_env(injected: dict[str, str], mounts: dict[str, Path], **settings: str
 
 
 def pod_proxy_env(
-    pod: Obj, cluster: FakeCluster, root: Path, *, identity_addr: str, kubeconfig: Path
+    pod: Obj, cluster: FakeCluster, root: Path, *, identity_addr: str
 ) -> tuple[dict[str, str], dict[str, str]]:
-    """The proxy container's environment as injected (downward API resolved), and as it runs here (REMAPPED)."""
+    """The proxy container's environment as injected (downward API resolved), and as it runs here (REMAPPED).
+
+    In a pod the API client finds the injected credentials at a fixed path; here KUBECONFIG points the same
+    client at the fake API server with the token from that volume (it reads the file, as in a pod).
+    """
     container, ip = proxy_container(pod), pod["status"]["podIP"]
     injected = container_env(pod, container)
+    mounts = mount_volumes(pod, container, cluster, root)
+    api_token = mounts[a.API_ACCESS_DIR] / "token"
     settings = {
         "KUBERPC_IDENTITY_ADDR": identity_addr,
-        "KUBECONFIG": str(kubeconfig),
+        "KUBECONFIG": str(kubeconfig(root / "kubeconfig", cluster.url, token_file=api_token)),
         "KUBERPC_OUTBOUND_ADDR": f"{ip}:{a.OUTBOUND_PORT}",
         "KUBERPC_ADMIN_ADDR": f"{ip}:{a.ADMIN_PORT}",
     }
     if injected.get("KUBERPC_INBOUND_ADDR") != "off":
         settings |= {"KUBERPC_INBOUND_ADDR": f"{ip}:{a.INBOUND_PORT}", "KUBERPC_APP_ADDR": ip}
-    return injected, proxy_env(injected, mount_volumes(pod, container, cluster, root), **settings)
+    return injected, proxy_env(injected, mounts, **settings)
 
 
 def changed(before: dict[str, str], after: dict[str, str]) -> set[str]:
@@ -397,13 +418,22 @@ async def test_injected_proxies_are_certified_by_the_control_plane_then_carry_an
     }
     assert all(p["metadata"]["labels"][a.INJECTED] == a.INJECTED_LABEL_VALUE for p in pods.values())
     service = arith_service()
-    cluster.put(plane.trust_anchors, service, endpoint_slice(service, pods[SERVER_POD]), *pods.values())
+    # Every namespace holds the cluster's CA as kube-root-ca.crt; the fake API serves plain HTTP, so the proxy's
+    # client (pointed at it by KUBECONFIG) never reads this one.
+    root_ca = {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": {"name": a.API_CA_CONFIGMAP, "namespace": NS},
+        "data": {"ca.crt": generate_ca("kubernetes", now=dt.datetime.now(dt.UTC)).cert_pem.decode()},
+    }
+    cluster.put(plane.trust_anchors, root_ca, service, endpoint_slice(service, pods[SERVER_POD]), *pods.values())
 
     identity_host = plane.injector.identity_addr.rpartition(":")[0]
     loop = asyncio.get_running_loop()
     dns = ClusterDNS(loop, {identity_host: "127.0.0.1"})
     monkeypatch.setattr(loop, "getaddrinfo", dns.getaddrinfo)
-    config = kubeconfig(tmp_path / "kubeconfig", cluster.url)
+    config = kubeconfig(tmp_path / "kubeconfig", cluster.url)  # the identity service's, for TokenReviews
+    cluster.authenticate = True  # the proxies list and watch with the API token the webhook mounted for them
     cluster.gates["tokenreviews"] = reviews_go_on = asyncio.Event()
     app_port = int(pods[SERVER_POD]["metadata"]["annotations"][a.APP_PORT])
 
@@ -418,9 +448,7 @@ async def test_injected_proxies_are_certified_by_the_control_plane_then_carry_an
         envs: dict[str, dict[str, str]] = {}
         for name, pod in pods.items():
             identity_addr = f"{identity_host}:{identity_port}"
-            injected, envs[name] = pod_proxy_env(
-                pod, cluster, tmp_path / name, identity_addr=identity_addr, kubeconfig=config
-            )
+            injected, envs[name] = pod_proxy_env(pod, cluster, tmp_path / name, identity_addr=identity_addr)
             assert changed(injected, envs[name]) == (SERVER_REMAPPED if name == SERVER_POD else REMAPPED)
             assert all(envs[name][v] == str(tmp_path / name) + injected[v] for v in MOUNTED_FILES)
             assert injected["KUBERPC_IDENTITY_ADDR"] == plane.injector.identity_addr
@@ -443,7 +471,8 @@ async def test_injected_proxies_are_certified_by_the_control_plane_then_carry_an
             "kuberpc_identity_certificates_total", {"result": "issued"}
         )
         assert issued == 2
-        assert sorted(cluster.reviews) == sorted((token, (a.TOKEN_AUDIENCE,)) for token in cluster.tokens)
+        identity_tokens = [t for t, (_, audiences) in cluster.tokens.items() if audiences == (a.TOKEN_AUDIENCE,)]
+        assert sorted(cluster.reviews) == sorted((token, (a.TOKEN_AUDIENCE,)) for token in identity_tokens)
         # Each proxy dialled the identity service by its name, and checked the certificate for that name.
         assert dns.answered == [identity_host, identity_host]
         for side, account in ((server_side, "arith"), (client_side, "arith-client")):
@@ -459,3 +488,9 @@ async def test_injected_proxies_are_certified_by_the_control_plane_then_carry_an
         one_ok_add = {("arith.default", "/arith.Arith/Add", "0"): 1.0}
         assert await requests_total(client_ip, "outbound") == one_ok_add
         assert await requests_total(server_ip, "inbound") == one_ok_add
+        # Discovery read the API as each pod's ServiceAccount, with the token from the injected volume.
+        assert cluster.readers == {f"system:serviceaccount:{NS}:{sa}" for sa in ("arith", "arith-client")}
+        for name in pods:
+            api_access = tmp_path / name / a.API_ACCESS_DIR.lstrip("/")
+            assert (api_access / "namespace").read_text() == NS
+            assert (api_access / "ca.crt").read_text() == root_ca["data"]["ca.crt"]

@@ -195,11 +195,40 @@ def test_adds_token_trust_anchor_and_in_memory_identity_volumes(review: Review, 
     assert mounts["kuberpc-identity"]["mountPath"] == "/var/run/kuberpc/identity"
 
 
+@pytest.mark.parametrize("automount", [None, False])
+def test_the_proxy_gets_its_own_api_credentials_where_in_cluster_clients_look(
+    review: Review, apply: Apply, native_cfg: InjectorConfig, automount: bool | None
+) -> None:
+    """The ServiceAccount plugin ran before the webhook and mounts nothing when automount is off; discovery
+    needs the API either way, so the proxy's container gets a bound token, the cluster CA and the namespace."""
+    r = review("deployment-pod-review")
+    pod = r["request"]["object"]
+    if automount is not None:
+        pod["spec"]["automountServiceAccountToken"] = automount
+    apps_before = [dict(c) for c in pod["spec"]["containers"]]
+    patched = apply(pod, admit(r, native_cfg))
+    sources = {k: v for s in {v["name"]: v for v in patched["spec"]["volumes"]}["kuberpc-api-access"]["projected"]["sources"] for k, v in s.items()}
+    assert sources["serviceAccountToken"] == {"expirationSeconds": 3607, "path": "token"}  # the API server's audience
+    assert sources["configMap"] == {"name": "kube-root-ca.crt", "items": [{"key": "ca.crt", "path": "ca.crt"}]}
+    assert sources["downwardAPI"]["items"] == [
+        {"path": "namespace", "fieldRef": {"apiVersion": "v1", "fieldPath": "metadata.namespace"}}
+    ]
+    mounts = {m["mountPath"]: m for m in proxy_of(patched)["volumeMounts"]}
+    assert mounts["/var/run/secrets/kubernetes.io/serviceaccount"] == {
+        "name": "kuberpc-api-access", "mountPath": "/var/run/secrets/kubernetes.io/serviceaccount", "readOnly": True
+    }
+    # The app keeps exactly what it had: the pod's own choice about API credentials stands for the app.
+    assert patched["spec"]["containers"] == apps_before
+    assert patched["spec"].get("automountServiceAccountToken") == automount
+
+
 def test_creates_the_volumes_list_when_the_pod_has_none(review: Review, apply: Apply, native_cfg: InjectorConfig) -> None:
     r = review("bare-pod-review")
     assert "volumes" not in r["request"]["object"]["spec"]
     pod = apply(r["request"]["object"], admit(r, native_cfg))
-    assert {v["name"] for v in pod["spec"]["volumes"]} == {"kuberpc-identity", "kuberpc-trust-anchors", "kuberpc-identity-token"}
+    assert {v["name"] for v in pod["spec"]["volumes"]} == {
+        "kuberpc-identity", "kuberpc-trust-anchors", "kuberpc-identity-token", "kuberpc-api-access"
+    }
 
 
 # --- metadata ---
