@@ -11,9 +11,10 @@ Shapes:
   resumed          new connections that resume the previous TLS session (a client with a session cache).
 
 Pods: by default every review carries the same Pod (a rollout: one template, only the uid differs), which the
-webhook answers once and reuses; --distinct gives every review its own Pod, so every answer is worked out.
+webhook answers once and reuses; --distinct gives every review its own Pod (a label differs, as between a
+Deployment's replicas), and --distinct-workloads gives every Pod its own annotation, so every answer is worked out.
 
-Usage: .venv/bin/python bench/webhook_bench.py [--concurrency 200] [--rounds 10] [--distinct] [--quiet-wait 60]
+Usage: .venv/bin/python bench/webhook_bench.py [--concurrency 200] [--rounds 10] [--distinct | --distinct-workloads] [--quiet-wait 60]
            [--server-src DIR (A/B: serve another copy of the webhook package)] [--profile out.svg] [--json out.json]
 """
 
@@ -55,12 +56,14 @@ def percentile(values: list[float], p: float) -> float:
 class Reviews:
     """The request bodies of each burst, encoded before the clock starts (the client's JSON work is not the webhook's).
 
-    same=True: every review carries the same Pod (a Deployment's replicas, as in a rollout) and only the uid differs.
-    same=False: every review's Pod differs (a label unique to the burst and the review), so nothing is reused.
+    vary="": every review carries the same Pod and only the uid differs.
+    vary="labels": every review's Pod differs in a label unique to the burst and the review, as a Deployment's
+    replicas differ in names and labels; the injector reads neither, so the webhook may still reuse its answer.
+    vary="annotations": every Pod differs in an annotation, which the injector reads: nothing can be reused.
     """
 
-    def __init__(self, template: dict[str, Any], n: int, *, same: bool) -> None:
-        self._template, self._n, self._same, self._bursts = template, n, same, 0
+    def __init__(self, template: dict[str, Any], n: int, *, vary: str = "") -> None:
+        self._template, self._n, self._vary, self._bursts = template, n, vary, 0
         self._fixed = self._make("same")
 
     def _make(self, tag: str) -> list[bytes]:
@@ -68,14 +71,14 @@ class Reviews:
         for i in range(self._n):
             review = copy.deepcopy(self._template)
             review["request"]["uid"] = f"bench-{tag}-{i}"
-            if not self._same:
-                review["request"]["object"]["metadata"].setdefault("labels", {})["bench.kuberpc.io/review"] = f"{tag}-{i}"
+            if self._vary:
+                review["request"]["object"]["metadata"].setdefault(self._vary, {})["bench.kuberpc.io/review"] = f"{tag}-{i}"
             out.append(json.dumps(review).encode())
         return out
 
     def next(self) -> list[bytes]:
         self._bursts += 1
-        return self._fixed if self._same else self._make(str(self._bursts))
+        return self._make(str(self._bursts)) if self._vary else self._fixed
 
     def __len__(self) -> int:
         return self._n
@@ -306,7 +309,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 # INFO logs only state changes (per-review lines are DEBUG), so the pipe never fills.
                 port = await _wait_port(proc.stderr)
                 ctx = ssl.create_default_context(cadata=ca.cert_pem.decode())
-                reviews = Reviews(body, args.concurrency, same=not args.distinct)
+                reviews = Reviews(body, args.concurrency, vary="annotations" if args.distinct_workloads else "labels" if args.distinct else "")
                 # Warm-up: imports, first handshakes, the server's caches.
                 await burst_fresh("127.0.0.1", port, ctx, reviews.next()[:20])
                 if args.profile:
@@ -332,7 +335,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 proc.send_signal(signal.SIGTERM)
                 await _wait_or_kill(proc, 10)
     results["_meta"] = {
-        "concurrency": args.concurrency, "distinct_pods": args.distinct, "rounds": args.rounds, "server_cpu": args.server_cpu,
+        "concurrency": args.concurrency, "distinct_pods": args.distinct, "distinct_workloads": args.distinct_workloads, "rounds": args.rounds, "server_cpu": args.server_cpu,
         "client_cpu": args.client_cpu, "loadavg_1m": os.getloadavg()[0], "server_src": str(args.server_src),
     }
     return results
@@ -411,8 +414,11 @@ def main() -> None:
     p.add_argument("--concurrency", type=int, default=200)
     p.add_argument("--rounds", type=int, default=10)
     p.add_argument("--shapes", default=",".join(SHAPES), help=f"comma-separated, from {', '.join(SHAPES)}")
-    p.add_argument("--distinct", action="store_true",
-                   help="every review carries a different Pod (default: one Pod template, as in a rollout)")
+    pods = p.add_mutually_exclusive_group()
+    pods.add_argument("--distinct", action="store_true",
+                      help="every review's Pod differs in a label, as replicas do (default: one Pod, only uids differ)")
+    pods.add_argument("--distinct-workloads", action="store_true",
+                      help="every review's Pod differs in an annotation: no answer can be reused")
     p.add_argument("--server-cpu", type=int, default=1, help="core the server is pinned to (-1: no pinning)")
     p.add_argument("--client-cpu", type=int, default=0, help="core this client is pinned to (-1: no pinning)")
     p.add_argument("--quiet-wait", type=float, default=0.0,
