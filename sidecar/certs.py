@@ -7,9 +7,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import os
 import sys
-import tempfile
 from pathlib import Path
 
 from sidecar.identity import (
@@ -19,6 +17,7 @@ from sidecar.identity import (
     cert_expiry_timestamp,
     create_ca,
     issue_workload,
+    write_atomically,
 )
 
 CA_CERT = "ca.pem"
@@ -32,24 +31,6 @@ PROG = "python -m sidecar certs"
 
 class CertsError(Exception):
     """A problem the user can fix; reported as one line on stderr with exit status 2."""
-
-
-def _write_atomically(path: Path, data: bytes, mode: int) -> None:
-    """Write via a temporary file and rename, so a reader (a proxy reloading its files) never sees half a file.
-
-    mkstemp creates the file 0600 from the start, so a key is never readable by others, not even briefly.
-    """
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            os.fchmod(f.fileno(), mode)
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _read(path: Path, what: str) -> bytes:
@@ -83,8 +64,8 @@ def _cmd_ca(args: argparse.Namespace) -> None:
         )
     key_pem, cert_pem = create_ca(trust_domain=args.trust_domain)
     _mkdir(directory)
-    _write_atomically(key_path, key_pem, 0o600)
-    _write_atomically(cert_path, cert_pem, 0o644)
+    write_atomically(key_path, key_pem, 0o600)
+    write_atomically(cert_path, cert_pem, 0o644)
     print(f"trust domain  spiffe://{args.trust_domain}")
     print(f"ca cert       {cert_path} (expires {_expiry(cert_pem)})")
     print(f"ca key        {key_path}")
@@ -108,9 +89,9 @@ def _cmd_issue(args: argparse.Namespace) -> None:
     )
     _mkdir(out)
     cert_path, key_path, anchors_path = out / WORKLOAD_CERT, out / WORKLOAD_KEY, out / TRUST_ANCHORS
-    _write_atomically(key_path, key_pem, 0o600)
-    _write_atomically(cert_path, chain_pem, 0o644)
-    _write_atomically(anchors_path, ca_cert, 0o644)
+    write_atomically(key_path, key_pem, 0o600)
+    write_atomically(cert_path, chain_pem, 0o644)
+    write_atomically(anchors_path, ca_cert, 0o644)
     print(f"identity      {identity}")
     print(f"cert chain    {cert_path} (expires {_expiry(chain_pem)})")
     print(f"key           {key_path}")

@@ -6,10 +6,13 @@ Builds certificates and ssl contexts and reads peer certificates; it must not op
 from __future__ import annotations
 
 import datetime
+import os
 import re
 import ssl
+import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
@@ -453,3 +456,22 @@ def cert_expiry_timestamp(cert_chain_pem: bytes) -> float:
     except ValueError as e:
         raise IdentityError(f"not a PEM certificate chain: {e}") from e
     return chain[0].not_valid_after_utc.timestamp()
+
+
+def write_atomically(path: str | Path, data: bytes, mode: int) -> None:
+    """Write via a temporary file and rename, so a reader (a proxy reloading its files) never sees half a file.
+
+    mkstemp creates the file 0600 from the start, so a key is never readable by others, not even briefly.
+    """
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            os.fchmod(f.fileno(), mode)
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

@@ -7,13 +7,11 @@ Must not log or expose a key, a token or a certificate, nor import grpc (Certify
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import datetime
 import logging
 import os
 import random
 import ssl
-import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
@@ -90,23 +88,6 @@ def _describe(cert: WorkloadCertificate | None) -> dict[str, object]:
     if cert is None:
         return {"serial": None, "not_after": None}
     return {"serial": f"{cert.serial:x}", "not_after": _iso(cert.not_after)}
-
-
-def _write_atomically(path: str, data: bytes, mode: int) -> None:
-    """Readers see the old file or the new one, never a part: write a sibling, then rename it over."""
-    directory, name = os.path.split(path)
-    fd, tmp = tempfile.mkstemp(dir=directory or ".", prefix=f".{name}.")  # created 0600
-    try:
-        with os.fdopen(fd, "wb") as f:
-            os.fchmod(f.fileno(), mode)
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
 
 
 def _read_token(path: str) -> bytes:
@@ -300,8 +281,8 @@ class IssuedIdentity:
 
     def _write(self, key_pem: bytes, chain_pem: bytes) -> None:
         # Key first: the pair on disk only matches once both are written, and only this process reads them.
-        _write_atomically(self._files.key, key_pem, 0o600)
-        _write_atomically(self._files.cert, chain_pem, 0o644)
+        identity.write_atomically(self._files.key, key_pem, 0o600)
+        identity.write_atomically(self._files.cert, chain_pem, 0o644)
 
 
 def _file_stamp(files: TLSFiles) -> tuple[tuple[int, int, int], ...] | None:
