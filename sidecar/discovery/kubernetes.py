@@ -16,6 +16,7 @@ nothing here blocks the event loop on the network or drops the last good catalog
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 import ssl
@@ -557,17 +558,8 @@ class _Reflector(Generic[T]):
                 # once); relists read the latest state, so the view never goes back in time.
                 params["resourceVersion"] = "0"
             try:
-                async with session.get(
-                    self._url,
-                    params=params,
-                    headers=await self._headers(),
-                    timeout=aiohttp.ClientTimeout(total=LIST_TIMEOUT, sock_connect=CONNECT_TIMEOUT),
-                    ssl=self._ssl,
-                    server_hostname=self._creds.server_hostname,
-                    proxy=self._creds.proxy,
-                ) as resp:
-                    if resp.status != 200:
-                        raise await _api_error(resp)
+                limits = aiohttp.ClientTimeout(total=LIST_TIMEOUT, sock_connect=CONNECT_TIMEOUT)
+                async with self._get(session, params, limits) as resp:
                     page = _map(orjson.loads(await resp.read()))
             except (aiohttp.ClientError, TimeoutError, OSError, orjson.JSONDecodeError) as e:
                 raise KubernetesError(f"list {self.kind.plural}: {type(e).__name__}: {e}") from e
@@ -589,6 +581,24 @@ class _Reflector(Generic[T]):
         log.info("kubernetes listed %s items=%d resource_version=%s", self._where, len(records), rv)
         return rv
 
+    @contextlib.asynccontextmanager
+    async def _get(
+        self, session: aiohttp.ClientSession, params: dict[str, str], limits: aiohttp.ClientTimeout
+    ) -> AsyncIterator[aiohttp.ClientResponse]:
+        """GET this reflector's collection with the credentials' headers and TLS; any status but 200 raises."""
+        async with session.get(
+            self._url,
+            params=params,
+            headers=await self._headers(),
+            timeout=limits,
+            ssl=self._ssl,
+            server_hostname=self._creds.server_hostname,
+            proxy=self._creds.proxy,
+        ) as resp:
+            if resp.status != 200:
+                raise await _api_error(resp)
+            yield resp
+
     async def _watch(self, session: aiohttp.ClientSession, rv: str) -> tuple[str, bool]:
         """Apply watch events from `rv` until the server ends the stream; return the last rv and whether
         the watch was healthy. Raises Gone when rv is too old, KubernetesError on any other failure."""
@@ -599,19 +609,8 @@ class _Reflector(Generic[T]):
         started = self._clock()
         events = 0
         try:
-            async with session.get(
-                self._url,
-                params=params,
-                headers=await self._headers(),
-                timeout=aiohttp.ClientTimeout(
-                    sock_connect=CONNECT_TIMEOUT, sock_read=seconds + WATCH_READ_SLACK
-                ),
-                ssl=self._ssl,
-                server_hostname=self._creds.server_hostname,
-                proxy=self._creds.proxy,
-            ) as resp:
-                if resp.status != 200:
-                    raise await _api_error(resp)
+            limits = aiohttp.ClientTimeout(sock_connect=CONNECT_TIMEOUT, sock_read=seconds + WATCH_READ_SLACK)
+            async with self._get(session, params, limits) as resp:
                 async for line in _lines(resp.content):
                     event = _map(orjson.loads(line))
                     events += 1
