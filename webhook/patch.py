@@ -108,21 +108,15 @@ class Decision:
     reason: str
 
 
-def needs_namespace_labels(pod: Mapping[str, object]) -> bool:
-    """False when the pod's own `kuberpc.io/inject` decides, so the namespace need not be looked up."""
-    annotations = _map(_map(pod, "metadata"), "annotations")  # one value wanted: no copy of the whole map
-    return (annotations or {}).get(a.INJECT) not in (a.INJECT_ENABLED, a.INJECT_DISABLED)
-
-
-def already_injected(pod: Mapping[str, object]) -> bool:
-    """Either marker, or a container already named like the proxy (a hand-made or half-removed injection)."""
-    metadata = _map(pod, "metadata")
-    return _already_injected(_map(metadata, "annotations"), _map(metadata, "labels"), _map(pod, "spec"))
+def needs_namespace_labels(facts: PodFacts) -> bool:
+    """False when the Pod's own `kuberpc.io/inject`, or an injection already made, decides without its namespace."""
+    return facts.inject not in (a.INJECT_ENABLED, a.INJECT_DISABLED) and not facts.injected
 
 
 def _already_injected(
     annotations: Mapping[str, object] | None, labels: Mapping[str, object] | None, spec: Mapping[str, object] | None
 ) -> bool:
+    """Either marker, or a container already named like the proxy (a hand-made or half-removed injection)."""
     if (annotations is not None and isinstance(annotations.get(a.INJECTED), str)) or (
         labels is not None and labels.get(a.INJECTED) == a.INJECTED_LABEL_VALUE
     ):
@@ -162,7 +156,7 @@ class PodFacts(NamedTuple):
     annotations: tuple[tuple[str, str], ...]  # those with string values, in the Pod's order
     inject: str | None  # the `kuberpc.io/inject` annotation
     namespace: str  # metadata.namespace as text, "" when absent
-    injected: bool  # see already_injected
+    injected: bool  # either marker, or a container already named like the proxy
     problem: str | None  # see shape_problem
     host_network: bool
     clashing_volumes: tuple[str, ...]  # the Pod's volumes named like the proxy's, in order

@@ -20,7 +20,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from webhook.config import InjectorConfig
 from webhook.kube import NamespaceLookupError
 from webhook.metrics import AdmissionResult, WebhookMetrics
-from webhook.patch import PodFacts, already_injected, decide, needs_namespace_labels, read_pod
+from webhook.patch import PodFacts, decide, needs_namespace_labels, read_pod
 from webhook.review import (
     MalformedReview,
     PreparedAnswer,
@@ -154,17 +154,12 @@ def create_app(
         req = parse_review(await _read_body(request))
         if not req.is_pod_creation:
             return "skipped", encode(allow(req.uid))
+        facts = read_pod(req.obj)
         labels: Mapping[str, str] = {}
         # Look the namespace up only when its label can change the answer (reinvocations and the
         # control plane's own pods never need it).
-        if (
-            req.namespace
-            and req.namespace != cfg.control_plane_namespace
-            and needs_namespace_labels(req.obj)
-            and not already_injected(req.obj)
-        ):
+        if req.namespace and req.namespace != cfg.control_plane_namespace and needs_namespace_labels(facts):
             labels = await namespace_labels(req.namespace)
-        facts = read_pod(req.obj)
         key = cache.key(facts, req.namespace, labels)
         prepared = cache.get(key) if key is not None else None
         if prepared is None:
