@@ -129,6 +129,7 @@ async def _serve(
     args: argparse.Namespace, cfg: InjectorConfig, bundle: str | None, ca: CertificateAuthority | None
 ) -> None:
     # Imported here so `--help` and `install` work without loading aiohttp, grpc and the kubernetes client.
+    from webhook import http1
     from webhook.identity_service import (
         IdentityMetrics,
         IdentityService,
@@ -138,7 +139,7 @@ async def _serve(
     )
     from webhook.kube import NamespaceLabels, fetch_version, load_api_client, review_token
     from webhook.metrics import WebhookMetrics
-    from webhook.server import CertReloader, create_app, running
+    from webhook.server import CertReloader, create_app
     from webhook.trust import TrustAnchorSync
 
     api = load_api_client()
@@ -185,7 +186,7 @@ async def _serve(
     async with (
         AsyncExitStack() as stack,
         asyncio.TaskGroup() as tg,
-        running(app, host=args.host, port=args.port, ssl_context=reloader.context),
+        http1.serving(app, host=args.host, port=args.port, ssl_context=reloader.context),
     ):
         if identity is not None:
             await stack.enter_async_context(identity)

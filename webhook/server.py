@@ -1,23 +1,22 @@
-"""The thin HTTPS layer: POST /mutate, GET /healthz, GET /metrics, and a serving cert reloaded from disk.
+"""The webhook's routes: POST /mutate, GET /healthz, GET /metrics, and a serving cert reloaded from disk.
 
-Maps errors to HTTP answers in exactly one place (`mutate_handler`); every decision is delegated to review.py/patch.py.
+Maps errors to HTTP answers in exactly one place (`mutate`); every decision is delegated to review.py/patch.py,
+and HTTP itself to http1.py.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import ssl
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
-from contextlib import asynccontextmanager
+from collections.abc import Awaitable, Callable, Mapping
 
-from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from webhook.config import InjectorConfig
+from webhook.http1 import HttpServer, Request, Response, text
 from webhook.kube import NamespaceLookupError
 from webhook.metrics import AdmissionResult, WebhookMetrics
 from webhook.patch import PodFacts, decide, needs_namespace_labels, read_pod
@@ -34,8 +33,6 @@ from webhook.review import (
 log = logging.getLogger(__name__)
 
 NamespaceLabelsLookup = Callable[[str], Awaitable[Mapping[str, str]]]
-# A Pod can approach etcd's 1.5 MiB object limit; the review carries it once (CREATE has no oldObject).
-MAX_BODY_BYTES = 4 * 1024 * 1024
 
 
 # TLS 1.3 session tickets sent after each full handshake. Each costs the server an encryption and a write
@@ -142,16 +139,15 @@ def create_app(
     namespace_labels: NamespaceLabelsLookup,
     clock: Callable[[], float] = time.perf_counter,
     answers: AnswerCache | None = None,
-) -> web.Server:
+) -> HttpServer:
     """The webhook's routes. `answers` (default: a fresh AnswerCache) reuses the answer for identical Pods.
 
     One cache per app: `cfg` is part of every answer it keeps, so it must not be shared across configs.
-    Call it with the event loop running (aiohttp's server binds to it).
     """
     cache = AnswerCache() if answers is None else answers
 
-    async def admit(request: web.BaseRequest) -> tuple[AdmissionResult, bytes]:
-        req = parse_review(await _read_body(request))
+    async def admit(body: bytes) -> tuple[AdmissionResult, bytes]:
+        req = parse_review(body)
         if not req.is_pod_creation:
             return "skipped", encode(allow(req.uid))
         facts = read_pod(req.obj)
@@ -168,89 +164,42 @@ def create_app(
                 cache.put(key, prepared)
         # Per-review lines are DEBUG (a burst must not wait on the log); the user sees a denial's reason in
         # the API server's answer and operators see the count in kuberpc_webhook_admissions_total.
-        log.debug("event=%s namespace=%s uid=%s message=%s", prepared.result, req.namespace, req.uid, prepared.message)
+        log.debug(
+            "event=%s namespace=%s uid=%s message=%s",
+            prepared.result,
+            req.namespace,
+            req.uid,
+            prepared.message,
+        )
         return prepared.result, encode_prepared(req.uid, prepared)
 
-    async def mutate_handler(request: web.BaseRequest) -> web.StreamResponse:
+    async def mutate(request: Request) -> Response:
         started = clock()
         result: AdmissionResult = "error"
         try:
-            result, body = await admit(request)
-            return web.Response(body=body, content_type="application/json")
+            result, body = await admit(request.body)
+            return Response(200, body, "application/json")
         except MalformedReview as e:
-            return web.Response(status=400, text=f"malformed AdmissionReview: {e}\n")
+            return text(400, f"malformed AdmissionReview: {e}")
         except NamespaceLookupError as e:
             # 503 lets the webhook's failurePolicy (Ignore or Fail) decide, as for any outage.
             log.warning("event=namespace_lookup_failed error=%s", e)
-            return web.Response(status=503, text=f"{e}\n")
-        except web.HTTPException:
-            raise  # aiohttp's own answers, e.g. 413 for a body over MAX_BODY_BYTES
+            return text(503, str(e))
         except Exception:
             log.exception("event=admission_failed")
-            return web.Response(status=500, text="internal error\n")
+            return text(500, "internal error")
         finally:
             metrics.observe(result, clock() - started)
 
-    async def healthz(_: web.BaseRequest) -> web.StreamResponse:
-        return web.Response(text="ok\n")
+    async def healthz(_: Request) -> Response:
+        return text(200, "ok")
 
-    async def metrics_handler(_: web.BaseRequest) -> web.StreamResponse:
-        return web.Response(body=generate_latest(metrics.registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
+    async def metrics_page(_: Request) -> Response:
+        return Response(200, generate_latest(metrics.registry), CONTENT_TYPE_LATEST)
 
-    # Three fixed paths: aiohttp's low-level server with one dispatching handler spends less per request than
-    # an Application (no router, middlewares, signals or per-request Request clone).
-    # The API server appends ?timeout=10s: paths are matched without the query.
-    routes: dict[str, tuple[frozenset[str], Handler]] = {
-        "/mutate": (frozenset({"POST"}), mutate_handler),
-        "/healthz": (_GET, healthz),
-        "/metrics": (_GET, metrics_handler),
-    }
-
-    async def dispatch(request: web.BaseRequest) -> web.StreamResponse:
-        route = routes.get(request.path)
-        if route is None:
-            raise web.HTTPNotFound()
-        methods, handler = route
-        if request.method not in methods:
-            raise web.HTTPMethodNotAllowed(request.method, sorted(methods))
-        return await handler(request)
-
-    return web.Server(dispatch, access_log=None)
-
-
-Handler = Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
-_GET = frozenset({"GET", "HEAD"})
-
-
-async def _read_body(request: web.BaseRequest) -> bytes:
-    """The request body, refused with 413 past MAX_BODY_BYTES (a Pod can approach etcd's 1.5 MiB object limit)."""
-    if (request.content_length or 0) > MAX_BODY_BYTES:
-        raise web.HTTPRequestEntityTooLarge(max_size=MAX_BODY_BYTES, actual_size=request.content_length or 0)
-    # Read the stream, not request.read(): that one enforces the low-level server's fixed 1 MiB limit.
-    body = bytearray()
-    while chunk := await request.content.readany():
-        body += chunk
-        if len(body) > MAX_BODY_BYTES:  # a chunked body declares no length
-            raise web.HTTPRequestEntityTooLarge(max_size=MAX_BODY_BYTES, actual_size=len(body))
-    return bytes(body)
-
-
-@asynccontextmanager
-async def running(
-    app: web.Server | web.Application, *, host: str, port: int, ssl_context: ssl.SSLContext | None
-) -> AsyncIterator[tuple[str, int]]:
-    """Serve `app` until the block exits (then drain in-flight requests); yields the bound (host, port)."""
-    runner: web.BaseRunner
-    if isinstance(app, web.Application):  # e.g. a fake API server in tests
-        runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=10.0)
-    else:
-        runner = web.ServerRunner(app, handle_signals=False, shutdown_timeout=10.0)
-    await runner.setup()
-    try:
-        site = web.TCPSite(runner, host, port, ssl_context=ssl_context, backlog=1024)
-        await site.start()
-        bound = runner.addresses[0]
-        log.info("event=listening address=%s", json.dumps(list(bound[:2])))
-        yield str(bound[0]), int(bound[1])
-    finally:
-        await runner.cleanup()
+    # The API server appends ?timeout=10s: http1 matches paths without the query. A Pod can approach etcd's
+    # 1.5 MiB object limit and the review carries it once (CREATE has no oldObject): http1 reads up to
+    # 4 MiB and refuses a larger body with 413 before it reaches `mutate`.
+    return HttpServer(
+        {"/mutate": {"POST": mutate}, "/healthz": {"GET": healthz}, "/metrics": {"GET": metrics_page}}
+    )

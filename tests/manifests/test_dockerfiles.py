@@ -174,6 +174,12 @@ def test_requirements_are_exact_pins(image: str) -> None:
         assert re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*==[0-9][A-Za-z0-9.+!-]*", line), line
 
 
+def test_the_webhook_image_runs_on_uvloop_as_its_benchmark_does() -> None:
+    """python -m webhook falls back to asyncio's loop without uvloop: the image must not quietly lose it."""
+    pins = (REPO / "requirements" / "webhook.txt").read_text()
+    assert re.search(r"^uvloop==", pins, re.M) and re.search(r"^httptools==", pins, re.M)
+
+
 # ---------------------------------------------------------------------------------------------
 # The entry points run (with the project's venv, from the source tree as in the image's /app)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import datetime as dt
 import json
@@ -14,17 +15,32 @@ from typing import Any
 import aiohttp
 import jsonpatch
 import pytest
+import uvloop
 from prometheus_client import CollectorRegistry
 
 from webhook.config import InjectorConfig
+from webhook.http1 import serving
 from webhook.install import KeyPair, generate_ca, issue_serving_cert, service_dns_names
 from webhook.kube import NamespaceLookupError
 from webhook.metrics import WebhookMetrics
 from webhook.patch import Outcome
-from webhook.server import CertReloader, create_app, running
+from webhook.server import CertReloader, create_app
 
 FIXTURES = Path(__file__).parent / "fixtures"
 SERVER_NAME = "kuberpc-webhook.kuberpc-system.svc"
+
+
+# The webhook serves on uvloop (python -m webhook) and its HTTP layer must also hold on asyncio's own loop:
+# the tests of that layer and of the server over HTTPS run on both.
+BOTH_LOOPS = {"test_http1.py", "test_server.py"}
+
+
+def pytest_asyncio_loop_factories(
+    config: pytest.Config, item: pytest.Item
+) -> Mapping[str, Callable[[], asyncio.AbstractEventLoop]]:
+    if item.path.name in BOTH_LOOPS:
+        return {"asyncio": asyncio.new_event_loop, "uvloop": uvloop.new_event_loop}
+    return {"asyncio": asyncio.new_event_loop}  # the hook must name a loop for every test: the default one
 
 
 @pytest.fixture
@@ -104,7 +120,10 @@ class LiveServer:
     async def post(self, path: str, body: bytes | str | dict[str, Any]) -> aiohttp.ClientResponse:
         data = json.dumps(body).encode() if isinstance(body, dict) else body
         return await self.session.post(
-            self.base + path, data=data, ssl=self.client_ssl, server_hostname=SERVER_NAME,
+            self.base + path,
+            data=data,
+            ssl=self.client_ssl,
+            server_hostname=SERVER_NAME,
             headers={"Content-Type": "application/json"},
         )
 
@@ -128,7 +147,7 @@ async def live_server(
     app = create_app(cfg=native_cfg, metrics=WebhookMetrics(registry), namespace_labels=namespaces)
     reloader = CertReloader(str(cert), str(key))
     async with (
-        running(app, host="127.0.0.1", port=0, ssl_context=reloader.context) as (host, port),
+        serving(app, host="127.0.0.1", port=0, ssl_context=reloader.context) as (host, port),
         aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as session,
     ):
         yield LiveServer(f"https://{host}:{port}", client_context(ca.cert_pem), session, namespaces, registry)

@@ -15,11 +15,12 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from webhook.config import InjectorConfig
+from webhook.http1 import serving
 from webhook.install import KeyPair
 from webhook.metrics import WebhookMetrics
 from webhook.patch import Outcome, mutate, read_pod
 from webhook.review import prepare
-from webhook.server import AnswerCache, CertReloader, create_app, running
+from webhook.server import AnswerCache, CertReloader, create_app
 
 Review = Callable[[str], dict[str, Any]]
 SERVER_NAME = "kuberpc-webhook.kuberpc-system.svc"
@@ -60,7 +61,7 @@ async def served(
     )
     reloader = CertReloader(str(cert), str(key))
     async with (
-        running(app, host="127.0.0.1", port=0, ssl_context=reloader.context) as (host, port),
+        serving(app, host="127.0.0.1", port=0, ssl_context=reloader.context) as (host, port),
         aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as session,
     ):
         yield Served(f"https://{host}:{port}", session, ca.cert_pem, labels)

@@ -18,9 +18,10 @@ from prometheus_client import CollectorRegistry
 
 from webhook.__main__ import main
 from webhook.config import InjectorConfig
+from webhook.http1 import serving
 from webhook.install import InstallError, load_kustomization
 from webhook.metrics import WebhookMetrics
-from webhook.server import CertReloader, create_app, running
+from webhook.server import CertReloader, create_app
 
 MANIFESTS = Path(__file__).parents[2] / "manifests"
 
@@ -88,7 +89,7 @@ async def test_the_generated_pair_serves_https_that_the_ca_bundle_trusts(output:
     ca_pem = base64.b64decode(find(docs, "MutatingWebhookConfiguration", "kuberpc-injector")["webhooks"][0]["clientConfig"]["caBundle"])
     app = create_app(cfg=InjectorConfig(), metrics=WebhookMetrics(CollectorRegistry()), namespace_labels=lambda ns: None)  # type: ignore[arg-type, return-value]
     reloader = CertReloader(str(tmp_path / "tls.crt"), str(tmp_path / "tls.key"))
-    async with running(app, host="127.0.0.1", port=0, ssl_context=reloader.context) as (host, port), aiohttp.ClientSession() as s:
+    async with serving(app, host="127.0.0.1", port=0, ssl_context=reloader.context) as (host, port), aiohttp.ClientSession() as s:
         ctx = ssl.create_default_context(cadata=ca_pem.decode())
         async with s.get(f"https://{host}:{port}/healthz", ssl=ctx, server_hostname="kuberpc-webhook.kuberpc-system.svc") as resp:
             assert resp.status == 200

@@ -7,10 +7,10 @@ from dataclasses import dataclass, field
 
 import pytest
 from aiohttp import web
+from aiohttp.test_utils import TestServer
 from kubernetes import client
 
 from webhook.kube import NamespaceLabels, NamespaceLookupError, fetch_version
-from webhook.server import running
 
 VERSION = {
     "major": "1",
@@ -56,7 +56,8 @@ class FakeAPI:
 @pytest.fixture
 async def api() -> AsyncIterator[tuple[FakeAPI, client.ApiClient]]:
     fake = FakeAPI()
-    async with running(fake.app(), host="127.0.0.1", port=0, ssl_context=None) as (host, port):
+    async with TestServer(fake.app(), host="127.0.0.1") as served:
+        host, port = served.host, served.port
         conf = client.Configuration()
         conf.host = f"http://{host}:{port}"
         with client.ApiClient(conf) as api_client:

@@ -192,7 +192,7 @@ async def test_a_pod_past_one_mebibyte_is_answered(live_server: Any, review: Rev
 async def test_a_body_past_the_limit_is_413_whether_or_not_it_declares_its_length(
     live_server: Any, chunked: bool
 ) -> None:
-    from webhook.server import MAX_BODY_BYTES
+    from webhook.http1 import MAX_BODY_BYTES
 
     body = b"x" * (MAX_BODY_BYTES + 1)
 

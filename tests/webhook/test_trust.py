@@ -10,9 +10,9 @@ from typing import Any
 
 import pytest
 from aiohttp import web
+from aiohttp.test_utils import TestServer
 from kubernetes import client
 
-from webhook.server import running
 from webhook.trust import TrustAnchorSync, wants_trust_anchors
 
 BUNDLE = "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n"
@@ -90,7 +90,8 @@ class FakeAPI:
 @pytest.fixture
 async def fake() -> AsyncIterator[tuple[FakeAPI, client.ApiClient]]:
     api = FakeAPI()
-    async with running(api.app(), host="127.0.0.1", port=0, ssl_context=None) as (host, port):
+    async with TestServer(api.app(), host="127.0.0.1") as served:
+        host, port = served.host, served.port
         conf = client.Configuration()
         conf.host = f"http://{host}:{port}"
         with client.ApiClient(conf) as api_client:

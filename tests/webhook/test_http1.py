@@ -1,0 +1,381 @@
+"""The webhook's HTTP/1.1 layer over real sockets on loopback, byte for byte: ordering, limits, timeouts, drain.
+
+Each test runs on asyncio's loop and on uvloop (conftest's pytest_asyncio_loop_factories), as the webhook does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ssl
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from webhook.http1 import MAX_PIPELINED, HttpServer, Request, Response, serving, text
+
+Conn = tuple[asyncio.StreamReader, asyncio.StreamWriter]
+
+
+async def echo(request: Request) -> Response:
+    return text(200, f"{request.method} {request.path} q={request.query} body={request.body.decode()}")
+
+
+def routes(**extra: Callable[[Request], Awaitable[Response]]) -> dict[str, dict[str, Any]]:
+    out: dict[str, dict[str, Any]] = {"/echo": {"GET": echo, "POST": echo}, "/post-only": {"POST": echo}}
+    for name, handler in extra.items():
+        out["/" + name] = {"GET": handler, "POST": handler}
+    return out
+
+
+@asynccontextmanager
+async def served(
+    server: HttpServer, *, ssl_context: ssl.SSLContext | None = None, grace: float = 5.0
+) -> AsyncIterator[tuple[str, int]]:
+    async with serving(
+        server, host="127.0.0.1", port=0, ssl_context=ssl_context, shutdown_timeout=grace
+    ) as bound:
+        yield bound
+
+
+async def connect(bound: tuple[str, int]) -> Conn:
+    return await asyncio.open_connection(*bound)
+
+
+async def read_response(
+    reader: asyncio.StreamReader, *, head_only: bool = False
+) -> tuple[int, dict[str, str], bytes]:
+    """One response: status, headers (lower-case names), body (by Content-Length)."""
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+    lines = head.decode("latin-1").split("\r\n")
+    status = int(lines[0].split(" ")[1])
+    headers = {}
+    for line in lines[1:]:
+        if line:
+            name, _, value = line.partition(":")
+            headers[name.strip().lower()] = value.strip()
+    length = int(headers.get("content-length", "0"))
+    body = b"" if head_only or status == 100 else await asyncio.wait_for(reader.readexactly(length), 10)
+    return status, headers, body
+
+
+async def closed(reader: asyncio.StreamReader) -> bool:
+    """Whether the server closes the connection (EOF) with nothing more to read."""
+    return await asyncio.wait_for(reader.read(), 10) == b""
+
+
+def get(path: str, *headers: str, version: str = "1.1") -> bytes:
+    return (
+        f"GET {path} HTTP/{version}\r\nHost: x\r\n" + "".join(h + "\r\n" for h in headers) + "\r\n"
+    ).encode()
+
+
+def post(path: str, body: bytes, *headers: str) -> bytes:
+    head = f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n" + "".join(
+        h + "\r\n" for h in headers
+    )
+    return head.encode() + b"\r\n" + body
+
+
+async def test_requests_on_one_connection_are_answered_in_turn_and_the_connection_kept() -> None:
+    async with served(HttpServer(routes())) as bound:
+        reader, writer = await connect(bound)
+        for i in range(3):
+            writer.write(post("/echo?timeout=10s", f"n{i}".encode()))
+            status, headers, body = await read_response(reader)
+            assert (status, body) == (200, f"POST /echo q=timeout=10s body=n{i}\n".encode())
+            assert "connection" not in headers and "date" in headers
+        writer.close()
+
+
+async def test_pipelined_requests_are_answered_in_order_though_the_first_is_slowest() -> None:
+    started, release = asyncio.Event(), asyncio.Event()
+
+    async def slow(request: Request) -> Response:
+        started.set()
+        await release.wait()
+        return text(200, "slow")
+
+    async with served(HttpServer(routes(slow=slow))) as bound:
+        reader, writer = await connect(bound)
+        writer.write(get("/slow") + get("/echo?a") + post("/echo", b"third"))
+        await started.wait()
+        reading = asyncio.ensure_future(reader.read(1))
+        await asyncio.sleep(0.05)  # give a wrongly ordered answer a chance to arrive before the slow one
+        assert not reading.done()
+        release.set()
+        first = await reading + await reader.readuntil(b"\r\n\r\n")
+        assert first.startswith(b"HTTP/1.1 200")
+        assert await reader.readexactly(5) == b"slow\n"
+        assert (await read_response(reader))[2] == b"GET /echo q=a body=\n"
+        assert (await read_response(reader))[2] == b"POST /echo q= body=third\n"
+        writer.close()
+
+
+async def test_a_long_pipeline_is_read_in_bounded_steps_and_answered_whole() -> None:
+    n = MAX_PIPELINED * 6
+    async with served(HttpServer(routes())) as bound:
+        reader, writer = await connect(bound)
+        writer.write(b"".join(get(f"/echo?{i}") for i in range(n)))
+        for i in range(n):
+            assert (await read_response(reader))[2] == f"GET /echo q={i} body=\n".encode()
+        writer.close()
+
+
+async def test_connection_close_is_honoured_after_the_answer() -> None:
+    async with served(HttpServer(routes())) as bound:
+        reader, writer = await connect(bound)
+        writer.write(get("/echo", "Connection: close") + get("/echo?ignored"))
+        status, headers, _ = await read_response(reader)
+        assert status == 200 and headers["connection"] == "close"
+        assert await closed(reader)
+
+
+async def test_http_1_0_closes_unless_it_asks_for_keep_alive() -> None:
+    async with served(HttpServer(routes())) as bound:
+        reader, writer = await connect(bound)
+        writer.write(get("/echo", version="1.0"))
+        assert (await read_response(reader))[1]["connection"] == "close"
+        assert await closed(reader)
+
+        reader, writer = await connect(bound)
+        for _ in range(2):
+            writer.write(get("/echo", "Connection: keep-alive", version="1.0"))
+            status, headers, _ = await read_response(reader)
+            assert status == 200 and headers["connection"] == "keep-alive"
+        writer.close()
+
+
+@pytest.mark.parametrize(("request_bytes", "status", "allow"), [
+    (get("/nowhere"), 404, None),
+    (get("/echo/extra"), 404, None),
+    (get("/post-only"), 405, "POST"),
+    (b"PUT /echo HTTP/1.1\r\nContent-Length: 0\r\n\r\n", 405, "GET, HEAD, POST"),
+])  # fmt: skip
+async def test_unknown_paths_are_404_and_other_methods_405_with_allow(
+    request_bytes: bytes, status: int, allow: str | None
+) -> None:
+    async with served(HttpServer(routes())) as bound:
+        reader, writer = await connect(bound)
+        writer.write(request_bytes + get("/echo"))
+        got, headers, _ = await read_response(reader)
+        assert got == status and headers.get("allow") == allow
+        assert (await read_response(reader))[0] == 200  # the connection stays usable
+        writer.close()
+
+
+async def test_head_gets_the_gets_headers_and_no_body() -> None:
+    async with served(HttpServer(routes())) as bound:
+        reader, writer = await connect(bound)
+        writer.write(b"HEAD /echo HTTP/1.1\r\nHost: x\r\n\r\n" + get("/echo?next"))
+        status, headers, _ = await read_response(reader, head_only=True)
+        assert status == 200 and headers["content-length"] == str(len(b"HEAD /echo q= body=\n"))
+        assert (await read_response(reader))[2] == b"GET /echo q=next body=\n"  # nothing stood between them
+        writer.close()
+
+
+async def test_a_body_declared_past_the_limit_is_refused_before_it_is_sent() -> None:
+    async with served(HttpServer(routes(), max_body_bytes=1000)) as bound:
+        reader, writer = await connect(bound)
+        writer.write(b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 1001\r\n\r\n")
+        status, headers, body = await read_response(reader)
+        assert status == 413 and headers["connection"] == "close" and b"1000 bytes" in body
+        assert await closed(reader)
+
+
+async def test_a_chunked_body_past_the_limit_is_refused_and_one_within_it_answered() -> None:
+    def chunked(size: int) -> bytes:
+        head = b"POST /echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+        return head + b"%x\r\n%s\r\n0\r\n\r\n" % (size, b"y" * size)
+
+    async with served(HttpServer(routes(), max_body_bytes=1000)) as bound:
+        reader, writer = await connect(bound)
+        writer.write(chunked(1000))
+        assert (await read_response(reader))[2] == b"POST /echo q= body=" + b"y" * 1000 + b"\n"
+        writer.write(chunked(1001))
+        assert (await read_response(reader))[0] == 413
+        assert await closed(reader)
+
+
+async def test_expect_100_continue_gets_the_interim_answer_unless_the_body_is_too_large() -> None:
+    async with served(HttpServer(routes(), max_body_bytes=1000)) as bound:
+        reader, writer = await connect(bound)
+        writer.write(b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nExpect: 100-continue\r\n\r\n")
+        assert (await read_response(reader))[0] == 100
+        writer.write(b"hello")
+        assert (await read_response(reader))[2] == b"POST /echo q= body=hello\n"
+
+        writer.write(
+            b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 5000\r\nExpect: 100-continue\r\n\r\n"
+        )
+        assert (await read_response(reader))[0] == 413
+        assert await closed(reader)
+
+
+@pytest.mark.parametrize(
+    "garbage",
+    [
+        b"GARBAGE\r\n\r\n",
+        b"GET / HTTP/9.9\r\n\r\n",
+        b"GET /echo HTTP/1.1\r\nContent-Length: x\r\n\r\n",
+        b"\x00\xff\r\n\r\n",
+    ],
+)
+async def test_unparseable_requests_get_400_with_the_reason_then_close(garbage: bytes) -> None:
+    async with served(HttpServer(routes())) as bound:
+        reader, writer = await connect(bound)
+        writer.write(get("/echo") + garbage)
+        assert (await read_response(reader))[0] == 200  # the good request before it is still answered
+        status, headers, body = await read_response(reader)
+        assert status == 400 and body.startswith(b"bad request: ") and headers["connection"] == "close"
+        assert await closed(reader)
+
+
+async def test_headers_past_the_limit_get_431() -> None:
+    async with served(HttpServer(routes(), max_head_bytes=2048)) as bound:
+        reader, writer = await connect(bound)
+        writer.write(get("/echo", "X-Big: " + "z" * 4096))
+        assert (await read_response(reader))[0] == 431
+        assert await closed(reader)
+
+
+async def test_an_upgrade_request_is_answered_and_the_connection_closed() -> None:
+    async with served(HttpServer(routes())) as bound:
+        reader, writer = await connect(bound)
+        writer.write(
+            get("/echo", "Connection: Upgrade", "Upgrade: h2c") + b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+        )
+        assert (await read_response(reader))[0] == 200
+        assert await closed(reader)
+
+
+async def test_a_failing_handler_is_a_500_and_the_connection_carries_on() -> None:
+    async def broken(request: Request) -> Response:
+        raise RuntimeError("bug")
+
+    async with served(HttpServer(routes(broken=broken))) as bound:
+        reader, writer = await connect(bound)
+        writer.write(get("/broken") + get("/echo"))
+        assert (await read_response(reader))[:3:2] == (500, b"internal error\n")
+        assert (await read_response(reader))[0] == 200
+        writer.close()
+
+
+async def test_an_idle_connection_is_closed_after_the_idle_timeout() -> None:
+    async with served(HttpServer(routes(), idle_timeout=0.2)) as bound:
+        reader, writer = await connect(bound)
+        writer.write(get("/echo"))
+        assert (await read_response(reader))[0] == 200
+        assert await closed(reader)
+
+
+async def test_a_request_that_stalls_half_sent_gets_408() -> None:
+    async with served(HttpServer(routes(), request_timeout=0.2)) as bound:
+        reader, writer = await connect(bound)
+        writer.write(b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\nabc")
+        status, headers, _ = await read_response(reader)
+        assert status == 408 and headers["connection"] == "close"
+        assert await closed(reader)
+
+
+async def test_a_slow_handler_is_not_cut_off_by_the_request_timeout() -> None:
+    async def slow(request: Request) -> Response:
+        await asyncio.sleep(0.5)
+        return text(200, "late but whole")
+
+    async with served(HttpServer(routes(slow=slow), request_timeout=0.1, idle_timeout=0.1)) as bound:
+        reader, writer = await connect(bound)
+        writer.write(get("/slow"))
+        assert (await read_response(reader))[2] == b"late but whole\n"
+
+
+async def test_draining_answers_in_flight_requests_with_connection_close() -> None:
+    started, release = asyncio.Event(), asyncio.Event()
+
+    async def slow(request: Request) -> Response:
+        started.set()
+        await release.wait()
+        return text(200, "finished")
+
+    server = HttpServer(routes(slow=slow))
+    cm = served(server)
+    bound = await cm.__aenter__()
+    idle_reader, idle_writer = await connect(bound)
+    idle_writer.write(get("/echo"))
+    assert (await read_response(idle_reader))[0] == 200
+    busy_reader, busy_writer = await connect(bound)
+    busy_writer.write(get("/slow"))
+    await started.wait()
+    stopping = asyncio.ensure_future(cm.__aexit__(None, None, None))
+    assert await closed(idle_reader)  # nothing was asked on it: closed at once
+    with pytest.raises(OSError):
+        await connect(bound)  # no longer accepting
+    assert not stopping.done()
+    release.set()
+    status, headers, body = await read_response(busy_reader)
+    assert (status, headers["connection"], body) == (200, "close", b"finished\n")
+    assert await closed(busy_reader)
+    await asyncio.wait_for(stopping, 10)
+
+
+async def test_draining_aborts_what_is_still_open_after_the_grace_period() -> None:
+    started = asyncio.Event()
+
+    async def stuck(request: Request) -> Response:
+        started.set()
+        await asyncio.Event().wait()
+        raise AssertionError("unreachable")
+
+    cm = served(HttpServer(routes(stuck=stuck)), grace=0.2)
+    bound = await cm.__aenter__()
+    reader, writer = await connect(bound)
+    writer.write(get("/stuck"))
+    await started.wait()
+    await asyncio.wait_for(cm.__aexit__(None, None, None), 10)
+    assert await asyncio.wait_for(reader.read(), 10) == b""
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.binary(max_size=400) | st.lists(st.sampled_from([
+    b"GET /echo HTTP/1.1\r\n", b"POST /echo HTTP/1.1\r\n", b"Host: x\r\n", b"Content-Length: 3\r\n",
+    b"Transfer-Encoding: chunked\r\n", b"Connection: close\r\n", b"Expect: 100-continue\r\n", b"\r\n", b"abc",
+    b"3\r\nabc\r\n", b"0\r\n\r\n", b"HTTP/1.0", b"\x00", b" ", b":",
+]), max_size=20).map(b"".join))  # fmt: skip
+async def test_any_bytes_get_answers_below_500_or_a_close_never_a_hang(data: bytes) -> None:
+    async with served(HttpServer(routes(), request_timeout=0.1, idle_timeout=0.1)) as bound:
+        reader, writer = await connect(bound)
+        writer.write(data)
+        received = b""
+        with contextlib.suppress(ConnectionResetError):  # a close with our bytes unread is a close too
+            received = await asyncio.wait_for(
+                reader.read(), 10
+            )  # every path ends in a close: by answer or timeout
+        for line in received.split(b"\r\n"):
+            if line.startswith(b"HTTP/1.1 "):
+                assert int(line[9:12]) < 500, received
+        writer.close()
+
+
+async def test_a_client_that_half_closes_after_asking_still_gets_its_answers() -> None:
+    started, release = asyncio.Event(), asyncio.Event()
+
+    async def slow(request: Request) -> Response:
+        started.set()
+        await release.wait()
+        return text(200, "slow")
+
+    async with served(HttpServer(routes(slow=slow))) as bound:
+        reader, writer = await connect(bound)
+        writer.write(get("/slow") + get("/echo?two"))
+        writer.write_eof()
+        await started.wait()
+        await asyncio.sleep(0.05)  # the server takes in the EOF while the first answer is being worked out
+        release.set()
+        assert (await read_response(reader))[2] == b"slow\n"
+        status, headers, body = await read_response(reader)
+        assert (status, headers["connection"], body) == (200, "close", b"GET /echo q=two body=\n")
+        assert await closed(reader)

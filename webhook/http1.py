@@ -1,0 +1,455 @@
+"""HTTP/1.1 for the webhook's fixed routes, on asyncio and httptools' C parser: requests in, answers out, in order.
+
+Knows nothing about admission. Must not buffer more than one bounded request per connection beyond a short
+pipeline, nor leave a connection open past its timeouts.
+
+Written here rather than served by aiohttp because the HTTP layer dominates a reused answer: answering a
+fixed body over TLS, aiohttp's low-level server costs ~137 µs of CPU per request, uvicorn's httptools
+protocol 106-144 µs, and this ~60 µs (bench/webhook_http_floor.py). A burst of 200 reviews queues on one
+core, so that CPU is the p99. The parsing (the hard part) stays in httptools, the parser uvicorn uses.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import http
+import json
+import logging
+import math
+import ssl
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from contextlib import asynccontextmanager
+from typing import NamedTuple, cast
+
+import httptools
+
+log = logging.getLogger(__name__)
+
+MAX_BODY_BYTES = 4 * 1024 * 1024
+MAX_HEAD_BYTES = 64 * 1024  # request line and headers; httptools itself sets no limit
+# Requests read ahead of their answers on one connection; past this the connection stops being read.
+MAX_PIPELINED = 16
+IDLE_TIMEOUT_S = 75.0  # as aiohttp's keep-alive; the API server's client drops idle connections at 90 s
+REQUEST_TIMEOUT_S = 30.0  # from a request's first byte to its last: a stalled sender is cut off
+HANDSHAKE_TIMEOUT_S = 10.0
+TLS_SHUTDOWN_TIMEOUT_S = 5.0  # waiting for the client's close_notify after ours (asyncio's default is 30 s)
+SHUTDOWN_TIMEOUT_S = 10.0
+
+
+class Request(NamedTuple):
+    method: str
+    path: str  # without the query string: the API server calls /mutate?timeout=10s
+    query: str
+    headers: Mapping[str, str]  # names in lower case; repeated headers joined with ", "
+    body: bytes
+
+
+class Response(NamedTuple):
+    status: int
+    body: bytes = b""
+    content_type: str = "text/plain; charset=utf-8"
+    headers: tuple[tuple[str, str], ...] = ()
+
+
+Handler = Callable[[Request], Awaitable[Response]]
+# path -> method -> handler; a GET route also answers HEAD.
+Routes = Mapping[str, Mapping[str, Handler]]
+
+
+def text(status: int, message: str, *, headers: tuple[tuple[str, str], ...] = ()) -> Response:
+    return Response(status, (message + "\n").encode(), headers=headers)
+
+
+class _Clock:
+    """The Date header, formatted once a second (RFC 9110 asks an origin server with a clock to send it)."""
+
+    def __init__(self) -> None:
+        self._second = -1
+        self._value = b""
+
+    def date(self) -> bytes:
+        now = int(time.time())
+        if now != self._second:
+            self._second = now
+            self._value = email.utils.formatdate(now, usegmt=True).encode()
+        return self._value
+
+
+_REASONS = {s.value: s.phrase.encode() for s in http.HTTPStatus}
+_CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+
+
+class HttpServer:
+    """The routes, the limits and the open connections; a protocol factory for loop.create_server."""
+
+    def __init__(
+        self,
+        routes: Routes,
+        *,
+        max_body_bytes: int = MAX_BODY_BYTES,
+        max_head_bytes: int = MAX_HEAD_BYTES,
+        idle_timeout: float = IDLE_TIMEOUT_S,
+        request_timeout: float = REQUEST_TIMEOUT_S,
+    ) -> None:
+        self.routes = routes
+        self.max_body_bytes = max_body_bytes
+        self.max_head_bytes = max_head_bytes
+        self.idle_timeout = idle_timeout
+        self.request_timeout = request_timeout
+        self.connections: set[_Connection] = set()
+        self.clock = _Clock()
+        self.stopping = False
+        self._all_closed: asyncio.Event | None = None
+        # Deadlines are checked this often, so a timeout fires up to this late.
+        self.sweep_interval = min(1.0, idle_timeout / 4, request_timeout / 4)
+        self._sweeper: asyncio.TimerHandle | None = None
+
+    def __call__(self) -> _Connection:
+        return _Connection(self)
+
+    async def respond(self, request: Request) -> Response:
+        """Route one request; the one place an unexpected handler error becomes a 500."""
+        methods = self.routes.get(request.path)
+        if methods is None:
+            return text(404, "not found")
+        handler = methods.get("GET" if request.method == "HEAD" else request.method)
+        if handler is None:
+            allowed = sorted({*methods, *(("HEAD",) if "GET" in methods else ())})
+            return text(405, f"method {request.method} not allowed", headers=(("Allow", ", ".join(allowed)),))
+        try:
+            return await handler(request)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("event=request_failed path=%s", request.path)
+            return text(500, "internal error")
+
+    def start_sweeping(self) -> None:
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        for conn in [c for c in self.connections if c.deadline <= now]:
+            conn.expire()
+        self._sweeper = loop.call_at(now + self.sweep_interval, self.start_sweeping)
+
+    def stop_sweeping(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
+
+    def forget(self, conn: _Connection) -> None:
+        self.connections.discard(conn)
+        if not self.connections and self._all_closed is not None:
+            self._all_closed.set()
+
+    async def drain(self, grace: float) -> None:
+        """Finish what each connection has begun, close it, and abort whatever is still open after `grace` seconds."""
+        self.stopping = True
+        self._all_closed = asyncio.Event()
+        for conn in list(self.connections):
+            conn.close_when_done()
+        if self.connections:
+            try:
+                await asyncio.wait_for(self._all_closed.wait(), grace)
+            except TimeoutError:
+                log.warning("event=drain_timeout connections=%d", len(self.connections))
+                for conn in list(self.connections):
+                    conn.abort()
+
+
+class _Connection(asyncio.Protocol):
+    """One client: parses requests, answers them in arrival order by one task at a time, enforces the limits."""
+
+    def __init__(self, server: HttpServer) -> None:
+        self._server = server
+        self._parser = httptools.HttpRequestParser(self)
+        self._transport: asyncio.Transport | None = None
+        self._loop = asyncio.get_running_loop()
+        # The request being parsed.
+        self._reading = False
+        self._url = b""
+        self._headers: dict[str, str] = {}
+        self._head_bytes = 0
+        self._body: list[bytes] = []
+        self._body_bytes = 0
+        # Parsed requests and errors in arrival order, each with (keep the connection after it, HTTP/1.0).
+        self._queue: deque[tuple[Request | Response, bool, bool]] = deque()
+        self._worker: asyncio.Task[None] | None = None
+        self._stopped_reading = False  # after an error, an upgrade, the peer's EOF, or Connection: close
+        self._close_when_done = False
+        # When the current timeout expires (loop time; inf: none runs), checked by HttpServer's sweep.
+        self.deadline = math.inf
+        self._expire: Callable[[], None] = self._idle_timed_out
+        self._writable: asyncio.Future[None] | None = None
+
+    # asyncio.Protocol
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = cast(asyncio.Transport, transport)  # uvloop's transports are not its subclasses
+        self._server.connections.add(self)
+        if self._server.stopping:
+            self._close_when_done = True
+        self._idle()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.deadline = math.inf
+        self._stopped_reading = True
+        if self._writable is not None and not self._writable.done():
+            self._writable.set_result(None)
+        self._server.forget(self)
+        # A worker still awaiting its handler finishes it (its metrics count), and its write goes nowhere.
+
+    def data_received(self, data: bytes) -> None:
+        if self._stopped_reading:
+            return
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            # The request before the upgrade was parsed; this server speaks nothing else, so answer it and close.
+            self._stop_reading()
+            self.close_when_done()
+        except httptools.HttpParserError as e:
+            if not self._stopped_reading:  # not an error the callbacks already queued an answer for
+                self._fail(text(400, f"bad request: {e}"))
+
+    def eof_received(self) -> bool:
+        self._stop_reading()
+        if self._queue or self._worker is not None:
+            self._close_when_done = True
+            return True  # keep a plain-TCP half-close open for the answers still due (TLS closes regardless)
+        return False
+
+    def pause_writing(self) -> None:
+        self._writable = self._loop.create_future()
+
+    def resume_writing(self) -> None:
+        if self._writable is not None and not self._writable.done():
+            self._writable.set_result(None)
+        self._writable = None
+
+    # httptools callbacks
+
+    def on_message_begin(self) -> None:
+        if self._stopped_reading:
+            return
+        self._reading = True
+        self._url = b""
+        self._headers = {}
+        self._head_bytes = 0
+        self._body = []
+        self._body_bytes = 0
+        self._set_timer(self._server.request_timeout, self._request_timed_out)
+
+    def on_url(self, url: bytes) -> None:
+        self._url += url
+        self._count_head(len(url))
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if self._stopped_reading:
+            return
+        key = name.decode("latin-1").lower()
+        val = value.decode("latin-1")
+        self._headers[key] = f"{self._headers[key]}, {val}" if key in self._headers else val
+        self._count_head(len(name) + len(value))
+
+    def on_headers_complete(self) -> None:
+        if self._stopped_reading:
+            return
+        declared = self._headers.get("content-length")
+        if (
+            declared is not None and int(declared) > self._server.max_body_bytes
+        ):  # llhttp checked it is a number
+            self._fail(self._too_large())
+        elif (
+            self._headers.get("expect", "").lower() == "100-continue"
+            and not self._queue
+            and self._worker is None
+        ):
+            # Only when no earlier answer is due, so the interim answer cannot overtake one; otherwise the
+            # client sends the body after its own short wait, as RFC 9110 lets it.
+            self._write(_CONTINUE)
+
+    def on_body(self, body: bytes) -> None:
+        if self._stopped_reading:
+            return
+        self._body_bytes += len(body)
+        if self._body_bytes > self._server.max_body_bytes:  # a chunked body declares no length
+            self._fail(self._too_large())
+        else:
+            self._body.append(body)
+
+    def on_message_complete(self) -> None:
+        if self._stopped_reading:
+            return
+        self._reading = False
+        self._cancel_timer()
+        url = self._url
+        path, _, query = url.partition(b"?")
+        if not path.startswith(b"/"):  # absolute-form, e.g. https://host/mutate
+            parsed = httptools.parse_url(url)
+            path, query = parsed.path or b"/", parsed.query or b""
+        request = Request(
+            self._parser.get_method().decode("latin-1"),
+            path.decode("latin-1"),
+            query.decode("latin-1"),
+            self._headers,
+            self._body[0] if len(self._body) == 1 else b"".join(self._body),
+        )
+        self._body = []
+        keep_alive = self._parser.should_keep_alive() and not self._close_when_done
+        self._enqueue(request, keep_alive, self._parser.get_http_version() == "1.0")
+        if not keep_alive:
+            self._stop_reading()
+
+    # internals
+
+    def _count_head(self, n: int) -> None:
+        self._head_bytes += n
+        if self._head_bytes > self._server.max_head_bytes and not self._stopped_reading:
+            self._fail(text(431, f"request line and headers exceed {self._server.max_head_bytes} bytes"))
+
+    def _too_large(self) -> Response:
+        return text(413, f"request body exceeds {self._server.max_body_bytes} bytes")
+
+    def _fail(self, response: Response) -> None:
+        """Answer with `response` after the answers already due, then close; read nothing more."""
+        self._enqueue(response, False, False)
+        self._stop_reading()
+
+    def _stop_reading(self) -> None:
+        self._stopped_reading = True
+        self._reading = False
+
+    def _enqueue(self, item: Request | Response, keep_alive: bool, http10: bool) -> None:
+        self._queue.append((item, keep_alive, http10))
+        if self._worker is None:
+            self._worker = self._loop.create_task(self._answer_queue())
+        elif len(self._queue) >= MAX_PIPELINED and self._transport is not None:
+            self._transport.pause_reading()
+
+    async def _answer_queue(self) -> None:
+        transport = self._transport
+        assert transport is not None
+        try:
+            while self._queue:
+                item, keep_alive, http10 = self._queue[0]
+                if isinstance(item, Request):
+                    response = await self._server.respond(item)
+                    head_only = item.method == "HEAD"
+                else:
+                    response, head_only = item, False
+                self._queue.popleft()
+                if len(self._queue) == MAX_PIPELINED - 1 and not self._stopped_reading:
+                    transport.resume_reading()
+                # Closing when done (drain, the peer's EOF): the last answer due says so and closes.
+                keep_alive = keep_alive and not (self._close_when_done and not self._queue and not self._reading)
+                self._write(self._encode(response, keep_alive=keep_alive, head_only=head_only, http10=http10))
+                if not keep_alive:
+                    self._queue.clear()
+                    transport.close()
+                    return
+                if self._writable is not None:
+                    await self._writable
+        finally:
+            self._worker = None
+        if self._close_when_done and not self._reading:
+            transport.close()
+        elif not self._reading and not transport.is_closing():
+            self._idle()
+
+    def _encode(self, response: Response, *, keep_alive: bool, head_only: bool, http10: bool) -> bytes:
+        status, body, content_type, extra = response
+        head = [
+            b"HTTP/1.1 %d %s\r\nContent-Type: %s\r\nContent-Length: %d\r\nDate: %s\r\n"
+            % (
+                status,
+                _REASONS.get(status, b""),
+                content_type.encode("latin-1"),
+                len(body),
+                self._server.clock.date(),
+            )
+        ]
+        for name, value in extra:
+            head.append(b"%s: %s\r\n" % (name.encode("latin-1"), value.encode("latin-1")))
+        if not keep_alive:
+            head.append(b"Connection: close\r\n")
+        elif http10:
+            head.append(b"Connection: keep-alive\r\n")
+        head.append(b"\r\n")
+        if not head_only:
+            head.append(body)
+        return b"".join(head)
+
+    def _write(self, data: bytes) -> None:
+        if self._transport is not None and not self._transport.is_closing():
+            self._transport.write(data)
+
+    def close_when_done(self) -> None:
+        """Answer what has been asked (the last answer says Connection: close), then close."""
+        self._close_when_done = True
+        if self._worker is None and not self._reading and self._transport is not None:
+            self._transport.close()
+
+    def abort(self) -> None:
+        if self._transport is not None:
+            self._transport.abort()
+
+    # Timeouts: idle (no request begun, none being answered) and request (first byte to last). A deadline, not a
+    # loop timer per connection: re-arming uvloop timers twice per request cost ~7% of a reused answer.
+
+    def _idle(self) -> None:
+        self._set_timer(self._server.idle_timeout, self._idle_timed_out)
+
+    def _idle_timed_out(self) -> None:
+        if self._transport is not None:
+            self._transport.close()
+
+    def _request_timed_out(self) -> None:
+        self._fail(text(408, f"request not received within {self._server.request_timeout:g} s"))
+
+    def _set_timer(self, delay: float, callback: Callable[[], None]) -> None:
+        self.deadline = self._loop.time() + delay
+        self._expire = callback
+
+    def _cancel_timer(self) -> None:
+        self.deadline = math.inf
+
+    def expire(self) -> None:
+        self.deadline = math.inf
+        self._expire()
+
+
+@asynccontextmanager
+async def serving(
+    server: HttpServer,
+    *,
+    host: str,
+    port: int,
+    ssl_context: ssl.SSLContext | None,
+    shutdown_timeout: float = SHUTDOWN_TIMEOUT_S,
+) -> AsyncIterator[tuple[str, int]]:
+    """Serve until the block exits, then stop accepting and drain open connections; yields the bound (host, port)."""
+    loop = asyncio.get_running_loop()
+    listener = await loop.create_server(
+        server,
+        host,
+        port,
+        ssl=ssl_context,
+        backlog=1024,
+        ssl_handshake_timeout=HANDSHAKE_TIMEOUT_S if ssl_context is not None else None,
+        ssl_shutdown_timeout=TLS_SHUTDOWN_TIMEOUT_S if ssl_context is not None else None,
+    )
+    server.start_sweeping()
+    try:
+        bound = listener.sockets[0].getsockname()
+        log.info("event=listening address=%s", json.dumps(list(bound[:2])))
+        yield str(bound[0]), int(bound[1])
+    finally:
+        listener.close()
+        try:
+            await server.drain(shutdown_timeout)
+        finally:
+            server.stop_sweeping()
+        await listener.wait_closed()
