@@ -4,9 +4,9 @@ Knows nothing about admission. Must not buffer more than one bounded request per
 pipeline, nor leave a connection open past its timeouts.
 
 Written here rather than served by aiohttp because the HTTP layer dominates a reused answer: answering a
-fixed body over TLS, aiohttp's low-level server costs ~137 µs of CPU per request, uvicorn's httptools
-protocol 106-144 µs, and this ~60 µs (bench/webhook_http_floor.py). A burst of 200 reviews queues on one
-core, so that CPU is the p99. The parsing (the hard part) stays in httptools, the parser uvicorn uses.
+fixed body over TLS costs ~140 µs of CPU per request with aiohttp's low-level server, ~100 µs with uvicorn
+(its httptools protocol, bare ASGI) and ~78 µs with this (bench/webhook_http_floor.py). A burst of 200
+reviews queues on one core, so that CPU is the p99. The parsing, the hard part, stays in httptools.
 """
 
 from __future__ import annotations
@@ -100,9 +100,10 @@ class HttpServer:
         self.idle_timeout = idle_timeout
         self.request_timeout = request_timeout
         self.connections: set[_Connection] = set()
+        self.workers: set[asyncio.Task[None]] = set()  # each answering one connection's requests in turn
         self.clock = _Clock()
         self.stopping = False
-        self._all_closed: asyncio.Event | None = None
+        self._drained: asyncio.Event | None = None
         # Deadlines are checked this often, so a timeout fires up to this late.
         self.sweep_interval = min(1.0, idle_timeout / 4, request_timeout / 4)
         self._sweeper: asyncio.TimerHandle | None = None
@@ -121,42 +122,52 @@ class HttpServer:
             return text(405, f"method {request.method} not allowed", headers=(("Allow", ", ".join(allowed)),))
         try:
             return await handler(request)
-        except asyncio.CancelledError:
-            raise
         except Exception:
             log.exception("event=request_failed path=%s", request.path)
             return text(500, "internal error")
 
-    def start_sweeping(self) -> None:
+    def sweep(self) -> None:
+        """Expire the connections past their deadline, and come back in `sweep_interval`."""
         loop = asyncio.get_running_loop()
         now = loop.time()
         for conn in [c for c in self.connections if c.deadline <= now]:
             conn.expire()
-        self._sweeper = loop.call_at(now + self.sweep_interval, self.start_sweeping)
+        self._sweeper = loop.call_at(now + self.sweep_interval, self.sweep)
 
     def stop_sweeping(self) -> None:
         if self._sweeper is not None:
             self._sweeper.cancel()
             self._sweeper = None
 
-    def forget(self, conn: _Connection) -> None:
-        self.connections.discard(conn)
-        if not self.connections and self._all_closed is not None:
-            self._all_closed.set()
+    def forget(self, item: _Connection | asyncio.Task[None]) -> None:
+        if isinstance(item, _Connection):
+            self.connections.discard(item)
+        else:
+            self.workers.discard(item)
+        if self._drained is not None and not self.connections and not self.workers:
+            self._drained.set()
 
     async def drain(self, grace: float) -> None:
-        """Finish what each connection has begun, close it, and abort whatever is still open after `grace` seconds."""
+        """Finish what each connection has begun and close it; after `grace` seconds, abort what is left.
+
+        Also waits for answers still being worked out for clients that have gone (their handlers' metrics count).
+        """
         self.stopping = True
-        self._all_closed = asyncio.Event()
+        self._drained = asyncio.Event()
         for conn in list(self.connections):
             conn.close_when_done()
-        if self.connections:
-            try:
-                await asyncio.wait_for(self._all_closed.wait(), grace)
-            except TimeoutError:
-                log.warning("event=drain_timeout connections=%d", len(self.connections))
-                for conn in list(self.connections):
-                    conn.abort()
+        if not self.connections and not self.workers:
+            return
+        try:
+            await asyncio.wait_for(self._drained.wait(), grace)
+        except TimeoutError:
+            log.warning("event=drain_timeout connections=%d answering=%d", len(self.connections), len(self.workers))
+            for conn in list(self.connections):
+                conn.abort()
+            workers = list(self.workers)
+            for worker in workers:
+                worker.cancel()
+            await asyncio.gather(*workers, return_exceptions=True)
 
 
 class _Connection(asyncio.Protocol):
@@ -326,6 +337,7 @@ class _Connection(asyncio.Protocol):
         self._queue.append((item, keep_alive, http10))
         if self._worker is None:
             self._worker = self._loop.create_task(self._answer_queue())
+            self._server.workers.add(self._worker)
         elif len(self._queue) >= MAX_PIPELINED and self._transport is not None:
             self._transport.pause_reading()
 
@@ -353,7 +365,9 @@ class _Connection(asyncio.Protocol):
                 if self._writable is not None:
                     await self._writable
         finally:
-            self._worker = None
+            worker, self._worker = self._worker, None
+            if worker is not None:
+                self._server.forget(worker)
         if self._close_when_done and not self._reading:
             transport.close()
         elif not self._reading and not transport.is_closing():
@@ -441,7 +455,7 @@ async def serving(
         ssl_handshake_timeout=HANDSHAKE_TIMEOUT_S if ssl_context is not None else None,
         ssl_shutdown_timeout=TLS_SHUTDOWN_TIMEOUT_S if ssl_context is not None else None,
     )
-    server.start_sweeping()
+    server.sweep()
     try:
         bound = listener.sockets[0].getsockname()
         log.info("event=listening address=%s", json.dumps(list(bound[:2])))

@@ -322,12 +322,15 @@ async def test_draining_answers_in_flight_requests_with_connection_close() -> No
     await asyncio.wait_for(stopping, 10)
 
 
-async def test_draining_aborts_what_is_still_open_after_the_grace_period() -> None:
-    started = asyncio.Event()
+async def test_draining_aborts_what_is_still_open_after_the_grace_period_and_cancels_its_handler() -> None:
+    started, cancelled = asyncio.Event(), asyncio.Event()
 
     async def stuck(request: Request) -> Response:
         started.set()
-        await asyncio.Event().wait()
+        try:
+            await asyncio.Event().wait()
+        finally:
+            cancelled.set()
         raise AssertionError("unreachable")
 
     cm = served(HttpServer(routes(stuck=stuck)), grace=0.2)
@@ -336,7 +339,33 @@ async def test_draining_aborts_what_is_still_open_after_the_grace_period() -> No
     writer.write(get("/stuck"))
     await started.wait()
     await asyncio.wait_for(cm.__aexit__(None, None, None), 10)
+    assert cancelled.is_set()  # nothing is left running once the server has stopped
     assert await asyncio.wait_for(reader.read(), 10) == b""
+
+
+async def test_draining_waits_for_an_answer_whose_client_has_already_gone() -> None:
+    started, release = asyncio.Event(), asyncio.Event()
+    finished: list[bool] = []
+
+    async def slow(request: Request) -> Response:
+        started.set()
+        await release.wait()
+        finished.append(True)  # e.g. the admission metrics are counted here
+        return text(200, "nobody listens")
+
+    cm = served(HttpServer(routes(slow=slow)))
+    bound = await cm.__aenter__()
+    _, writer = await connect(bound)
+    writer.write(get("/slow"))
+    await started.wait()
+    writer.close()
+    await writer.wait_closed()
+    stopping = asyncio.ensure_future(cm.__aexit__(None, None, None))
+    await asyncio.sleep(0.05)
+    assert not stopping.done()
+    release.set()
+    await asyncio.wait_for(stopping, 10)
+    assert finished == [True]
 
 
 @settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
