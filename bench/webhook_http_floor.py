@@ -1,12 +1,15 @@
-"""What the HTTP server costs the webhook: two servers that answer every review with the same fixed
+"""What the HTTP server costs the webhook: servers that answer every review with the same fixed
 AdmissionReview (~4.8 kB, as an injection's), run under bench/webhook_bench.py's keep-alive burst.
 
-  aiohttp   aiohttp's low-level server (web.Server), as webhook/server.py serves /mutate
-  protocol  an asyncio.Protocol with httptools' parser (the C parser uvicorn uses) writing the answer itself
+  aiohttp   aiohttp's low-level server (web.Server), as webhook/server.py served /mutate until ac9cc5e
+  uvicorn   uvicorn with its httptools protocol and a bare ASGI callable (no framework)
+  protocol  an asyncio.Protocol with httptools' parser writing the answer itself: no limits, no timeouts,
+            no ordering; the floor
+  http1     webhook/http1.py (what the webhook serves with), with one route returning the answer
 
-Both parse the review with orjson and run on uvloop over TLS; they differ only in the HTTP layer, so the
-difference in server CPU per review is what aiohttp's request and response handling costs. The webhook's
-own work on a reused answer is ~25 µs on top of the aiohttp figure.
+All parse the review with orjson and run on uvloop over TLS; they differ only in the HTTP layer, so the
+difference in server CPU per review is what each HTTP layer costs. The webhook's own work on a reused
+answer (parse, facts, cache lookup, encoding, metrics) comes on top of the http1 figure.
 
 Usage: .venv/bin/python bench/webhook_http_floor.py [--rounds 8] [--repeat 2] [--smoke]
 """
@@ -14,6 +17,7 @@ Usage: .venv/bin/python bench/webhook_http_floor.py [--rounds 8] [--repeat 2] [-
 from __future__ import annotations
 
 import argparse
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -97,7 +101,56 @@ async def main():
 
 uvloop.run(main())
 ''',
+    "uvicorn": COMMON + '''
+import asyncio
+import uvicorn
+
+async def app(scope, receive, send):
+    chunks = []
+    while True:
+        message = await receive()
+        chunks.append(message.get("body", b""))
+        if not message.get("more_body"):
+            break
+    out = answer(b"".join(chunks))
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(out)).encode())]
+    await send({"type": "http.response.start", "status": 200, "headers": headers})
+    await send({"type": "http.response.body", "body": out})
+
+async def main():
+    a, _ = settings()
+    config = uvicorn.Config(
+        app, host=a.host, port=a.port, ssl_certfile=a.tls_cert, ssl_keyfile=a.tls_key, http="httptools",
+        loop="none", lifespan="off", access_log=False, log_level="warning", backlog=1024,
+    )
+    config.load()
+    config.ssl.num_tickets = 1
+    server = uvicorn.Server(config)
+    serving = asyncio.ensure_future(server.serve())
+    while not server.started:
+        await asyncio.sleep(0.01)
+    listening(server.servers[0].sockets[0].getsockname()[1])
+    await serving
+
+uvloop.run(main())
+''',
+    "http1": COMMON + '''
+import asyncio
+from webhook.http1 import HttpServer, Response, serving
+
+async def mutate(request):
+    return Response(200, answer(request.body), "application/json")
+
+async def main():
+    a, ctx = settings()
+    async with serving(HttpServer({"/mutate": {"POST": mutate}}), host=a.host, port=a.port, ssl_context=ctx) as bound:
+        listening(bound[1])
+        await asyncio.Event().wait()
+
+uvloop.run(main())
+''',
 }
+ORDER = ("aiohttp", "uvicorn", "http1", "protocol")
 
 
 def main() -> None:
@@ -117,8 +170,9 @@ def main() -> None:
             package.mkdir(parents=True)
             (package / "__init__.py").write_text("")
             (package / "__main__.py").write_text(source)
+            shutil.copy(REPO / "webhook" / "http1.py", package / "http1.py")
         for _ in range(args.repeat):
-            for name in SERVERS:
+            for name in ORDER:
                 done = subprocess.run(
                     [
                         sys.executable, str(REPO / "bench" / "webhook_bench.py"), "--shapes", "keep-alive",
