@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -16,7 +17,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from webhook.http1 import MAX_PIPELINED, HttpServer, Request, Response, serving, text
+from tests.sidecar.harness import wait_for
+from webhook.http1 import FEED_BYTES, MAX_PIPELINED, HttpServer, Request, Response, serving, text
 
 Conn = tuple[asyncio.StreamReader, asyncio.StreamWriter]
 
@@ -116,13 +118,31 @@ async def test_pipelined_requests_are_answered_in_order_though_the_first_is_slow
         writer.close()
 
 
-async def test_a_long_pipeline_is_read_in_bounded_steps_and_answered_whole() -> None:
-    n = MAX_PIPELINED * 6
-    async with served(HttpServer(routes())) as bound:
+async def test_a_long_pipeline_is_parsed_in_bounded_steps_and_answered_whole() -> None:
+    started, release = asyncio.Event(), asyncio.Event()
+
+    async def slow(request: Request) -> Response:
+        started.set()
+        await release.wait()
+        return text(200, "slow")
+
+    n = MAX_PIPELINED * 12
+    one = get("/echo?000")
+    server = HttpServer(routes(slow=slow))
+    async with served(server) as bound:
         reader, writer = await connect(bound)
-        writer.write(b"".join(get(f"/echo?{i}") for i in range(n)))
+        writer.write(get("/slow") + b"".join(get(f"/echo?{i:03d}") for i in range(n)))
+        await started.wait()
+        (conn,) = server.connections
+        await wait_for(lambda: bool(conn._held), "the server to hold back what it read")
+        # Reading stopped at MAX_PIPELINED answers due; at most one more slice of input was parsed.
+        assert len(conn._queue) <= MAX_PIPELINED + FEED_BYTES // len(one) + 1
+        assert conn._transport is not None and not conn._transport.is_reading()
+        release.set()
+        assert (await read_response(reader))[2] == b"slow\n"
         for i in range(n):
-            assert (await read_response(reader))[2] == f"GET /echo q={i} body=\n".encode()
+            assert (await read_response(reader))[2] == f"GET /echo q={i:03d} body=\n".encode()
+        assert conn._transport.is_reading()
         writer.close()
 
 
@@ -154,7 +174,7 @@ async def test_http_1_0_closes_unless_it_asks_for_keep_alive() -> None:
     (get("/nowhere"), 404, None),
     (get("/echo/extra"), 404, None),
     (get("/post-only"), 405, "POST"),
-    (b"PUT /echo HTTP/1.1\r\nContent-Length: 0\r\n\r\n", 405, "GET, HEAD, POST"),
+    (b"PUT /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n", 405, "GET, HEAD, POST"),
 ])  # fmt: skip
 async def test_unknown_paths_are_404_and_other_methods_405_with_allow(
     request_bytes: bytes, status: int, allow: str | None
@@ -383,9 +403,8 @@ async def test_any_bytes_get_answers_below_500_or_a_close_never_a_hang(data: byt
             received = await asyncio.wait_for(
                 reader.read(), 10
             )  # every path ends in a close: by answer or timeout
-        for line in received.split(b"\r\n"):
-            if line.startswith(b"HTTP/1.1 "):
-                assert int(line[9:12]) < 500, received
+        for status in re.findall(rb"HTTP/1\.1 (\d{3}) ", received):
+            assert int(status) < 500, received
         writer.close()
 
 
@@ -408,3 +427,163 @@ async def test_a_client_that_half_closes_after_asking_still_gets_its_answers() -
         status, headers, body = await read_response(reader)
         assert (status, headers["connection"], body) == (200, "close", b"GET /echo q=two body=\n")
         assert await closed(reader)
+
+
+async def test_a_header_streamed_without_its_line_end_is_cut_off_at_the_limit() -> None:
+    async with served(HttpServer(routes(), max_head_bytes=2048)) as bound:
+        reader, writer = await connect(bound)
+        writer.write(b"GET /echo HTTP/1.1\r\nHost: x\r\nX-Big: ")
+        for _ in range(8):  # httptools hands a header over only at its line end
+            writer.write(b"z" * 1024)
+        assert (await read_response(reader))[0] == 431
+        assert await closed(reader)
+
+
+async def test_an_interim_100_held_back_behind_an_earlier_answer_is_sent_after_it() -> None:
+    release = asyncio.Event()
+
+    async def slow(request: Request) -> Response:
+        await release.wait()
+        return text(200, "slow")
+
+    async with served(HttpServer(routes(slow=slow), request_timeout=0.3)) as bound:
+        reader, writer = await connect(bound)
+        writer.write(
+            get("/slow")
+            + b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nExpect: 100-continue\r\n\r\n"
+        )
+        await asyncio.sleep(
+            0.5
+        )  # longer than the request timeout: the client is waiting for the 100, not stalling
+        release.set()
+        assert (await read_response(reader))[2] == b"slow\n"
+        assert (await read_response(reader))[0] == 100
+        writer.write(b"hello")
+        assert (await read_response(reader))[2] == b"POST /echo q= body=hello\n"
+        writer.close()
+
+
+@pytest.mark.parametrize(("version", "expect"), [("1.0", "100-continue"), ("1.1", "100-Continue \t")])
+async def test_100_continue_is_for_http_1_1_only_and_reads_the_value_without_padding(
+    version: str, expect: str
+) -> None:
+    async with served(HttpServer(routes())) as bound:
+        reader, writer = await connect(bound)
+        head = f"POST /echo HTTP/{version}\r\nHost: x\r\nContent-Length: 2\r\nExpect: {expect}\r\n\r\n"
+        writer.write(head.encode())
+        if version == "1.1":
+            assert (await read_response(reader))[0] == 100
+        writer.write(b"ok")
+        status, _, body = await read_response(reader)
+        assert (status, body) == (200, b"POST /echo q= body=ok\n")
+        writer.close()
+
+
+async def test_trailers_are_not_headers_and_chunked_http_1_0_closes() -> None:
+    seen: list[Request] = []
+
+    async def keep(request: Request) -> Response:
+        seen.append(request)
+        return text(200, "kept")
+
+    async with served(HttpServer(routes(keep=keep))) as bound:
+        reader, writer = await connect(bound)
+        writer.write(
+            b"POST /keep HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n"
+            b"3\r\nabc\r\n0\r\nContent-Type: text/evil\r\nX-Trailer: 1\r\n\r\n"
+        )
+        assert (await read_response(reader))[0] == 200
+        assert seen[0].headers["content-type"] == "application/json" and "x-trailer" not in seen[0].headers
+        writer.write(
+            b"POST /keep HTTP/1.0\r\nConnection: keep-alive\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n"
+        )
+        assert (await read_response(reader))[1]["connection"] == "close"
+        assert await closed(reader)
+
+
+@pytest.mark.parametrize(("request_bytes", "reason"), [
+    (b"GET /echo HTTP/1.1\r\n\r\n", b"no Host header"),
+    (b"GET /echo\r\n\r\n", b"HTTP/0.9 is not served"),
+    (b"CONNECT example.com:443 HTTP/1.1\r\nHost: example.com:443\r\n\r\n", b"not a path or a URL"),
+])  # fmt: skip
+async def test_requests_http_1_1_does_not_allow_get_400_with_the_reason(
+    request_bytes: bytes, reason: bytes
+) -> None:
+    async with served(HttpServer(routes())) as bound:
+        reader, writer = await connect(bound)
+        writer.write(request_bytes)
+        status, _, body = await read_response(reader)
+        assert status == 400 and reason in body, body
+        assert await closed(reader)
+
+
+async def test_a_handler_awaiting_something_cancelled_elsewhere_or_answering_garbage_gets_a_500() -> None:
+    async def cancelled(request: Request) -> Response:
+        gone: asyncio.Future[Response] = asyncio.get_running_loop().create_future()
+        gone.cancel()
+        return await gone
+
+    async def garbage(request: Request) -> Response:
+        return Response(200, b"x", headers=(("X-Name", "\u2603"),))  # not latin-1: no HTTP header carries it
+
+    async with served(HttpServer(routes(cancelled=cancelled, garbage=garbage))) as bound:
+        reader, writer = await connect(bound)
+        writer.write(get("/cancelled") + get("/garbage") + get("/echo"))
+        assert (await read_response(reader))[0] == 500
+        assert (await read_response(reader))[0] == 500
+        assert (await read_response(reader))[0] == 200  # and the connection carries on
+        writer.close()
+
+
+async def test_a_client_that_stops_reading_is_dropped_after_the_write_timeout() -> None:
+    async def big(request: Request) -> Response:
+        return Response(200, b"b" * (32 * 1024 * 1024))
+
+    server = HttpServer(routes(big=big), write_timeout=0.3)
+    async with served(server) as bound:
+        _, writer = await connect(bound)
+        writer.write(get("/big"))  # and never read
+        await wait_for(lambda: bool(server.connections), "the connection")
+        await wait_for(
+            lambda: not server.connections and not server.workers, "the stalled connection to be dropped"
+        )
+        writer.close()
+
+
+async def test_a_closing_connection_whose_client_stops_reading_is_dropped_after_the_close_timeout() -> None:
+    async def big(request: Request) -> Response:
+        return Response(200, b"b" * (32 * 1024 * 1024))
+
+    server = HttpServer(routes(big=big), close_timeout=0.3)
+    async with served(server) as bound:
+        _, writer = await connect(bound)
+        writer.write(get("/big", "Connection: close"))  # and never read
+        await wait_for(lambda: bool(server.connections), "the connection")
+        await wait_for(lambda: not server.connections, "the closing connection to be dropped")
+        writer.close()
+
+
+async def test_draining_keeps_the_connection_for_queued_answers_and_closes_after_the_last() -> None:
+    started, release = asyncio.Event(), asyncio.Event()
+
+    async def slow(request: Request) -> Response:
+        started.set()
+        await release.wait()
+        return text(200, "slow")
+
+    cm = served(HttpServer(routes(slow=slow)))
+    bound = await cm.__aenter__()
+    reader, writer = await connect(bound)
+    writer.write(
+        get("/slow") + get("/echo?2") + b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\n\r\nha"
+    )
+    await started.wait()
+    stopping = asyncio.ensure_future(cm.__aexit__(None, None, None))
+    await asyncio.sleep(0.05)
+    writer.write(b"lf")  # the request still being read when the drain began is read and answered
+    release.set()
+    first, second, third = [await read_response(reader) for _ in range(3)]
+    assert "connection" not in first[1] and "connection" not in second[1]
+    assert (third[1]["connection"], third[2]) == ("close", b"POST /echo q= body=half\n")
+    assert await closed(reader)
+    await asyncio.wait_for(stopping, 10)
