@@ -213,7 +213,8 @@ class _Connection(asyncio.Protocol):
         self._in_head = False  # its request line and headers are not complete yet
         self._url = b""
         self._headers: dict[str, str] = {}
-        self._head_bytes = 0
+        self._head_bytes = 0  # counted as httptools hands the request line and headers over
+        self._head_fed = 0  # fed to the parser while the head was incomplete
         self._body: list[bytes] = []
         self._body_bytes = 0
         self._continue_owed = False  # a 100 Continue held back until the answers before it are written
@@ -262,6 +263,9 @@ class _Connection(asyncio.Protocol):
         self._feed(memoryview(data))
 
     def eof_received(self) -> bool:
+        if self._held:  # requests read before the EOF still wait to be parsed: answer them, then close
+            self._close_when_done = True
+            return True
         self._stop_reading()
         if self._queue or self._worker is not None:
             self._close_when_done = True
@@ -289,6 +293,7 @@ class _Connection(asyncio.Protocol):
         self._url = b""
         self._headers = {}
         self._head_bytes = 0
+        self._head_fed = 0
         self._body = []
         self._body_bytes = 0
         self._request_started = self._loop.time()
@@ -394,8 +399,12 @@ class _Connection(asyncio.Protocol):
                 return
             if self._stopped_reading:
                 return
-            if self._in_head:  # a header still unterminated counts before httptools hands it over
-                self._count_head(len(piece))
+            if self._in_head:
+                # httptools hands a header over only at its line end: count what it may be holding, with a
+                # slice of slack for the bytes of earlier requests in the same slices.
+                self._head_fed += len(piece)
+                if self._head_fed > self._server.max_head_bytes + FEED_BYTES:
+                    self._head_too_large()
 
     def _resume_feeding(self) -> None:
         held, self._held = self._held, memoryview(b"")
@@ -407,7 +416,11 @@ class _Connection(asyncio.Protocol):
 
     def _count_head(self, n: int) -> None:
         self._head_bytes += n
-        if self._head_bytes > self._server.max_head_bytes and not self._stopped_reading:
+        if self._head_bytes > self._server.max_head_bytes:
+            self._head_too_large()
+
+    def _head_too_large(self) -> None:
+        if not self._stopped_reading:
             self._fail(text(431, f"request line and headers exceed {self._server.max_head_bytes} bytes"))
 
     def _too_large(self) -> Response:

@@ -587,3 +587,14 @@ async def test_draining_keeps_the_connection_for_queued_answers_and_closes_after
     assert (third[1]["connection"], third[2]) == ("close", b"POST /echo q= body=half\n")
     assert await closed(reader)
     await asyncio.wait_for(stopping, 10)
+
+
+async def test_a_client_that_pipelines_past_the_limit_and_half_closes_gets_every_answer() -> None:
+    n = MAX_PIPELINED * 8
+    async with served(HttpServer(routes())) as bound:
+        reader, writer = await connect(bound)
+        writer.write(b"".join(get(f"/echo?{i:03d}") for i in range(n)))
+        writer.write_eof()
+        for i in range(n):
+            assert (await read_response(reader))[2] == f"GET /echo q={i:03d} body=\n".encode()
+        assert await closed(reader)
