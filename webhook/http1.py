@@ -207,6 +207,7 @@ class _Connection(asyncio.Protocol):
         self._server = server
         self._parser = httptools.HttpRequestParser(self)
         self._transport: asyncio.Transport | None = None
+        self._tls = False
         self._loop = asyncio.get_running_loop()
         # The request being parsed.
         self._reading = False
@@ -214,13 +215,17 @@ class _Connection(asyncio.Protocol):
         self._url = b""
         self._headers: dict[str, str] = {}
         self._head_bytes = 0  # counted as httptools hands the request line and headers over
-        self._head_fed = 0  # fed to the parser while the head was incomplete
+        # Bytes of the request fed to the parser that were not body: the head, chunk framing, trailers.
+        # httptools hands a header (or trailer) over only at its line end, so these are counted as fed.
+        self._framing = 0
+        self._body_total = 0  # body bytes over the connection's life, to tell a slice's body from the rest
         self._body: list[bytes] = []
         self._body_bytes = 0
         self._continue_owed = False  # a 100 Continue held back until the answers before it are written
         # Parsed requests and errors in arrival order, each with (keep the connection after it, HTTP/1.0).
         self._queue: deque[tuple[Request | Response, bool, bool]] = deque()
         self._worker: asyncio.Task[None] | None = None
+        self._answering = False  # the worker awaits the handler of the request at the head of the queue
         self._held = memoryview(b"")  # input read but not parsed while the queue is full
         self._stopped_reading = False  # after an error, an upgrade, the peer's EOF, or Connection: close
         self._close_when_done = False
@@ -236,6 +241,7 @@ class _Connection(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = cast(asyncio.Transport, transport)  # uvloop's transports are not its subclasses
+        self._tls = transport.get_extra_info("sslcontext") is not None
         self._server.connections.add(self)
         if self._server.stopping:  # its TLS handshake ended during the drain: nothing was asked yet
             self._close()
@@ -248,7 +254,7 @@ class _Connection(asyncio.Protocol):
         self._held = memoryview(b"")
         # The answer being worked out finishes (its handler's metrics count) and goes nowhere; those not
         # begun are dropped.
-        while len(self._queue) > 1:
+        while len(self._queue) > (1 if self._answering else 0):
             self._queue.pop()
         if self._writable is not None and not self._writable.done():
             self._writable.set_result(None)
@@ -269,8 +275,12 @@ class _Connection(asyncio.Protocol):
         self._stop_reading()
         if self._queue or self._worker is not None:
             self._close_when_done = True
-            return True  # keep a plain-TCP half-close open for the answers still due (TLS closes regardless)
-        return False
+            self._rearm()  # the request cut short by the EOF has no timeout any more
+        else:
+            self._close()  # ours, so the close timeout bounds a client that never reads what is buffered
+        # Plain TCP: keep the half-close open for the answers still due. TLS closes regardless (its layer starts
+        # the shutdown and warns if asked otherwise; its ssl_shutdown_timeout bounds it).
+        return not self._tls
 
     def pause_writing(self) -> None:
         self._writable = self._loop.create_future()
@@ -293,7 +303,7 @@ class _Connection(asyncio.Protocol):
         self._url = b""
         self._headers = {}
         self._head_bytes = 0
-        self._head_fed = 0
+        self._framing = 0
         self._body = []
         self._body_bytes = 0
         self._request_started = self._loop.time()
@@ -336,6 +346,7 @@ class _Connection(asyncio.Protocol):
         if self._stopped_reading:
             return
         self._body_bytes += len(body)
+        self._body_total += len(body)
         if self._body_bytes > self._server.max_body_bytes:  # a chunked body declares no length
             self._fail(self._too_large())
         else:
@@ -386,6 +397,7 @@ class _Connection(asyncio.Protocol):
                 self._rearm()
                 return
             piece = data[offset : offset + FEED_BYTES]
+            body_before = self._body_total
             try:
                 self._parser.feed_data(piece)
             except httptools.HttpParserUpgrade:
@@ -399,12 +411,15 @@ class _Connection(asyncio.Protocol):
                 return
             if self._stopped_reading:
                 return
-            if self._in_head:
-                # httptools hands a header over only at its line end: count what it may be holding, with a
-                # slice of slack for the bytes of earlier requests in the same slices.
-                self._head_fed += len(piece)
-                if self._head_fed > self._server.max_head_bytes + FEED_BYTES:
-                    self._head_too_large()
+            if self._reading:
+                # With a slice of slack for the bytes of an earlier request in the same slice.
+                self._framing += len(piece) - (self._body_total - body_before)
+                if self._framing > self._server.max_head_bytes + FEED_BYTES:
+                    if self._in_head:
+                        self._head_too_large()
+                    else:
+                        limit = self._server.max_head_bytes
+                        self._fail(text(400, f"bad request: chunk framing and trailers exceed {limit} bytes"))
 
     def _resume_feeding(self) -> None:
         held, self._held = self._held, memoryview(b"")
@@ -452,7 +467,11 @@ class _Connection(asyncio.Protocol):
             while self._queue:
                 item, keep_alive, http10 = self._queue[0]
                 if isinstance(item, Request):
-                    response = await self._server.respond(item)
+                    self._answering = True
+                    try:
+                        response = await self._server.respond(item)
+                    finally:
+                        self._answering = False
                     head_only = item.method == "HEAD"
                 else:
                     response, head_only = item, False
@@ -466,14 +485,14 @@ class _Connection(asyncio.Protocol):
                     self._queue.clear()
                     self._close()
                     return
-                if self._continue_owed and not self._queue:
-                    self._continue_owed = False
-                    self._write(_CONTINUE)
-                    self._request_started = self._loop.time()  # the client waited for it before sending on
                 if self._writable is not None:
                     await self._writable
                 if self._held and len(self._queue) < MAX_PIPELINED:
                     self._resume_feeding()
+                if self._continue_owed and not self._queue:
+                    self._continue_owed = False
+                    self._write(_CONTINUE)
+                    self._request_started = self._loop.time()  # the client waited for it before sending on
         except BaseException:
             transport.abort()  # a client must never wait for an answer that will not come
             raise
@@ -501,19 +520,18 @@ class _Connection(asyncio.Protocol):
             ]
             for name, value in extra:
                 head.append(b"%s: %s\r\n" % (name.encode("latin-1"), value.encode("latin-1")))
+            if not keep_alive:
+                head.append(b"Connection: close\r\n")
+            elif http10:
+                head.append(b"Connection: keep-alive\r\n")
+            head.append(b"\r\n")
+            if not head_only:
+                head.append(body)
+            return b"".join(head)
         except (TypeError, ValueError):  # a handler's answer that HTTP cannot carry is the server's error
             log.exception("event=unencodable_response")
-            return self._encode(
-                text(500, "internal error"), keep_alive=keep_alive, head_only=head_only, http10=http10
-            )
-        if not keep_alive:
-            head.append(b"Connection: close\r\n")
-        elif http10:
-            head.append(b"Connection: keep-alive\r\n")
-        head.append(b"\r\n")
-        if not head_only:
-            head.append(body)
-        return b"".join(head)
+            failed = text(500, "internal error")
+            return self._encode(failed, keep_alive=keep_alive, head_only=head_only, http10=http10)
 
     def _write(self, data: bytes) -> None:
         if self._transport is not None and not self._transport.is_closing():
@@ -547,14 +565,19 @@ class _Connection(asyncio.Protocol):
         if transport is None:
             return
         if transport.is_closing():  # flushing its last bytes, or a TLS close_notify the peer does not answer
+            if (
+                not self._closing_since
+            ):  # closed by the transport itself (e.g. the TLS layer, on the peer's EOF)
+                self._closing_since = self._loop.time()
             self.deadline, self._expire = self._closing_since + self._server.close_timeout, self.abort
         elif self._writable is not None:
             self.deadline, self._expire = self._write_stalled + self._server.write_timeout, self.abort
-        elif self._reading and not self._held and not self._continue_owed:
-            self.deadline, self._expire = (
-                self._request_started + self._server.request_timeout,
-                self._request_timed_out,
-            )
+        elif self._reading:
+            if self._held or self._continue_owed:  # we are the ones holding the request up
+                self.deadline = math.inf
+            else:
+                started = self._request_started
+                self.deadline, self._expire = started + self._server.request_timeout, self._request_timed_out
         elif self._worker is not None or self._held:
             self.deadline = math.inf  # answering: the handler bounds its own work
         else:

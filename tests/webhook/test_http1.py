@@ -8,7 +8,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import re
+import socket
 import ssl
+import struct
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any
@@ -598,3 +600,97 @@ async def test_a_client_that_pipelines_past_the_limit_and_half_closes_gets_every
         for i in range(n):
             assert (await read_response(reader))[2] == f"GET /echo q={i:03d} body=\n".encode()
         assert await closed(reader)
+
+
+async def test_trailers_past_the_limit_get_400_before_they_are_held_in_memory() -> None:
+    async with served(HttpServer(routes(), max_head_bytes=2048)) as bound:
+        reader, writer = await connect(bound)
+        writer.write(
+            b"POST /echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\nX-T: "
+        )
+        for _ in range(8):  # a trailer value with no line end
+            writer.write(b"z" * 1024)
+        status, _, body = await read_response(reader)
+        assert status == 400 and b"trailers exceed 2048 bytes" in body
+        assert await closed(reader)
+
+
+async def test_a_client_that_half_closes_and_never_reads_is_dropped_after_the_close_timeout() -> None:
+    async def mid(request: Request) -> Response:
+        return Response(200, b"m" * 30_000)  # buffered by the transport, below its pause threshold
+
+    server = HttpServer(routes(mid=mid), close_timeout=0.3)
+    async with served(server) as bound:
+        _, writer = await connect(bound)
+        writer.write(get("/mid"))
+        await wait_for(lambda: bool(server.connections), "the connection")
+        await wait_for(lambda: not server.workers, "the answer to be written")
+        writer.write_eof()  # and never read
+        await wait_for(lambda: not server.connections, "the half-closed connection to be dropped")
+        writer.close()
+
+
+async def test_a_half_close_mid_request_during_a_slow_answer_leaves_no_stale_timeout() -> None:
+    release = asyncio.Event()
+
+    async def slow(request: Request) -> Response:
+        await release.wait()
+        return text(200, "slow")
+
+    async with served(HttpServer(routes(slow=slow), request_timeout=0.2)) as bound:
+        reader, writer = await connect(bound)
+        writer.write(get("/slow") + b"GET /echo HTTP/1.1\r\nHo")  # a second request cut short by the EOF
+        writer.write_eof()
+        await asyncio.sleep(0.5)  # past the cut-short request's timeout
+        release.set()
+        status, headers, body = await read_response(reader)
+        assert (status, headers["connection"], body) == (200, "close", b"slow\n")
+        assert await closed(reader)  # and no 408 after it
+
+
+async def test_requests_not_yet_begun_are_dropped_when_the_client_goes() -> None:
+    started, release = asyncio.Event(), asyncio.Event()
+    ran: list[str] = []
+
+    async def slow(request: Request) -> Response:
+        started.set()
+        await release.wait()
+        return text(200, "slow")
+
+    async def count(request: Request) -> Response:
+        ran.append(request.query)
+        return text(200, "counted")
+
+    server = HttpServer(routes(slow=slow, count=count))
+    async with served(server) as bound:
+        _, writer = await connect(bound)
+        writer.write(get("/slow") + get("/count?1") + get("/count?2"))
+        await started.wait()
+        # Reset, not a half-close (after which the client could still read its answers).
+        writer.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        writer.transport.abort()
+        await wait_for(lambda: not server.connections, "the server to see the client go")
+        release.set()
+        await wait_for(lambda: not server.workers, "the answer in progress to finish")
+    assert ran == []
+
+
+async def test_a_100_owed_while_an_answer_waits_for_the_client_to_read_is_sent_after_it() -> None:
+    async def big(request: Request) -> Response:
+        return Response(200, b"b" * (8 * 1024 * 1024))
+
+    server = HttpServer(routes(big=big))
+    async with served(server) as bound:
+        reader, writer = await connect(bound)
+        writer.write(get("/big"))
+        await wait_for(
+            lambda: any(c._writable is not None for c in server.connections), "the answer to stall"
+        )
+        writer.write(b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\nExpect: 100-continue\r\n\r\n")
+        await wait_for(lambda: any(c._continue_owed for c in server.connections), "the 100 to be owed")
+        status, _, body = await read_response(reader)
+        assert status == 200 and len(body) == 8 * 1024 * 1024
+        assert (await read_response(reader))[0] == 100
+        writer.write(b"ok")
+        assert (await read_response(reader))[2] == b"POST /echo q= body=ok\n"
+        writer.close()
