@@ -4,8 +4,8 @@ Knows nothing about admission. Must not buffer more than one bounded request per
 pipeline, nor leave a connection open past its timeouts.
 
 Written here rather than served by aiohttp because the HTTP layer dominates a reused answer. Answering a
-fixed body over TLS, this costs 0.47-0.58x the CPU of aiohttp's low-level server, and uvicorn (httptools,
-bare ASGI) 0.62-0.73x (bench/webhook_http_floor.py). A burst of 200 reviews queues on one core, so that
+fixed body over TLS, this costs 0.47-0.64x the CPU of aiohttp's low-level server, and uvicorn (httptools,
+bare ASGI) 0.62-0.82x (bench/webhook_http_floor.py, three runs). A burst of 200 reviews queues on one core, so that
 CPU is the p99. The parsing, the hard part, stays in httptools.
 """
 
