@@ -528,9 +528,13 @@ async def test_a_handler_awaiting_something_cancelled_elsewhere_or_answering_gar
     async def garbage(request: Request) -> Response:
         return Response(200, b"x", headers=(("X-Name", "\u2603"),))  # not latin-1: no HTTP header carries it
 
-    async with served(HttpServer(routes(cancelled=cancelled, garbage=garbage))) as bound:
+    async def text_body(request: Request) -> Response:
+        return Response(200, "not bytes")  # type: ignore[arg-type]
+
+    async with served(HttpServer(routes(cancelled=cancelled, garbage=garbage, text_body=text_body))) as bound:
         reader, writer = await connect(bound)
-        writer.write(get("/cancelled") + get("/garbage") + get("/echo"))
+        writer.write(get("/cancelled") + get("/garbage") + get("/text_body") + get("/echo"))
+        assert (await read_response(reader))[0] == 500
         assert (await read_response(reader))[0] == 500
         assert (await read_response(reader))[0] == 500
         assert (await read_response(reader))[0] == 200  # and the connection carries on
@@ -667,7 +671,9 @@ async def test_requests_not_yet_begun_are_dropped_when_the_client_goes() -> None
         writer.write(get("/slow") + get("/count?1") + get("/count?2"))
         await started.wait()
         # Reset, not a half-close (after which the client could still read its answers).
-        writer.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        writer.get_extra_info("socket").setsockopt(
+            socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0)
+        )
         writer.transport.abort()
         await wait_for(lambda: not server.connections, "the server to see the client go")
         release.set()
@@ -694,3 +700,55 @@ async def test_a_100_owed_while_an_answer_waits_for_the_client_to_read_is_sent_a
         writer.write(b"ok")
         assert (await read_response(reader))[2] == b"POST /echo q= body=ok\n"
         writer.close()
+
+
+async def test_a_request_held_back_behind_a_full_pipeline_gets_its_full_time_once_read() -> None:
+    async def slow(request: Request) -> Response:
+        await asyncio.sleep(0.6)  # the handler's own work, twice the request timeout
+        return text(200, "slow")
+
+    async with served(HttpServer(routes(slow=slow), request_timeout=0.3)) as bound:
+        reader, writer = await connect(bound)
+        last = b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\n\r\nlast"
+        writer.write(get("/slow") + b"".join(get("/echo") for _ in range(MAX_PIPELINED - 1)) + last[:20])
+        await asyncio.sleep(0.1)  # the client finishes its request well within the timeout
+        writer.write(last[20:])
+        statuses = [(await read_response(reader))[0] for _ in range(MAX_PIPELINED + 1)]
+        assert statuses == [200] * (MAX_PIPELINED + 1)
+        writer.close()
+
+
+async def test_a_connection_whose_tls_handshake_ends_during_the_drain_is_closed_at_once(
+    serving_files: tuple[Any, Any, Any],
+) -> None:
+    from tests.webhook.conftest import SERVER_NAME, client_context
+
+    ca, cert, key = serving_files
+    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_ctx.load_cert_chain(cert, key)
+    started, release = asyncio.Event(), asyncio.Event()
+
+    async def slow(request: Request) -> Response:
+        started.set()
+        await release.wait()
+        return text(200, "slow")
+
+    server = HttpServer(routes(slow=slow))
+    cm = served(server, ssl_context=server_ctx, grace=10.0)
+    bound = await cm.__aenter__()
+    client_ctx = client_context(ca.cert_pem)
+    busy_reader, busy_writer = await asyncio.open_connection(
+        *bound, ssl=client_ctx, server_hostname=SERVER_NAME
+    )
+    busy_writer.write(get("/slow"))
+    await started.wait()
+    raw = socket.create_connection(bound)  # TCP only: its TLS handshake starts after the drain has begun
+    await asyncio.sleep(0.05)  # the server accepts it
+    stopping = asyncio.ensure_future(cm.__aexit__(None, None, None))
+    await asyncio.sleep(0.05)
+    raw.setblocking(False)
+    late_reader, _ = await asyncio.open_connection(sock=raw, ssl=client_ctx, server_hostname=SERVER_NAME)
+    assert await closed(late_reader)
+    release.set()
+    assert (await read_response(busy_reader))[2] == b"slow\n"
+    await asyncio.wait_for(stopping, 5)  # well within the grace period: nothing was left to wait for
