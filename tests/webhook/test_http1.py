@@ -29,6 +29,22 @@ async def echo(request: Request) -> Response:
     return text(200, f"{request.method} {request.path} q={request.query} body={request.body.decode()}")
 
 
+class Gate:
+    """A handler that holds each request until released: `started` is set when one reaches it."""
+
+    def __init__(self, answer: str = "slow") -> None:
+        self.started = asyncio.Event()
+        self.release = asyncio.Event()
+        self.answered = 0  # requests it has finished (what a real handler would count in its metrics)
+        self._answer = answer
+
+    async def __call__(self, request: Request) -> Response:
+        self.started.set()
+        await self.release.wait()
+        self.answered += 1
+        return text(200, self._answer)
+
+
 def routes(**extra: Callable[[Request], Awaitable[Response]]) -> dict[str, dict[str, Any]]:
     out: dict[str, dict[str, Any]] = {"/echo": {"GET": echo, "POST": echo}, "/post-only": {"POST": echo}}
     for name, handler in extra.items():
@@ -97,12 +113,8 @@ async def test_requests_on_one_connection_are_answered_in_turn_and_the_connectio
 
 
 async def test_pipelined_requests_are_answered_in_order_though_the_first_is_slowest() -> None:
-    started, release = asyncio.Event(), asyncio.Event()
-
-    async def slow(request: Request) -> Response:
-        started.set()
-        await release.wait()
-        return text(200, "slow")
+    slow = Gate()
+    started, release = slow.started, slow.release
 
     async with served(HttpServer(routes(slow=slow))) as bound:
         reader, writer = await connect(bound)
@@ -121,12 +133,8 @@ async def test_pipelined_requests_are_answered_in_order_though_the_first_is_slow
 
 
 async def test_a_long_pipeline_is_parsed_in_bounded_steps_and_answered_whole() -> None:
-    started, release = asyncio.Event(), asyncio.Event()
-
-    async def slow(request: Request) -> Response:
-        started.set()
-        await release.wait()
-        return text(200, "slow")
+    slow = Gate()
+    started, release = slow.started, slow.release
 
     n = MAX_PIPELINED * 12
     one = get("/echo?000")
@@ -316,12 +324,8 @@ async def test_a_slow_handler_is_not_cut_off_by_the_request_timeout() -> None:
 
 
 async def test_draining_answers_in_flight_requests_with_connection_close() -> None:
-    started, release = asyncio.Event(), asyncio.Event()
-
-    async def slow(request: Request) -> Response:
-        started.set()
-        await release.wait()
-        return text(200, "finished")
+    slow = Gate("finished")
+    started, release = slow.started, slow.release
 
     server = HttpServer(routes(slow=slow))
     cm = served(server)
@@ -366,14 +370,8 @@ async def test_draining_aborts_what_is_still_open_after_the_grace_period_and_can
 
 
 async def test_draining_waits_for_an_answer_whose_client_has_already_gone() -> None:
-    started, release = asyncio.Event(), asyncio.Event()
-    finished: list[bool] = []
-
-    async def slow(request: Request) -> Response:
-        started.set()
-        await release.wait()
-        finished.append(True)  # e.g. the admission metrics are counted here
-        return text(200, "nobody listens")
+    slow = Gate()
+    started, release = slow.started, slow.release
 
     cm = served(HttpServer(routes(slow=slow)))
     bound = await cm.__aenter__()
@@ -387,7 +385,7 @@ async def test_draining_waits_for_an_answer_whose_client_has_already_gone() -> N
     assert not stopping.done()
     release.set()
     await asyncio.wait_for(stopping, 10)
-    assert finished == [True]
+    assert slow.answered == 1  # e.g. the admission metrics are counted there
 
 
 @settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -411,12 +409,8 @@ async def test_any_bytes_get_answers_below_500_or_a_close_never_a_hang(data: byt
 
 
 async def test_a_client_that_half_closes_after_asking_still_gets_its_answers() -> None:
-    started, release = asyncio.Event(), asyncio.Event()
-
-    async def slow(request: Request) -> Response:
-        started.set()
-        await release.wait()
-        return text(200, "slow")
+    slow = Gate()
+    started, release = slow.started, slow.release
 
     async with served(HttpServer(routes(slow=slow))) as bound:
         reader, writer = await connect(bound)
@@ -442,11 +436,8 @@ async def test_a_header_streamed_without_its_line_end_is_cut_off_at_the_limit() 
 
 
 async def test_an_interim_100_held_back_behind_an_earlier_answer_is_sent_after_it() -> None:
-    release = asyncio.Event()
-
-    async def slow(request: Request) -> Response:
-        await release.wait()
-        return text(200, "slow")
+    slow = Gate()
+    release = slow.release
 
     async with served(HttpServer(routes(slow=slow), request_timeout=0.3)) as bound:
         reader, writer = await connect(bound)
@@ -570,12 +561,8 @@ async def test_a_closing_connection_whose_client_stops_reading_is_dropped_after_
 
 
 async def test_draining_keeps_the_connection_for_queued_answers_and_closes_after_the_last() -> None:
-    started, release = asyncio.Event(), asyncio.Event()
-
-    async def slow(request: Request) -> Response:
-        started.set()
-        await release.wait()
-        return text(200, "slow")
+    slow = Gate()
+    started, release = slow.started, slow.release
 
     cm = served(HttpServer(routes(slow=slow)))
     bound = await cm.__aenter__()
@@ -635,11 +622,8 @@ async def test_a_client_that_half_closes_and_never_reads_is_dropped_after_the_cl
 
 
 async def test_a_half_close_mid_request_during_a_slow_answer_leaves_no_stale_timeout() -> None:
-    release = asyncio.Event()
-
-    async def slow(request: Request) -> Response:
-        await release.wait()
-        return text(200, "slow")
+    slow = Gate()
+    release = slow.release
 
     async with served(HttpServer(routes(slow=slow), request_timeout=0.2)) as bound:
         reader, writer = await connect(bound)
@@ -653,13 +637,9 @@ async def test_a_half_close_mid_request_during_a_slow_answer_leaves_no_stale_tim
 
 
 async def test_requests_not_yet_begun_are_dropped_when_the_client_goes() -> None:
-    started, release = asyncio.Event(), asyncio.Event()
+    slow = Gate()
+    started, release = slow.started, slow.release
     ran: list[str] = []
-
-    async def slow(request: Request) -> Response:
-        started.set()
-        await release.wait()
-        return text(200, "slow")
 
     async def count(request: Request) -> Response:
         ran.append(request.query)
@@ -726,12 +706,8 @@ async def test_a_connection_whose_tls_handshake_ends_during_the_drain_is_closed_
     ca, cert, key = serving_files
     server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     server_ctx.load_cert_chain(cert, key)
-    started, release = asyncio.Event(), asyncio.Event()
-
-    async def slow(request: Request) -> Response:
-        started.set()
-        await release.wait()
-        return text(200, "slow")
+    slow = Gate()
+    started, release = slow.started, slow.release
 
     server = HttpServer(routes(slow=slow))
     cm = served(server, ssl_context=server_ctx, grace=10.0)
