@@ -96,16 +96,19 @@ def serving_files(tmp_path: Path) -> tuple[KeyPair, Path, Path]:
 
 @dataclass
 class FakeNamespaces:
-    """Namespace labels as the API would return them; `broken` makes every lookup fail."""
+    """Namespace labels as the API would return them; `broken` makes every lookup fail, `crash` with a bug."""
 
     labels: dict[str, dict[str, str]] = field(default_factory=dict)
     broken: bool = False
+    crash: bool = False
     lookups: list[str] = field(default_factory=list)
 
     async def __call__(self, name: str) -> Mapping[str, str]:
         self.lookups.append(name)
         if self.broken:
             raise NamespaceLookupError(f"reading namespace {name}: HTTP 500")
+        if self.crash:
+            raise RuntimeError("a bug")
         return self.labels.get(name, {})
 
 

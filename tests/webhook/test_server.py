@@ -99,6 +99,14 @@ async def test_an_unreadable_namespace_gets_503_so_the_failure_policy_decides(li
     assert "patch" in await answer(live_server, review("deployment-pod-review"))
 
 
+async def test_an_unexpected_failure_is_a_500_counted_as_an_error(live_server: Any, review: Review) -> None:
+    live_server.namespaces.crash = True
+    resp = await live_server.post("/mutate", review("bare-pod-review"))
+    assert (resp.status, await resp.text()) == (500, "internal error\n")
+    samples = await metric_samples(live_server)
+    assert samples[("kuberpc_webhook_admissions_total", (("result", "error"),))] == 1.0
+
+
 async def test_get_on_mutate_is_405_not_a_server_error(live_server: Any) -> None:
     assert (await live_server.get("/mutate")).status == 405
 
