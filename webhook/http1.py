@@ -379,7 +379,7 @@ class _Connection(asyncio.Protocol):
         keep_alive = self._parser.should_keep_alive() and not (
             http10 and "transfer-encoding" in self._headers
         )
-        self._enqueue(request, keep_alive and not self._close_when_done, http10)
+        self._enqueue(request, keep_alive, http10)  # when closing, the worker closes after the last one due
         if not keep_alive:
             self._stop_reading()
         self._rearm()

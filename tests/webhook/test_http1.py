@@ -728,3 +728,22 @@ async def test_a_connection_whose_tls_handshake_ends_during_the_drain_is_closed_
     release.set()
     assert (await read_response(busy_reader))[2] == b"slow\n"
     await asyncio.wait_for(stopping, 5)  # well within the grace period: nothing was left to wait for
+
+
+async def test_draining_answers_every_request_read_after_it_began_and_closes_after_the_last() -> None:
+    slow = Gate()
+    cm = served(HttpServer(routes(slow=slow)))
+    bound = await cm.__aenter__()
+    reader, writer = await connect(bound)
+    writer.write(get("/slow") + b"GET /echo?1 HTTP/1.1\r\nHo")
+    await slow.started.wait()
+    stopping = asyncio.ensure_future(cm.__aexit__(None, None, None))
+    await asyncio.sleep(0.05)
+    writer.write(b"st: x\r\n\r\n" + get("/echo?2"))  # the rest of one request, and one more behind it
+    await asyncio.sleep(0.05)
+    slow.release.set()
+    answers = [await read_response(reader) for _ in range(3)]
+    assert [a[2] for a in answers] == [b"slow\n", b"GET /echo q=1 body=\n", b"GET /echo q=2 body=\n"]
+    assert "connection" not in answers[1][1] and answers[2][1]["connection"] == "close"
+    assert await closed(reader)
+    await asyncio.wait_for(stopping, 10)
