@@ -8,15 +8,28 @@ NODE_DIR := e2e/arith/node
 NODE_STAMP := $(NODE_DIR)/node_modules/.installed
 PYTEST_ARGS ?=
 
-.PHONY: setup tools demo test bench lint typecheck proto clean
+LOCK := requirements/dev.lock
+# Kubernetes' own binaries for the cluster tests, built from the k8s.io/kubernetes Go module pinned in
+# e2e/cluster/gobuild into a cache outside the repo (~/.cache/kuberpc/k8s/<version>-<hash>/bin).
+K8S_BUILD := e2e/cluster/build-k8s.sh
+
+.PHONY: setup tools k8s demo test test-cluster bench lint typecheck proto lock clean
 
 setup: $(STAMP) $(NODE_STAMP)
 
-$(STAMP): pyproject.toml
+# Installs exactly what the lock pins, each file checked against its hash: a fresh machine gets what CI
+# passed with. The project itself goes in last, editable, without touching the pinned set.
+$(STAMP): pyproject.toml $(LOCK)
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[dev,bench]'
+	$(PY) -m pip install --quiet --require-hashes --no-deps -r $(LOCK)
+	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .
+	$(PY) -m pip check
 	touch $@
+
+# Regenerates the lock from pyproject.toml (runtime, dev and bench extras) with the newest allowed versions.
+lock: $(STAMP)
+	$(VENV)/bin/uv pip compile pyproject.toml --extra dev --extra bench --generate-hashes \
+		--python-version 3.11 --python-platform x86_64-manylinux_2_28 --no-header --quiet -o $(LOCK)
 
 # The Node.js example client (language-agnostic in fact); skipped with a message where npm is missing.
 $(NODE_STAMP): $(NODE_DIR)/package-lock.json
@@ -31,8 +44,17 @@ tools:
 demo: setup
 	$(PY) -m e2e.demo
 
-test: setup tools
+k8s:
+	@bash $(K8S_BUILD) >/dev/null
+
+# Lint first (CI enforces it), then the whole suite, the real-cluster tests included.
+test: setup tools lint k8s
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# The real-cluster tests alone (tests/cluster/): etcd, kube-apiserver, kube-controller-manager,
+# kube-scheduler and the pod runner, all on this machine.
+test-cluster: setup tools k8s
+	$(PY) -m pytest tests/cluster $(PYTEST_ARGS)
 
 bench: setup tools
 	$(PY) -m bench

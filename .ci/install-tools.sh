@@ -10,6 +10,7 @@ declare -A want=(
   [ip]=iproute2
   [taskset]=util-linux
   [shellcheck]=shellcheck
+  [etcd]=etcd-server
 )
 missing=()
 for tool in "${!want[@]}"; do
@@ -27,9 +28,10 @@ export DEBIAN_FRONTEND=noninteractive
 apt-get update -qq >/dev/null
 apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 # Debian starts the services it installs; the tests run their own instances.
-for svc in nginx prometheus; do
+for svc in nginx prometheus etcd; do
   if command -v systemctl >/dev/null 2>&1; then systemctl stop "$svc" >/dev/null 2>&1 || true; fi
   if command -v service >/dev/null 2>&1; then service "$svc" stop >/dev/null 2>&1 || true; fi
 done
 pkill -x nginx >/dev/null 2>&1 || true
 pkill -x prometheus >/dev/null 2>&1 || true
+pkill -x etcd >/dev/null 2>&1 || true
