@@ -101,6 +101,15 @@ class TrustAnchorSync:
             _request_timeout=self._window + 10,
         ):
             obj = event["object"]
+            if isinstance(obj, dict):
+                # The client leaves BOOKMARK (and ERROR) objects undeserialized: a bookmark only moves the
+                # resourceVersion on; an ERROR carries the API's Status (410 Gone when ours is too old).
+                if event["type"] == "ERROR":
+                    raise ApiException(status=int(obj.get("code") or 500), reason=str(obj.get("message", "")))
+                rv = (obj.get("metadata") or {}).get("resourceVersion")
+                if rv:
+                    resource_version = str(rv)
+                continue
             if obj.metadata is not None and obj.metadata.resource_version:
                 resource_version = obj.metadata.resource_version
             if event["type"] in ("ADDED", "MODIFIED"):

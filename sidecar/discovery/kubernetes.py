@@ -507,7 +507,8 @@ class _Reflector(Generic[T]):
 
     async def run(self, session: aiohttp.ClientSession) -> None:
         rv: str | None = None
-        failures = 0
+        failures = 0  # consecutive failures to get an answer from the server
+        gone = 0  # consecutive 410s with no healthy watch between them
         while True:
             try:
                 if rv is None:
@@ -515,21 +516,33 @@ class _Reflector(Generic[T]):
                     failures = 0
                 rv, healthy = await self._watch(session, rv)
                 if healthy:
-                    failures = 0
+                    failures = gone = 0
                     continue  # the server ended the watch (its timeoutSeconds): watch on from rv
                 failures += 1
                 if failures == 1:
                     continue  # once may be the server's business; again and again is a loop to slow down
                 reason = "the watch ended at once"
             except Gone as e:
-                # The API no longer has the history from rv on: relist (at once unless it keeps happening).
+                # The API no longer has the history from rv on: relist at once. A 410 is the server answering,
+                # so it ends any run of failures (after an API server restart every old rv is Gone, and the
+                # failures counted while it was down must not delay the relist); only Gone again and again
+                # with nothing healthy in between is slowed down.
                 rv = None
-                failures += 1
+                failures = 0
+                gone += 1
                 reason = str(e)
-                if failures == 1:
+                if gone == 1:
                     log.info("kubernetes watch expired, relisting %s error=%r", self._where, reason)
                     self._on_restart()
                     continue
+                delay = self._backoff.delay(gone - 1, self._rng)
+                self._on_restart()
+                log.warning(
+                    "kubernetes watch expired again, relisting %s attempt=%d retry_in=%.2fs error=%r",
+                    self._where, gone, delay, reason,
+                )
+                await asyncio.sleep(delay)
+                continue
             except KubernetesError as e:
                 failures += 1
                 reason = str(e)
