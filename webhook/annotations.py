@@ -20,6 +20,11 @@ PROXY_LOG_LEVEL: Final = PREFIX + "proxy-log-level"
 PROXY_IMAGE: Final = PREFIX + "proxy-image"
 NATIVE_SIDECAR: Final = PREFIX + "native-sidecar"
 DRAIN_SECONDS: Final = PREFIX + "drain-seconds"
+# Direct discovery's reach: "cluster" (watch every namespace; needs a ClusterRoleBinding) or "namespace"
+# (watch the pod's own namespace only; a RoleBinding there is enough, so an example applies to any namespace).
+DISCOVERY_SCOPE: Final = PREFIX + "discovery-scope"
+DISCOVERY_SCOPES: Final = ("cluster", "namespace")
+DEFAULT_DISCOVERY_SCOPE: Final = "cluster"
 
 INJECT_ENABLED: Final = "enabled"
 INJECT_DISABLED: Final = "disabled"

@@ -272,6 +272,7 @@ class ProxySettings:
     startup_hold: bool
     app_container: str | None
     weight: str | None  # corrected `kuberpc.io/weight` to write back, or None to leave it
+    discovery_scope: str = a.DEFAULT_DISCOVERY_SCOPE
 
 
 @dataclass(frozen=True, slots=True)
@@ -447,6 +448,16 @@ def _plan_injection(f: PodFacts, ann: Mapping[str, str], cfg: InjectorConfig, *,
         else:
             warnings.append(f"{a.PROXY_LOG_LEVEL}: {show(ann[a.PROXY_LOG_LEVEL])} is unknown; using {log_level}")
 
+    scope = a.DEFAULT_DISCOVERY_SCOPE
+    if a.DISCOVERY_SCOPE in ann:
+        text = ann[a.DISCOVERY_SCOPE].strip().lower()
+        if text in a.DISCOVERY_SCOPES:
+            scope = text
+        else:
+            warnings.append(
+                f"{a.DISCOVERY_SCOPE}: {show(ann[a.DISCOVERY_SCOPE])} is not one of {', '.join(a.DISCOVERY_SCOPES)}; using {scope}"
+            )
+
     if problems:
         raise Denied(problems)
     settings = ProxySettings(
@@ -463,6 +474,7 @@ def _plan_injection(f: PodFacts, ann: Mapping[str, str], cfg: InjectorConfig, *,
         startup_hold=cfg.startup_hold,
         app_container=f.app_container,
         weight=weight,
+        discovery_scope=scope,
     )
     return Plan(settings, tuple(warnings))
 
@@ -491,6 +503,10 @@ def proxy_container(cfg: InjectorConfig, s: ProxySettings) -> JsonObject:
         env.append({"name": "KUBERPC_UPSTREAMS", "value": s.upstreams})
     env += [
         {"name": "KUBERPC_DISCOVERY", "value": "kubernetes"},
+    ]
+    if s.discovery_scope == "namespace":
+        env.append(_field_env("KUBERPC_DISCOVERY_NAMESPACES", "metadata.namespace"))
+    env += [
         {"name": "KUBERPC_TLS_CERT", "value": a.TLS_CERT_PATH},
         {"name": "KUBERPC_TLS_KEY", "value": a.TLS_KEY_PATH},
         {"name": "KUBERPC_TRUST_ANCHORS", "value": a.TRUST_ANCHORS_PATH},

@@ -62,7 +62,13 @@ class TrustAnchorSync:
         except ApiException as e:
             if e.status != 404:
                 raise
-            self._core.create_namespaced_config_map(namespace, body, _request_timeout=10)
+            try:
+                self._core.create_namespaced_config_map(namespace, body, _request_timeout=10)
+            except ApiException as e:
+                if e.status != 409:
+                    raise
+                # Another replica created it between our read and our create: check what it wrote.
+                return self.ensure(namespace)
             log.info("event=trust_anchors_created namespace=%s", namespace)
             return "created"
         if (current.data or {}).get(a.TRUST_ANCHORS_KEY) == self._bundle:

@@ -643,7 +643,9 @@ def test_arith_client_calls_the_dedicated_upstream_port(path: str, kind: str, na
     obj = _one(f"examples/arith/{path}", kind, name)
     annotations = obj["spec"]["template"]["metadata"]["annotations"]
     assert annotations["kuberpc.io/inject"] == "enabled"
-    assert annotations["kuberpc.io/upstreams"] == "arith.default:50051=9001"
+    # A short name: it resolves in the namespace the example is applied to.
+    assert annotations["kuberpc.io/upstreams"] == "arith:50051=9001"
+    assert annotations["kuberpc.io/discovery-scope"] == "namespace"
     # The value must be one the proxy accepts, and the client must dial the local port it declares.
     (upstream,) = parse_upstreams(annotations["kuberpc.io/upstreams"], "default")
     assert (upstream.service.name, upstream.port) == ("arith", 50051)

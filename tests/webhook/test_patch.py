@@ -541,3 +541,28 @@ def test_a_pod_volume_named_like_the_proxys_is_denied(review: Review, native_cfg
 
 def test_the_volume_names_checked_for_clashes_are_those_of_the_injected_volumes() -> None:
     assert PROXY_VOLUME_NAMES == {v["name"] for v in proxy_volumes()}
+
+
+# --- discovery scope ---
+
+
+def test_namespace_discovery_scope_watches_the_pods_own_namespace(review: Review, apply: Apply, native_cfg: InjectorConfig) -> None:
+    r = review("deployment-pod-review")
+    r["request"]["object"]["metadata"]["annotations"]["kuberpc.io/discovery-scope"] = "namespace"
+    env = env_of(proxy_of(apply(r["request"]["object"], admit(r, native_cfg))))
+    # The downward API names the namespace, so one answer serves the same template in any namespace.
+    assert env["KUBERPC_DISCOVERY_NAMESPACES"]["fieldRef"]["fieldPath"] == "metadata.namespace"
+
+
+def test_cluster_discovery_scope_is_the_default(review: Review, apply: Apply, native_cfg: InjectorConfig) -> None:
+    env = env_of(proxy_of(injected(review, apply, "deployment-pod-review", native_cfg)))
+    assert "KUBERPC_DISCOVERY_NAMESPACES" not in env
+
+
+def test_an_unknown_discovery_scope_is_admitted_with_a_warning_naming_it(review: Review, apply: Apply, native_cfg: InjectorConfig) -> None:
+    r = review("deployment-pod-review")
+    r["request"]["object"]["metadata"]["annotations"]["kuberpc.io/discovery-scope"] = "galaxy"
+    outcome = admit(r, native_cfg)
+    env = env_of(proxy_of(apply(r["request"]["object"], outcome)))
+    assert "KUBERPC_DISCOVERY_NAMESPACES" not in env
+    assert any("kuberpc.io/discovery-scope" in w and "galaxy" in w and "using cluster" in w for w in outcome.warnings)
