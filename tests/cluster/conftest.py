@@ -1,0 +1,176 @@
+"""A real Kubernetes control plane (etcd, kube-apiserver, kube-controller-manager, kube-scheduler built from the
+k8s.io/kubernetes module) and the pod runner playing the kubelet, shared by every test of this package.
+
+Outside CI a missing prerequisite (root, `ip`, etcd, Go) skips with the reason printed; in CI it fails.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from e2e import netns
+from e2e.cluster import control_plane as cpm
+
+REPO = Path(__file__).resolve().parents[2]
+PYTHON = sys.executable
+CONTROL_NS = "kuberpc-system"
+RUNNER_READY = 30.0
+
+
+def _missing() -> str | None:
+    if os.geteuid() != 0:
+        return "the cluster tests need root (network namespaces, mounts)"
+    if netns.find_ip() is None:
+        return "iproute2's `ip` is not installed"
+    if cpm.etcd_binary() is None:
+        return "etcd is not installed (Debian: etcd-server; `make tools` installs it)"
+    if shutil.which("go") is None and not any((Path.home() / ".cache/kuberpc/k8s").glob("*/bin/kube-apiserver")):
+        return "Go is needed to build the Kubernetes binaries"
+    return None
+
+
+def tail(path: Path, lines: int = 40) -> str:
+    return cpm.tail(path, lines)
+
+
+@dataclass
+class Kube:
+    cp: cpm.ControlPlane
+    runner: subprocess.Popen[bytes]
+    state: Path
+
+    def kubectl(self, *args: str, **kw: Any) -> subprocess.CompletedProcess[str]:
+        return self.cp.kubectl(*args, **kw)
+
+    def get(self, *args: str) -> Any:
+        return json.loads(self.kubectl("get", *args, "-o", "json").stdout)
+
+    def where(self, namespace: str, pod: str) -> dict[str, str]:
+        """The pod runner's record of a pod: its network namespace, address and directory."""
+        out: dict[str, str] = json.loads((self.state / "where" / namespace / pod).read_text())
+        return out
+
+    def exec(self, namespace: str, pod: str, argv: list[str], *, timeout: float = 120, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+        """Like `kubectl exec`: a process in the pod's network namespace (with the repo's Python)."""
+        ns = self.where(namespace, pod)["netns"]
+        full_env = {"PATH": f"{Path(PYTHON).parent}:/usr/bin:/bin", "PYTHONPATH": str(REPO), **(env or {})}
+        return netns.run(ns, argv, env=full_env, cwd=REPO, timeout=timeout)
+
+    def spawn(self, namespace: str, pod: str, argv: list[str], name: str, log_dir: Path) -> netns.NetnsProcess:
+        ns = self.where(namespace, pod)["netns"]
+        env = {"PATH": f"{Path(PYTHON).parent}:/usr/bin:/bin", "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1"}
+        return netns.spawn(ns, argv, name=name, log_dir=log_dir, env=env, cwd=REPO, pipe_stdout=True)
+
+    def pod_log(self, namespace: str, pod: str, container: str) -> str:
+        try:
+            return tail(Path(self.where(namespace, pod)["dir"]) / "logs" / f"{container}.log", 60)
+        except (OSError, KeyError):
+            return ""
+
+    def wait(self, what: str, check: Callable[[], Any], timeout: float = 90, interval: float = 0.25) -> Any:
+        deadline = time.monotonic() + timeout
+        last: Any = None
+        while time.monotonic() < deadline:
+            try:
+                last = check()
+            except (RuntimeError, OSError, ValueError, KeyError) as e:
+                last = e
+            else:
+                if last:
+                    return last
+            time.sleep(interval)
+        raise AssertionError(f"{what}: not within {timeout:.0f}s (last: {last!r})\n{self.diagnose()}")
+
+    def pods(self, namespace: str, selector: str | None = None) -> list[dict[str, Any]]:
+        args = ["pods", "-n", namespace] + (["-l", selector] if selector else [])
+        items: list[dict[str, Any]] = self.get(*args)["items"]
+        return items
+
+    def ready_pods(self, namespace: str, selector: str) -> list[dict[str, Any]]:
+        return [p for p in self.pods(namespace, selector) if is_ready(p) and not p["metadata"].get("deletionTimestamp")]
+
+    def diagnose(self) -> str:
+        out = [f"--- runner\n{tail(self.state / 'runner.stderr', 30)}"]
+        for name, proc in self.cp.procs.items():
+            out.append(f"--- {name} alive={proc.alive()}\n{tail(proc.stderr_path, 8)}")
+        return "\n".join(out)
+
+
+def is_ready(pod: dict[str, Any]) -> bool:
+    return any(c["type"] == "Ready" and c["status"] == "True" for c in pod.get("status", {}).get("conditions") or [])
+
+
+@pytest.fixture(scope="session")
+def kube(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Kube]:
+    reason = _missing()
+    if reason is not None:
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(f"CI=true but the cluster tests cannot run: {reason}", pytrace=False)
+        pytest.skip(reason)
+    work = tmp_path_factory.mktemp("cluster")
+    with cpm.ControlPlane(work) as cp:
+        state = work / "runner"
+        state.mkdir()
+        kc = cp.pod_kubeconfig
+        argv = [
+            PYTHON, "-m", "e2e.cluster.kubelet", f"--kubeconfig={kc}", "--node=node-1",
+            f"--node-netns={cp.net.node}", f"--subnet={cpm.SUBNET}", f"--run-id={cp.net.run_id}",
+            f"--prefix={cpm.PREFIX}", f"--api={cpm.API_ADDRESS}:{cpm.API_PORT}", f"--state={state}",
+        ]
+        with (state / "runner.stderr").open("wb") as err:
+            # nsenter, not `ip netns exec`: only the network namespace changes, so the pod namespaces the runner
+            # adds are mounted where this process (and cleanup) can see them.
+            runner = subprocess.Popen(
+                ["nsenter", f"--net=/run/netns/{cp.net.node}", *argv], cwd=REPO, stdout=subprocess.PIPE, stderr=err,
+                env={**os.environ, "PYTHONPATH": str(REPO)},
+            )
+        k = Kube(cp, runner, state)
+        try:
+            k.wait("the node registered and Ready", lambda: "True" in k.kubectl(
+                "get", "node", "node-1", "-o", "jsonpath={.status.conditions[?(@.type=='Ready')].status}", check=False).stdout,
+                timeout=RUNNER_READY)
+            k.wait("the default ServiceAccount", lambda: k.kubectl("get", "sa", "default", check=False).returncode == 0)
+            yield k
+        finally:
+            runner.terminate()
+            try:
+                runner.wait(30)
+            except subprocess.TimeoutExpired:
+                runner.kill()
+                runner.wait()
+            netns.remove_leftovers(cpm.PREFIX)
+
+
+@pytest.fixture(scope="session")
+def mesh(kube: Kube) -> Kube:
+    """kuberpc installed the way the README says: `python -m webhook install | kubectl apply -f -`."""
+    rendered = subprocess.run(
+        [PYTHON, "-m", "webhook", "install"], cwd=REPO, capture_output=True, text=True, check=True
+    ).stdout
+    kube.kubectl("apply", "-f", "-", input=rendered)
+    kube.wait(
+        "the control plane Deployment available",
+        lambda: kube.get("deploy", "kuberpc-webhook", "-n", CONTROL_NS)["status"].get("availableReplicas", 0) >= 2,
+        timeout=120,
+    )
+    # The API server calls the webhook at a ready endpoint of its Service: wait until the slice lists one.
+    kube.wait(
+        "the webhook Service has ready endpoints",
+        lambda: any(
+            (ep.get("conditions") or {}).get("ready")
+            for s in kube.get("endpointslices", "-n", CONTROL_NS, "-l", "kubernetes.io/service-name=kuberpc-webhook")["items"]
+            for ep in s.get("endpoints") or []
+        ),
+    )
+    return kube
