@@ -151,3 +151,24 @@ async def test_a_gone_watch_relists(fake: tuple[FakeAPI, client.ApiClient]) -> N
         stop.set()
         await api.events.put(None)
     assert api.lists == 2
+
+
+async def test_bookmarks_move_the_watch_on_without_a_relist(
+    fake: tuple[FakeAPI, client.ApiClient], caplog: pytest.LogCaptureFixture
+) -> None:
+    # The client hands BOOKMARK objects over as plain dicts: reading them as Namespaces raised AttributeError.
+    api, api_client = fake
+    api.namespaces = {"shop": ENABLED}
+    stop = asyncio.Event()
+    sync = TrustAnchorSync(api_client, bundle=BUNDLE, window_seconds=5)
+    async with asyncio.TaskGroup() as tg:
+        tg.create_task(sync.run(stop))
+        await api.wait_for(("POST", "shop"))
+        bookmark = {"kind": "Namespace", "apiVersion": "v1", "metadata": {"resourceVersion": "150"}}
+        await api.events.put({"type": "BOOKMARK", "object": bookmark})
+        await api.events.put({"type": "ADDED", "object": namespace("new", ENABLED, 151)})
+        await api.wait_for(("POST", "new"))
+        stop.set()
+        await api.events.put(None)
+    assert api.lists == 1
+    assert not [r for r in caplog.records if "trust_anchors_error" in r.getMessage()]
