@@ -306,7 +306,7 @@ class Relay:
                 self._fail(call, failure.status, failure.message)
             return
         s.reset = True
-        conn._release_pending(s)
+        conn.release_pending(s)
         self._answer(call, UNAVAILABLE, f"upstream {conn.name}: {reason}")
         self._closed(call)
 
@@ -385,7 +385,7 @@ class Relay:
         self._answer(call, status, message)
         if up is not None and not up.reset:
             up.reset = True
-            up.conn._release_pending(up)
+            up.conn.release_pending(up)
         call.closed = 1
         self._closed(call)
 

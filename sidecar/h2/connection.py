@@ -287,7 +287,7 @@ class Connection(asyncio.Protocol):
                 self.handler.on_refused(s)
                 continue
             s.reset = True
-            self._release_pending(s)
+            self.release_pending(s)
             self.handler.on_reset(s, F.INTERNAL_ERROR)
             self.handler.on_closed(s)
         self.handler.on_connection_lost(self)
@@ -1035,7 +1035,7 @@ class Connection(asyncio.Protocol):
                 self._waiting.remove(s)
             except ValueError:
                 pass
-            self._release_pending(s)
+            self.release_pending(s)
         self.handler.on_closed(s)
         self._after_close()
 
@@ -1043,9 +1043,10 @@ class Connection(asyncio.Protocol):
         s.reset = True
         self.streams.pop(s.id, None)
         self._blocked.pop(s, None)
-        self._release_pending(s)
+        self.release_pending(s)
 
-    def _release_pending(self, s: Stream) -> None:
+    def release_pending(self, s: Stream) -> None:
+        """Drop what is queued on `s` and credit the sources of its DATA (their bytes will never be sent)."""
         pending, s.pending = s.pending, None
         if pending:
             for item in pending:
