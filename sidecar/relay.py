@@ -17,19 +17,20 @@ from typing import Protocol
 from sidecar.h2 import frames as F
 from sidecar.h2.connection import Connection, Flusher, Headers, Limits, Stream
 from sidecar.metrics import Metrics
+from sidecar.status import Status
 
 log = logging.getLogger(__name__)
 
-# gRPC status codes (numeric strings are what travels in `grpc-status` and what metrics use)
-OK = 0
-CANCELLED = 1
-UNKNOWN = 2
-DEADLINE_EXCEEDED = 4
-NOT_FOUND = 5
-PERMISSION_DENIED = 7
-RESOURCE_EXHAUSTED = 8
-INTERNAL = 13
-UNAVAILABLE = 14
+# The statuses the relay answers with, by the names the directions import (sidecar/status.py defines them).
+OK = Status.OK
+CANCELLED = Status.CANCELLED
+UNKNOWN = Status.UNKNOWN
+DEADLINE_EXCEEDED = Status.DEADLINE_EXCEEDED
+NOT_FOUND = Status.NOT_FOUND
+PERMISSION_DENIED = Status.PERMISSION_DENIED
+RESOURCE_EXHAUSTED = Status.RESOURCE_EXHAUSTED
+INTERNAL = Status.INTERNAL
+UNAVAILABLE = Status.UNAVAILABLE
 
 # A call whose request never left this proxy is placed again at most this often (then UNAVAILABLE).
 MAX_PLACEMENTS = 3
