@@ -12,9 +12,11 @@ Shapes:
 
 Pods: by default every review carries the same Pod (a rollout: one template, only the uid differs), which the
 webhook answers once and reuses; --distinct gives every review its own Pod (a label differs, as between a
-Deployment's replicas), and --distinct-workloads gives every Pod its own annotation, so every answer is worked out.
+Deployment's replicas), --distinct-workloads gives every Pod its own annotation, so every answer is worked out,
+and --templates N makes each burst N workloads rolling out at once (replicas differ in a label, workloads in an
+annotation, new ones every burst): N answers worked out per burst, the rest reused.
 
-Usage: .venv/bin/python bench/webhook_bench.py [--concurrency 200] [--rounds 10] [--distinct | --distinct-workloads] [--quiet-wait 60]
+Usage: .venv/bin/python bench/webhook_bench.py [--concurrency 200] [--rounds 10] [--distinct | --distinct-workloads | --templates N] [--quiet-wait 60]
            [--server-src DIR (A/B: serve another copy of the webhook package)] [--profile out.svg] [--json out.json]
 """
 
@@ -60,10 +62,12 @@ class Reviews:
     vary="labels": every review's Pod differs in a label unique to the burst and the review, as a Deployment's
     replicas differ in names and labels; the injector reads neither, so the webhook may still reuse its answer.
     vary="annotations": every Pod differs in an annotation, which the injector reads: nothing can be reused.
+    templates=N (with vary="labels"): review i also carries its workload's annotation, one of N new each burst.
     """
 
-    def __init__(self, template: dict[str, Any], n: int, *, vary: str = "") -> None:
+    def __init__(self, template: dict[str, Any], n: int, *, vary: str = "", templates: int = 0) -> None:
         self._template, self._n, self._vary, self._bursts = template, n, vary, 0
+        self._templates = templates
         self._fixed = self._make("same")
 
     def _make(self, tag: str) -> list[bytes]:
@@ -73,6 +77,9 @@ class Reviews:
             review["request"]["uid"] = f"bench-{tag}-{i}"
             if self._vary:
                 review["request"]["object"]["metadata"].setdefault(self._vary, {})["bench.kuberpc.io/review"] = f"{tag}-{i}"
+            if self._templates:
+                workload = f"{tag}-{i % self._templates}"
+                review["request"]["object"]["metadata"].setdefault("annotations", {})["bench.kuberpc.io/workload"] = workload
             out.append(json.dumps(review).encode())
         return out
 
@@ -309,7 +316,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 # INFO logs only state changes (per-review lines are DEBUG), so the pipe never fills.
                 port = await _wait_port(proc.stderr)
                 ctx = ssl.create_default_context(cadata=ca.cert_pem.decode())
-                reviews = Reviews(body, args.concurrency, vary="annotations" if args.distinct_workloads else "labels" if args.distinct else "")
+                vary = "annotations" if args.distinct_workloads else "labels" if args.distinct or args.templates else ""
+                reviews = Reviews(body, args.concurrency, vary=vary, templates=args.templates)
                 # Warm-up: imports, first handshakes, the server's caches.
                 await burst_fresh("127.0.0.1", port, ctx, reviews.next()[:20])
                 if args.profile:
@@ -335,7 +343,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 proc.send_signal(signal.SIGTERM)
                 await _wait_or_kill(proc, 10)
     results["_meta"] = {
-        "concurrency": args.concurrency, "distinct_pods": args.distinct, "distinct_workloads": args.distinct_workloads, "rounds": args.rounds, "server_cpu": args.server_cpu,
+        "concurrency": args.concurrency, "distinct_pods": args.distinct, "distinct_workloads": args.distinct_workloads, "templates": args.templates, "rounds": args.rounds, "server_cpu": args.server_cpu,
         "client_cpu": args.client_cpu, "loadavg_1m": os.getloadavg()[0], "server_src": str(args.server_src),
     }
     return results
@@ -419,6 +427,8 @@ def main() -> None:
                       help="every review's Pod differs in a label, as replicas do (default: one Pod, only uids differ)")
     pods.add_argument("--distinct-workloads", action="store_true",
                       help="every review's Pod differs in an annotation: no answer can be reused")
+    pods.add_argument("--templates", type=int, default=0,
+                      help="each burst is this many workloads rolling out (new ones each burst), replicas differing in a label")
     p.add_argument("--server-cpu", type=int, default=1, help="core the server is pinned to (-1: no pinning)")
     p.add_argument("--client-cpu", type=int, default=0, help="core this client is pinned to (-1: no pinning)")
     p.add_argument("--quiet-wait", type=float, default=0.0,

@@ -5,11 +5,11 @@ AdmissionReview (~4.8 kB, as an injection's), run under bench/webhook_bench.py's
   uvicorn   uvicorn with its httptools protocol and a bare ASGI callable (no framework)
   protocol  an asyncio.Protocol with httptools' parser writing the answer itself: no limits, no timeouts,
             no ordering; the floor
-  http1     webhook/http1.py (what the webhook serves with), with one route returning the answer
+  webhook   webhook/server.py's App and serving (uvicorn, bounded head and body), one route returning the answer
 
 All parse the review with orjson and run on uvloop over TLS; they differ only in the HTTP layer, so the
 difference in server CPU per review is what each HTTP layer costs. The webhook's own work on a reused
-answer (parse, facts, cache lookup, encoding, metrics) comes on top of the http1 figure.
+answer (parse, facts, cache lookup, encoding, metrics) comes on top of the `webhook` figure.
 
 Usage: .venv/bin/python bench/webhook_http_floor.py [--rounds 8] [--repeat 2] [--smoke]
 """
@@ -134,23 +134,23 @@ async def main():
 
 uvloop.run(main())
 ''',
-    "http1": COMMON + '''
+    "webhook": COMMON + '''
 import asyncio
-from webhook.http1 import HttpServer, Response, serving
+from webhook.server import App, Response, serving
 
 async def mutate(request):
     return Response(200, answer(request.body), "application/json")
 
 async def main():
     a, ctx = settings()
-    async with serving(HttpServer({"/mutate": {"POST": mutate}}), host=a.host, port=a.port, ssl_context=ctx) as bound:
+    async with serving(App({"/mutate": {"POST": mutate}}), host=a.host, port=a.port, ssl_context=ctx) as bound:
         listening(bound[1])
         await asyncio.Event().wait()
 
 uvloop.run(main())
 ''',
 }
-ORDER = ("aiohttp", "uvicorn", "http1", "protocol")
+ORDER = ("aiohttp", "uvicorn", "webhook", "protocol")
 
 
 def main() -> None:
@@ -167,10 +167,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for name, source in SERVERS.items():
             package = Path(tmp) / name / "webhook"
-            package.mkdir(parents=True)
-            (package / "__init__.py").write_text("")
+            shutil.copytree(REPO / "webhook", package, ignore=shutil.ignore_patterns("__pycache__"))
             (package / "__main__.py").write_text(source)
-            shutil.copy(REPO / "webhook" / "http1.py", package / "http1.py")
         for _ in range(args.repeat):
             for name in ORDER:
                 done = subprocess.run(

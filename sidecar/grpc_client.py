@@ -16,13 +16,10 @@ from typing import cast
 from sidecar.config import Address
 from sidecar.h2 import frames as F
 from sidecar.h2.connection import Connection, Flusher, Headers, Limits, Stream
+from sidecar.status import Status
 
-# gRPC status names by code (the `grpc-status` trailer); what grpcio calls StatusCode.<name>.
-STATUS_NAMES = (
-    "OK", "CANCELLED", "UNKNOWN", "INVALID_ARGUMENT", "DEADLINE_EXCEEDED", "NOT_FOUND", "ALREADY_EXISTS",
-    "PERMISSION_DENIED", "RESOURCE_EXHAUSTED", "FAILED_PRECONDITION", "ABORTED", "OUT_OF_RANGE",
-    "UNIMPLEMENTED", "INTERNAL", "UNAVAILABLE", "DATA_LOSS", "UNAUTHENTICATED",
-)  # fmt: skip
+_KNOWN_CODES = frozenset(Status)
+
 # gRPC over HTTP/2, "Errors": a stream reset by the server, as a status.
 _RESET_STATUS = {
     F.REFUSED_STREAM: "UNAVAILABLE",
@@ -275,7 +272,7 @@ def _result(exchange: _Exchange) -> bytes:
         raise CallError("INTERNAL", "the response ended without trailers (no grpc-status)")
     code = int(status) if status.isdigit() and len(status) <= 2 else -1
     if code != 0:
-        name = STATUS_NAMES[code] if 0 <= code < len(STATUS_NAMES) else "UNKNOWN"
+        name = Status(code).name if code in _KNOWN_CODES else "UNKNOWN"
         raise CallError(name, _decode_message(_header(final, b"grpc-message") or b""))
     return _message(bytes(exchange.body))
 

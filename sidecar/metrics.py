@@ -39,9 +39,11 @@ from prometheus_client.metrics_core import (
 from prometheus_client.registry import CollectorRegistry
 from prometheus_client.utils import floatToGoString
 
+from sidecar.status import Status
+
 OTHER = "other"
 DIRECTIONS = frozenset({"outbound", "inbound"})
-GRPC_CODES = frozenset(str(code) for code in range(17))
+GRPC_CODES = frozenset(str(code) for code in Status)
 REASON_CAP = 64
 
 # Upper bounds (seconds) of the latency histogram: 0.5 ms (a loopback unary call through two proxies)

@@ -95,15 +95,13 @@ class EndpointSet:
 class Catalog:
     """An immutable snapshot of every known Service, with the lookups routing needs."""
 
-    __slots__ = ("_by_grpc_service", "_by_key", "_by_name")
+    __slots__ = ("_by_grpc_service", "_by_key")
 
     def __init__(self, sets: Iterable[EndpointSet] = ()) -> None:
         self._by_key: dict[ServiceKey, EndpointSet] = {}
-        self._by_name: dict[str, list[ServiceKey]] = {}
         self._by_grpc_service: dict[str, ServiceKey] = {}
         for es in sorted(sets, key=lambda s: s.service):
             self._by_key[es.service] = es
-            self._by_name.setdefault(es.service.name, []).append(es.service)
             for gs in es.policy.grpc_services:
                 # First (sorted) Service wins a contested gRPC service name: deterministic.
                 self._by_grpc_service.setdefault(gs, es.service)
@@ -114,9 +112,6 @@ class Catalog:
 
     def get(self, key: ServiceKey) -> EndpointSet | None:
         return self._by_key.get(key)
-
-    def by_name(self, name: str) -> tuple[ServiceKey, ...]:
-        return tuple(self._by_name.get(name, ()))
 
     def by_grpc_service(self, grpc_service: str) -> ServiceKey | None:
         return self._by_grpc_service.get(grpc_service)

@@ -10,6 +10,7 @@ import re
 from collections.abc import Mapping
 
 from sidecar.model import LB_POLICIES, MAX_WEIGHT, ServicePolicy
+from sidecar.status import Status
 
 PREFIX = "kuberpc.io/"
 LB = PREFIX + "lb"
@@ -20,25 +21,8 @@ RETRY = PREFIX + "retry"
 RETRY_BUDGET = PREFIX + "retry-budget"
 SERVICE_KEYS = (LB, GRPC_SERVICES, ALLOW, TIMEOUT, RETRY, RETRY_BUDGET)
 
-# gRPC status codes by their kebab-case annotation names (grpc/doc/statuscodes.md); OK is not retryable.
-GRPC_CODES: Mapping[str, int] = {
-    "cancelled": 1,
-    "unknown": 2,
-    "invalid-argument": 3,
-    "deadline-exceeded": 4,
-    "not-found": 5,
-    "already-exists": 6,
-    "permission-denied": 7,
-    "resource-exhausted": 8,
-    "failed-precondition": 9,
-    "aborted": 10,
-    "out-of-range": 11,
-    "unimplemented": 12,
-    "internal": 13,
-    "unavailable": 14,
-    "data-loss": 15,
-    "unauthenticated": 16,
-}
+# gRPC status codes by their kebab-case annotation names; OK is not retryable.
+GRPC_CODES: Mapping[str, int] = {s.kebab: int(s) for s in Status if s is not Status.OK}
 
 _UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
 # Go's time.ParseDuration grammar without the sign: one or more <number><unit> terms ("1m30s").

@@ -17,25 +17,28 @@ from typing import Protocol
 from sidecar.h2 import frames as F
 from sidecar.h2.connection import Connection, Flusher, Headers, Limits, Stream
 from sidecar.metrics import Metrics
+from sidecar.status import Status
 
 log = logging.getLogger(__name__)
 
-# gRPC status codes (numeric strings are what travels in `grpc-status` and what metrics use)
-OK = 0
-CANCELLED = 1
-UNKNOWN = 2
-DEADLINE_EXCEEDED = 4
-NOT_FOUND = 5
-PERMISSION_DENIED = 7
-RESOURCE_EXHAUSTED = 8
-INTERNAL = 13
-UNAVAILABLE = 14
+# The statuses the relay answers with, by the names the directions import (sidecar/status.py defines them).
+OK = Status.OK
+CANCELLED = Status.CANCELLED
+UNKNOWN = Status.UNKNOWN
+DEADLINE_EXCEEDED = Status.DEADLINE_EXCEEDED
+NOT_FOUND = Status.NOT_FOUND
+PERMISSION_DENIED = Status.PERMISSION_DENIED
+RESOURCE_EXHAUSTED = Status.RESOURCE_EXHAUSTED
+INTERNAL = Status.INTERNAL
+UNAVAILABLE = Status.UNAVAILABLE
 
 # A call whose request never left this proxy is placed again at most this often (then UNAVAILABLE).
 MAX_PLACEMENTS = 3
 
-# Headers RFC 9113 §8.2.2 forbids in HTTP/2; a request carrying one is malformed.
-_CONNECTION_SPECIFIC = frozenset({b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding", b"upgrade"})
+# What a request that is not gRPC gets (gRPC over HTTP/2: "SHOULD respond with HTTP status 415"), from the
+# proxy itself, so that it never depends on how the app treats non-gRPC requests.
+_NOT_GRPC: Headers = [(b":status", b"415"), (b"content-type", b"text/plain; charset=utf-8")]
+_NOT_GRPC_BODY = b"kuberpc relays gRPC only: content-type must be application/grpc\n"
 _TIMEOUT_UNITS = {
     ord("H"): 3600.0,
     ord("M"): 60.0,
@@ -204,31 +207,21 @@ class Relay:
             self.idle.set()
 
     def on_request(self, conn: Connection, s: Stream, headers: Headers, end: bool) -> None:
-        path = authority = scheme = method = None
+        # The codec has checked the request is well-formed (sidecar/h2/fields.py); what is left is gRPC's.
+        path = authority = None
+        content_type = b""
         timeout_at = -1
-        regular = False
         for i, (name, value) in enumerate(headers):
-            if name[:1] == b":":
-                if regular:
-                    return self._malformed(s, "pseudo-header after regular header")
-                if name == b":path":
-                    path = value
-                elif name == b":authority":
-                    authority = value
-                elif name == b":method":
-                    method = value
-                elif name == b":scheme":
-                    scheme = value
-                else:
-                    return self._malformed(s, f"unknown pseudo-header {name!r}")
-            else:
-                regular = True
-                if name == b"grpc-timeout":
-                    timeout_at = i
-                elif name in _CONNECTION_SPECIFIC or (name == b"te" and value != b"trailers"):
-                    return self._malformed(s, f"connection-specific header {name!r}")
-        if not path or method is None or scheme is None:
-            return self._malformed(s, "missing :method, :scheme or :path")
+            if name == b":path":
+                path = value
+            elif name == b":authority":
+                authority = value
+            elif name == b"content-type":
+                content_type = value
+            elif name == b"grpc-timeout":
+                timeout_at = i
+        if not content_type.startswith(b"application/grpc") or path is None:
+            return self._not_grpc(s)
         spath = path.decode("latin-1")
         timeout = parse_grpc_timeout(headers[timeout_at][1]) if timeout_at >= 0 else None
         request = Request(spath, authority.decode("latin-1") if authority is not None else None, timeout)
@@ -314,7 +307,7 @@ class Relay:
                 self._fail(call, failure.status, failure.message)
             return
         s.reset = True
-        conn._release_pending(s)
+        conn.release_pending(s)
         self._answer(call, UNAVAILABLE, f"upstream {conn.name}: {reason}")
         self._closed(call)
 
@@ -353,9 +346,12 @@ class Relay:
         call.down = call.up = None  # type: ignore[assignment]
         call.target = None
 
-    def _malformed(self, s: Stream, why: str) -> None:
-        log.debug("malformed request conn=%s stream=%d reason=%s", s.conn.name, s.id, why)
-        s.conn.reset_stream(s, F.PROTOCOL_ERROR)
+    def _not_grpc(self, s: Stream) -> None:
+        """415 with a line saying why. The stream stays open for the rest of the request, which the codec
+        reads, checks and discards, so a malformed body still gets the RFC's stream error."""
+        log.debug("not a gRPC request conn=%s stream=%d", s.conn.name, s.id)
+        s.conn.send_headers(s, _NOT_GRPC, False)
+        s.conn.send_data(s, _NOT_GRPC_BODY, True, None, 0)
 
     def _reject(self, s: Stream, reject: Reject, path: str) -> None:
         """A call that is never placed: a trailers-only answer, counted in metrics."""
@@ -390,7 +386,7 @@ class Relay:
         self._answer(call, status, message)
         if up is not None and not up.reset:
             up.reset = True
-            up.conn._release_pending(up)
+            up.conn.release_pending(up)
         call.closed = 1
         self._closed(call)
 

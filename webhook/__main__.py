@@ -128,8 +128,7 @@ def _utcnow() -> dt.datetime:
 async def _serve(
     args: argparse.Namespace, cfg: InjectorConfig, bundle: str | None, ca: CertificateAuthority | None
 ) -> None:
-    # Imported here so `--help` and `install` work without loading aiohttp, grpc and the kubernetes client.
-    from webhook import http1
+    # Imported here so `--help` and `install` work without loading uvicorn, grpc and the kubernetes client.
     from webhook.identity_service import (
         IdentityMetrics,
         IdentityService,
@@ -140,6 +139,7 @@ async def _serve(
     from webhook.kube import NamespaceLabels, fetch_version, load_api_client, review_token
     from webhook.metrics import WebhookMetrics
     from webhook.server import CertReloader, create_app
+    from webhook.server import serving as serving_https
     from webhook.trust import TrustAnchorSync
 
     api = load_api_client()
@@ -186,7 +186,7 @@ async def _serve(
     async with (
         AsyncExitStack() as stack,
         asyncio.TaskGroup() as tg,
-        http1.serving(app, host=args.host, port=args.port, ssl_context=reloader.context),
+        serving_https(app, host=args.host, port=args.port, ssl_context=reloader.context),
     ):
         if identity is not None:
             await stack.enter_async_context(identity)

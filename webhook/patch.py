@@ -62,10 +62,6 @@ def _str_map(obj: object, key: str) -> dict[str, str]:
     return {k: v for k, v in m.items() if isinstance(k, str) and isinstance(v, str)} if m else {}
 
 
-def pod_annotations(pod: Mapping[str, object]) -> dict[str, str]:
-    return _str_map(_map(pod, "metadata"), "annotations")
-
-
 def pod_labels(pod: Mapping[str, object]) -> dict[str, str]:
     return _str_map(_map(pod, "metadata"), "labels")
 
@@ -213,21 +209,6 @@ def read_pod(pod: Mapping[str, object]) -> PodFacts:
     )
 
 
-def needs_injection(
-    pod: Mapping[str, object],
-    ns_labels: Mapping[str, str],
-    cfg: InjectorConfig,
-    *,
-    namespace: str = "",
-) -> Decision:
-    """Opted in (pod annotation first, then namespace label), not injected yet, and able to carry a proxy."""
-    facts = read_pod(pod)
-    return _needs_injection(facts, dict(facts.annotations), ns_labels, cfg, namespace=namespace)
-
-
-# The private variants below take the facts and their annotations as a map, both made once per admission.
-
-
 def _needs_injection(
     f: PodFacts,
     ann: Mapping[str, str],
@@ -338,12 +319,6 @@ def _max_quantity(x: str, y: str) -> str:
 
 def _seconds(value: Decimal) -> str:
     return str(int(value)) if value == value.to_integral_value() else str(value)
-
-
-def plan_injection(pod: Mapping[str, object], cfg: InjectorConfig, *, namespace: str = "") -> Plan:
-    """Read and check every annotation; raise Denied listing each that would break the pod."""
-    facts = read_pod(pod)
-    return _plan_injection(facts, dict(facts.annotations), cfg, namespace=namespace)
 
 
 def _plan_injection(f: PodFacts, ann: Mapping[str, str], cfg: InjectorConfig, *, namespace: str) -> Plan:
@@ -627,11 +602,6 @@ def _append_items(key: str, exists: bool, items: list[JsonObject], *, first: boo
     return [{"op": "add", "path": f"{base}/{pos}", "value": item} for item in (reversed(items) if first else items)]
 
 
-def build_patch(pod: Mapping[str, object], cfg: InjectorConfig, settings: ProxySettings) -> list[JsonPatchOp]:
-    """The JSON Patch that injects the proxy described by `settings`; applies cleanly to `pod`."""
-    return patch_ops(cfg, settings, read_pod(pod).layout)
-
-
 def patch_ops(cfg: InjectorConfig, settings: ProxySettings, layout: PatchLayout) -> list[JsonPatchOp]:
     """The JSON Patch that injects the proxy described by `settings` into a Pod of this layout."""
     ops: list[JsonPatchOp] = []
@@ -699,7 +669,8 @@ def mutate(
     *,
     namespace: str = "",
 ) -> Outcome:
-    """needs_injection, then plan_injection, then build_patch."""
+    """Whether to inject (opted in, not injected yet, able to carry a proxy), the plan read from every
+    annotation (a denial listing each that would break the pod), then the JSON Patch."""
     return decide(read_pod(pod), ns_labels, cfg, namespace=namespace)
 
 

@@ -1,22 +1,29 @@
-"""The webhook's routes: POST /mutate, GET /healthz, GET /metrics, and a serving cert reloaded from disk.
+"""The webhook's routes: POST /mutate, GET /healthz, GET /metrics, served over HTTPS by uvicorn (ASGI), with
+a serving cert reloaded from disk.
 
-Maps errors to HTTP answers in exactly one place (`mutate`); every decision is delegated to review.py/patch.py,
-and HTTP itself to http1.py.
+Maps errors to HTTP answers in exactly one place (`mutate`, then `App.respond` for what escapes a handler);
+every decision is delegated to review.py/patch.py, and HTTP/1.1 itself to uvicorn on httptools' parser.
 """
 
 from __future__ import annotations
 
+import asyncio
+import json
 import logging
 import os
+import socket
 import ssl
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from contextlib import asynccontextmanager
+from typing import NamedTuple
 
+import uvicorn
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from webhook.config import InjectorConfig
-from webhook.http1 import HttpServer, Request, Response, text
 from webhook.kube import NamespaceLookupError
 from webhook.metrics import AdmissionResult, WebhookMetrics
 from webhook.patch import PodFacts, decide, needs_namespace_labels, read_pod
@@ -33,6 +40,235 @@ from webhook.review import (
 log = logging.getLogger(__name__)
 
 NamespaceLabelsLookup = Callable[[str], Awaitable[Mapping[str, str]]]
+
+# A Pod can approach etcd's 1.5 MiB object limit and the review carries it once (CREATE has no oldObject).
+MAX_BODY_BYTES = 4 * 1024 * 1024
+MAX_HEAD_BYTES = 64 * 1024  # request line and headers
+IDLE_TIMEOUT_S = 75.0  # as aiohttp's keep-alive; the API server's client drops idle connections at 90 s
+SHUTDOWN_TIMEOUT_S = 10.0
+
+
+class Request(NamedTuple):
+    method: str
+    path: str  # without the query string: the API server calls /mutate?timeout=10s
+    body: bytes
+
+
+class Response(NamedTuple):
+    status: int
+    body: bytes = b""
+    content_type: str = "text/plain; charset=utf-8"
+    headers: tuple[tuple[str, str], ...] = ()
+
+
+Handler = Callable[[Request], Awaitable[Response]]
+# path -> method -> handler; a GET route also answers HEAD.
+Routes = Mapping[str, Mapping[str, Handler]]
+# ASGI at its boundary: uvicorn's messages are plain dicts; nothing past `App.__call__` sees them.
+Message = Mapping[str, object]
+
+
+def text(status: int, message: str, *, headers: tuple[tuple[str, str], ...] = ()) -> Response:
+    return Response(status, (message + "\n").encode(), headers=headers)
+
+
+class App:
+    """The routes as an ASGI application: reads a bounded body, routes, answers; knows nothing of admission."""
+
+    def __init__(self, routes: Routes, *, max_body_bytes: int = MAX_BODY_BYTES) -> None:
+        self.routes = routes
+        self.max_body_bytes = max_body_bytes
+
+    async def __call__(
+        self, scope: Message, receive: Callable[[], Awaitable[Message]], send: Callable[[Message], Awaitable[None]]
+    ) -> None:
+        if scope["type"] != "http":
+            return  # lifespan is off and websockets are not served: nothing else reaches here
+        method = str(scope["method"])
+        response = await self.respond(method, str(scope["path"]), scope, receive)
+        if response is None:
+            return  # the client went away before its request was whole
+        headers = [
+            (b"content-type", response.content_type.encode()),
+            (b"content-length", b"%d" % len(response.body)),
+            *((k.encode(), v.encode()) for k, v in response.headers),
+        ]
+        await send({"type": "http.response.start", "status": response.status, "headers": headers})
+        await send({"type": "http.response.body", "body": b"" if method == "HEAD" else response.body})
+
+    async def respond(
+        self, method: str, path: str, scope: Message, receive: Callable[[], Awaitable[Message]]
+    ) -> Response | None:
+        """Route one request; the one place an unexpected handler error becomes a 500."""
+        methods = self.routes.get(path)
+        if methods is None:
+            return text(404, "not found")
+        handler = methods.get("GET" if method == "HEAD" else method)
+        if handler is None:
+            allowed = sorted({*methods, *(("HEAD",) if "GET" in methods else ())})
+            return text(405, f"method {method} not allowed", headers=(("allow", ", ".join(allowed)),))
+        body = await self._body(scope, receive)
+        if body is None:
+            return None
+        if isinstance(body, Response):
+            return body
+        try:
+            return await handler(Request(method, path, body))
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise  # the server is stopping this answer
+            # Something the handler awaited was cancelled by someone else: a failure like any other.
+            log.exception("event=request_failed path=%s", path)
+            return text(500, "internal error")
+        except Exception:
+            log.exception("event=request_failed path=%s", path)
+            return text(500, "internal error")
+
+    async def _body(self, scope: Message, receive: Callable[[], Awaitable[Message]]) -> bytes | Response | None:
+        """The whole body, a 413 past the limit (declared or not), or None if the client left."""
+        too_large = text(
+            413, f"request body exceeds {self.max_body_bytes} bytes", headers=(("connection", "close"),)
+        )
+        headers = scope["headers"]
+        assert isinstance(headers, list)
+        for name, value in headers:
+            if name == b"content-length" and value.isdigit() and int(value) > self.max_body_bytes:
+                return too_large  # refused before it is sent (uvicorn answers no 100-continue until we read)
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return None
+            chunk = message.get("body", b"")
+            assert isinstance(chunk, bytes)
+            size += len(chunk)
+            if size > self.max_body_bytes:
+                return too_large
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+class _HeadTooLarge(Exception):
+    pass
+
+
+class BoundedHeadProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol with a bound on the request head, answered 431 (RFC 6585).
+
+    Written because uvicorn sets no such bound for httptools (h11 has one, but answers 400): without it, an
+    endless header line or list would be held in memory. Counts what the parser has handed over (URL and
+    fields) and what it still holds of an unfinished head.
+    """
+
+    max_head_bytes = MAX_HEAD_BYTES
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        self._parsed = 0  # URL and header bytes of the current head, as parsed
+        self._pending = 0  # bytes received while the current head is unfinished
+        self._in_head = True
+        self._refused = False
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        if self._in_head and not self._refused and not self.transport.is_closing():
+            self._pending += len(data)
+            if self._pending > self.max_head_bytes:
+                self._refuse()
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self._in_head = True
+
+    def on_url(self, url: bytes) -> None:
+        self._count(len(url))
+        super().on_url(url)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._count(len(name) + len(value))
+        super().on_header(name, value)
+
+    def on_headers_complete(self) -> None:
+        self._in_head = False
+        self._parsed = self._pending = 0
+        super().on_headers_complete()
+
+    def _count(self, n: int) -> None:
+        self._parsed += n
+        if self._parsed > self.max_head_bytes:
+            self._refused = True
+            raise _HeadTooLarge  # httptools stops parsing; uvicorn's error path lands in send_400_response
+
+    def send_400_response(self, msg: str) -> None:
+        if self._refused:
+            self._refuse()
+        else:
+            super().send_400_response(msg)
+
+    def _refuse(self) -> None:
+        self._refused = True
+        body = b"request headers exceed %d bytes\n" % self.max_head_bytes
+        self.transport.write(
+            b"HTTP/1.1 431 Request Header Fields Too Large\r\ncontent-type: text/plain; charset=utf-8\r\n"
+            b"content-length: %d\r\nconnection: close\r\n\r\n%s" % (len(body), body)
+        )
+        self.transport.close()
+
+
+@asynccontextmanager
+async def serving(
+    app: App,
+    *,
+    host: str,
+    port: int,
+    ssl_context: ssl.SSLContext | None,
+    shutdown_timeout: float = SHUTDOWN_TIMEOUT_S,
+) -> AsyncIterator[tuple[str, int]]:
+    """Serve until the block exits, then stop accepting and drain open connections; yields the bound (host, port).
+
+    Drives uvicorn's Server by its parts rather than `serve()`, which would take SIGTERM for itself: the entry
+    point owns signals and keeps answering for a while after one (see __main__).
+    """
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.create_server((host, port), family=family, backlog=1024)
+    config = uvicorn.Config(
+        app,
+        http=BoundedHeadProtocol,
+        ws="none",
+        lifespan="off",
+        log_config=None,
+        access_log=False,
+        proxy_headers=False,
+        server_header=False,
+        timeout_keep_alive=int(IDLE_TIMEOUT_S),
+        timeout_graceful_shutdown=int(shutdown_timeout) or 1,
+        backlog=1024,
+    )
+    config.load()
+    # Our context, not one uvicorn would build once from file paths: CertReloader swaps certificates on
+    # rotation and sets the session tickets.
+    config.ssl = ssl_context
+    server = uvicorn.Server(config)
+    server.lifespan = config.lifespan_class(config)  # what `serve()` sets up before `startup()`: lifespan off
+    try:
+        await server.startup(sockets=[sock])
+        ticker = asyncio.create_task(server.main_loop(), name="webhook-http-date")  # the Date header, each second
+    except BaseException:
+        sock.close()
+        raise
+    try:
+        bound = sock.getsockname()
+        log.info("event=listening address=%s", json.dumps(list(bound[:2])))
+        yield str(bound[0]), int(bound[1])
+    finally:
+        server.should_exit = True
+        await ticker
+        await server.shutdown(sockets=[sock])
+        for conn in list(server.server_state.connections):  # past the grace period: what is left is cut off
+            conn.transport.abort()
 
 
 # TLS 1.3 session tickets sent after each full handshake. Each costs the server an encryption and a write
@@ -139,7 +375,7 @@ def create_app(
     namespace_labels: NamespaceLabelsLookup,
     clock: Callable[[], float] = time.perf_counter,
     answers: AnswerCache | None = None,
-) -> HttpServer:
+) -> App:
     """The webhook's routes. `answers` (default: a fresh AnswerCache) reuses the answer for identical Pods.
 
     One cache per app: `cfg` is part of every answer it keeps, so it must not be shared across configs.
@@ -185,7 +421,7 @@ def create_app(
             # 503 lets the webhook's failurePolicy (Ignore or Fail) decide, as for any outage.
             log.warning("event=namespace_lookup_failed error=%s", e)
             return text(503, str(e))
-        finally:  # an unexpected error counts as "error" here and becomes a 500 in http1, like any route's
+        finally:  # an unexpected error counts as "error" here and becomes a 500 in App.respond, like any route's
             metrics.observe(result, clock() - started)
 
     async def healthz(_: Request) -> Response:
@@ -194,9 +430,6 @@ def create_app(
     async def metrics_page(_: Request) -> Response:
         return Response(200, generate_latest(metrics.registry), CONTENT_TYPE_LATEST)
 
-    # The API server appends ?timeout=10s: http1 matches paths without the query. A Pod can approach etcd's
-    # 1.5 MiB object limit and the review carries it once (CREATE has no oldObject): http1 reads up to
-    # 4 MiB and refuses a larger body with 413 before it reaches `mutate`.
-    return HttpServer(
-        {"/mutate": {"POST": mutate}, "/healthz": {"GET": healthz}, "/metrics": {"GET": metrics_page}}
-    )
+    # The API server appends ?timeout=10s: ASGI's path leaves the query out. App reads up to MAX_BODY_BYTES
+    # and refuses a larger body with 413 before it reaches `mutate`.
+    return App({"/mutate": {"POST": mutate}, "/healthz": {"GET": healthz}, "/metrics": {"GET": metrics_page}})

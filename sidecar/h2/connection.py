@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol, cast
 
 from sidecar.h2 import frames as F
+from sidecar.h2.fields import Malformed, check_request, check_response, check_trailers
 from sidecar.h2.hpack import Decoder, Encoder, HeaderListTooLarge, HPACKError
 
 log = logging.getLogger(__name__)
@@ -112,6 +113,7 @@ class Stream:
         "peer",
         "pending",
         "recv_window",
+        "remaining",
         "remote_closed",
         "reset",
         "rst_after",
@@ -137,6 +139,8 @@ class Stream:
         self.rst_after = -1  # RST_STREAM code to send once `pending` is written (-1: none)
         self.got_headers = False
         self.sent_headers = False
+        # DATA bytes the peer's content-length still announces (-1: no content-length, or not checked).
+        self.remaining = -1
 
     def __repr__(self) -> str:
         return f"<Stream {self.id} on {self.conn.name}>"
@@ -206,6 +210,10 @@ class Connection(asyncio.Protocol):
         self._waiting: deque[Stream] = deque()  # client role: streams waiting for a concurrency slot
         self._recently_reset: deque[int] = deque(maxlen=1024)
         self._recently_reset_set: set[int] = set()
+        # Server role: gaps (exclusive ranges) in the client's stream ids, never opened, so that HEADERS on
+        # one is told apart from HEADERS on a closed stream (§5.1.1 vs §5.1). Bounded: older gaps count as
+        # closed streams, a connection error either way.
+        self._skipped: deque[tuple[int, int]] = deque(maxlen=64)
         self._cont_stream = 0  # stream whose header block continues, 0: none
         self._cont_parts: list[bytes] = []
         self._cont_flags = 0
@@ -279,7 +287,7 @@ class Connection(asyncio.Protocol):
                 self.handler.on_refused(s)
                 continue
             s.reset = True
-            self._release_pending(s)
+            self.release_pending(s)
             self.handler.on_reset(s, F.INTERNAL_ERROR)
             self.handler.on_closed(s)
         self.handler.on_connection_lost(self)
@@ -554,6 +562,11 @@ class Connection(asyncio.Protocol):
         if s.recv_window < 0:
             self._credit_connection(flen)
             raise StreamError(F.FLOW_CONTROL_ERROR, "stream receive window exceeded")
+        if s.remaining >= 0:
+            s.remaining -= len(payload)
+            if s.remaining < 0 or (flags & F.FLAG_END_STREAM and s.remaining):
+                self._credit_connection(flen)
+                raise StreamError(F.PROTOCOL_ERROR, "DATA does not add up to content-length (§8.1.1)")
         # Connection-level credit goes back on receipt, so one slow stream cannot stall the others
         # (stream windows hold each sender back); past the buffer cap it waits for bytes to drain.
         self.buffered += flen
@@ -636,8 +649,14 @@ class Connection(asyncio.Protocol):
             if self.client or sid <= self.last_peer_stream or not sid & 1:
                 if sid & 1 == 0 and not self.client:
                     raise ConnectionError_(F.PROTOCOL_ERROR, f"even stream id {sid} from a client")
+                if not self.client and sid not in self._recently_reset_set:
+                    if any(lo < sid < hi for lo, hi in self._skipped):
+                        raise ConnectionError_(F.PROTOCOL_ERROR, f"stream id {sid} lower than one already opened")
+                    raise ConnectionError_(F.STREAM_CLOSED, f"HEADERS on closed stream {sid}")
                 self._closed_stream_frame(sid, _HEADERS)
                 return
+            if sid - self.last_peer_stream > 2:
+                self._skipped.append((self.last_peer_stream, sid))
             self.last_peer_stream = sid
             if self.goaway_last is not None and sid > self.goaway_last:
                 self._write(F.rst_stream(sid, F.REFUSED_STREAM))
@@ -658,20 +677,40 @@ class Connection(asyncio.Protocol):
                 s.sent_headers = True
                 self._maybe_forget(s)
                 return
+            try:
+                length = check_request(headers)
+            except Malformed as e:
+                raise StreamError(F.PROTOCOL_ERROR, f"malformed request: {e}") from None
+            if end and length > 0:
+                raise StreamError(F.PROTOCOL_ERROR, "malformed request: content-length but no DATA")
+            s.remaining = length
             self.handler.on_request(self, s, headers, end)
             return
         if s.remote_closed:
             raise StreamError(F.STREAM_CLOSED, "HEADERS after END_STREAM")
-        if self.client and not s.got_headers:
-            status = headers[0][1] if headers and headers[0][0] == b":status" else None
-            if status is None:
-                raise StreamError(F.PROTOCOL_ERROR, "response without :status first")
-            if status[:1] == b"1" and not end:
-                return  # informational (1xx): not part of a gRPC response, not forwarded
-        if s.got_headers and not end:
-            raise StreamError(F.PROTOCOL_ERROR, "trailers without END_STREAM")
         if too_large:
             raise StreamError(F.PROTOCOL_ERROR, "header list too large")
+        try:
+            if s.got_headers:
+                if not end:
+                    raise StreamError(F.PROTOCOL_ERROR, "trailers without END_STREAM")
+                check_trailers(headers)
+                if s.remaining > 0:
+                    raise Malformed("less DATA than content-length")
+            else:  # client role: the response
+                status = headers[0][1] if headers and headers[0][0] == b":status" else None
+                if status is None:
+                    raise StreamError(F.PROTOCOL_ERROR, "response without :status first")
+                if status[:1] == b"1" and not end:
+                    return  # informational (1xx): not part of a gRPC response, not forwarded
+                length = check_response(headers)
+                # A response to HEAD, or a 304, announces a length it does not carry (§8.1.1).
+                if s.remaining == -1 and status != b"304":
+                    if end and length > 0:
+                        raise Malformed("content-length but no DATA")
+                    s.remaining = length
+        except Malformed as e:
+            raise StreamError(F.PROTOCOL_ERROR, f"malformed {'trailers' if s.got_headers else 'response'}: {e}") from None
         s.got_headers = True
         if end:
             s.remote_closed = True
@@ -815,6 +854,8 @@ class Connection(asyncio.Protocol):
         if len(payload) != 5:
             raise StreamError(F.FRAME_SIZE_ERROR, "PRIORITY length")
         self._spend_control()
+        if F.u32(payload) & 0x7FFFFFFF == sid:
+            raise StreamError(F.PROTOCOL_ERROR, "stream depends on itself")
 
     # ---- flow control ---------------------------------------------------------------------------------
 
@@ -948,6 +989,8 @@ class Connection(asyncio.Protocol):
         if self.draining or self.closed or self.next_stream_id > F.MAX_STREAM_ID:
             return False
         s.send_window = self.peer_initial_window
+        if (b":method", b"HEAD") in headers:
+            s.remaining = -2  # its response's content-length announces DATA that never comes
         if s.pending is None:
             s.pending = deque()
         s.pending.appendleft((headers, end))
@@ -992,7 +1035,7 @@ class Connection(asyncio.Protocol):
                 self._waiting.remove(s)
             except ValueError:
                 pass
-            self._release_pending(s)
+            self.release_pending(s)
         self.handler.on_closed(s)
         self._after_close()
 
@@ -1000,9 +1043,10 @@ class Connection(asyncio.Protocol):
         s.reset = True
         self.streams.pop(s.id, None)
         self._blocked.pop(s, None)
-        self._release_pending(s)
+        self.release_pending(s)
 
-    def _release_pending(self, s: Stream) -> None:
+    def release_pending(self, s: Stream) -> None:
+        """Drop what is queued on `s` and credit the sources of its DATA (their bytes will never be sent)."""
         pending, s.pending = s.pending, None
         if pending:
             for item in pending:

@@ -355,8 +355,6 @@ class Decoder:
                     pos = stop
                     if byte & 0x80:
                         name = huffman_decode(name)
-                    if name.lower() != name:
-                        raise HPACKError(f"uppercase header name {name!r}")
                 byte = data[pos]
                 length = byte & 0x7F
                 pos += 1
@@ -469,7 +467,7 @@ class Encoder:
     def encode(self, headers: Iterable[tuple[bytes, bytes]]) -> bytes:
         """Encode one header list as a complete header block.
 
-        Names must already be lowercase bytes (HTTP/2 requires it; the Decoder rejects others).
+        Names must already be lowercase bytes (HTTP/2 requires it; the connection refuses others as malformed).
         """
         key = tuple(headers)
         memo = self._memo

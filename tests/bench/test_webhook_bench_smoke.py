@@ -46,5 +46,5 @@ def test_the_http_floor_comparison_runs_every_server() -> None:
     )
     assert done.returncode == 0, done.stderr[-3000:]
     lines = done.stdout.splitlines()
-    assert [ln.split()[0] for ln in lines] == ["aiohttp", "uvicorn", "http1", "protocol"]
+    assert [ln.split()[0] for ln in lines] == ["aiohttp", "uvicorn", "webhook", "protocol"]
     assert all("server CPU" in ln for ln in lines)

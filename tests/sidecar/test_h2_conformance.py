@@ -7,10 +7,12 @@ from __future__ import annotations
 import asyncio
 import struct
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import grpc
 import h2.config
 import h2.connection
+import h2.errors
 import h2.events
 import h2.settings
 import hpack
@@ -18,7 +20,7 @@ import pytest
 
 from sidecar.h2 import frames as F
 from tests.sidecar.h2peer import AUTHORITY, StrictPeer, client_tls, connect, grpc_frame, request_headers
-from tests.sidecar.harness import GRPC_OPTIONS, MeshCerts, Pair
+from tests.sidecar.harness import GRPC_OPTIONS, Backend, MeshCerts, Pair, run_pair
 
 
 @pytest.fixture(params=["outbound", "inbound"])
@@ -361,3 +363,205 @@ async def test_an_upstream_connection_out_of_stream_ids_is_replaced_without_fail
     await still_serving(pair)  # placed on a fresh connection
     live = [c for conns in pool._conns.values() for c in conns if not c.closed]
     assert live and conn not in live
+
+
+# ---- malformed messages (RFC 9113 §8.1.1-8.3): refused by the proxy itself, never forwarded -----------
+
+
+def malformed(kind: str) -> list[tuple[str, str]]:
+    good = request_headers()
+    pseudo, regular = good[:4], good[4:]
+    return {
+        "duplicate :method": [pseudo[0], *pseudo, *regular],
+        "duplicate :scheme": [*pseudo[:2], pseudo[1], *pseudo[2:], *regular],
+        "duplicate :path": [*pseudo, (":path", "/test.Echo/Other"), *regular],
+        "unknown pseudo-header": [*pseudo, (":foo", "bar"), *regular],
+        "response pseudo-header": [*pseudo, (":status", "200"), *regular],
+        "pseudo-header after a regular field": [*pseudo[:3], *regular, pseudo[3]],
+        "no :method": [*pseudo[1:], *regular],
+        "no :scheme": [pseudo[0], *pseudo[2:], *regular],
+        "no :path": [*pseudo[:2], pseudo[3], *regular],
+        "empty :path": [*pseudo[:2], (":path", ""), pseudo[3], *regular],
+        "connection": [*good, ("connection", "keep-alive")],
+        "keep-alive": [*good, ("keep-alive", "timeout=5")],
+        "proxy-connection": [*good, ("proxy-connection", "keep-alive")],
+        "transfer-encoding": [*good, ("transfer-encoding", "chunked")],
+        "upgrade": [*good, ("upgrade", "h2c")],
+        "te other than trailers": [*pseudo, ("content-type", "application/grpc"), ("te", "gzip")],
+        "uppercase field name": [*good, ("X-Upper", "1")],
+        "field name with a space": [*good, ("x bad", "1")],
+        "content-length not a number": [*good, ("content-length", "ten")],
+    }[kind]
+
+
+def lax(peer: StrictPeer) -> StrictPeer:
+    """Let the strict peer send what it would refuse to (it still validates every frame the proxy sends)."""
+    peer.conn.config.validate_outbound_headers = False
+    peer.conn.config.normalize_outbound_headers = False
+    return peer
+
+
+async def expect_protocol_error(peer: StrictPeer, sid: int, backend: Backend) -> None:
+    ev = await peer.read_until(lambda e: isinstance(e, h2.events.StreamReset) and e.stream_id == sid)
+    assert ev.error_code == h2.errors.ErrorCodes.PROTOCOL_ERROR
+    assert backend.state.seen_metadata == []  # never forwarded
+    _, data, _ = await peer.call(b"still here")  # a stream error: the connection goes on
+    assert data == grpc_frame(b"still here")
+
+
+@pytest.mark.parametrize(
+    "kind",
+    [
+        "duplicate :method",
+        "duplicate :scheme",
+        "duplicate :path",
+        "unknown pseudo-header",
+        "response pseudo-header",
+        "pseudo-header after a regular field",
+        "no :method",
+        "no :scheme",
+        "no :path",
+        "empty :path",
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "transfer-encoding",
+        "upgrade",
+        "te other than trailers",
+        "uppercase field name",
+        "field name with a space",
+        "content-length not a number",
+    ],
+)
+async def test_a_malformed_request_is_reset_with_protocol_error_and_never_forwarded(
+    peer: StrictPeer, backend: Backend, kind: str
+) -> None:
+    lax(peer)
+    sid = peer.conn.get_next_available_stream_id()
+    peer.conn.send_headers(sid, malformed(kind), end_stream=True)
+    await peer.flush()
+    await expect_protocol_error(peer, sid, backend)
+
+
+@pytest.mark.parametrize(("declared", "sent"), [(10, b"12345"), (3, b"12345"), (5, b"")])
+async def test_data_not_adding_up_to_content_length_is_a_stream_error(
+    peer: StrictPeer, backend: Backend, declared: int, sent: bytes
+) -> None:
+    lax(peer)
+    sid = peer.conn.get_next_available_stream_id()
+    peer.conn.send_headers(sid, request_headers(extra=[("content-length", str(declared))]), end_stream=not sent)
+    if sent:
+        peer.conn.send_data(sid, sent, end_stream=True)
+    await peer.flush()
+    await expect_protocol_error(peer, sid, backend)
+
+
+async def test_a_pseudo_header_in_trailers_is_a_stream_error(peer: StrictPeer, backend: Backend) -> None:
+    lax(peer)
+    sid = peer.conn.get_next_available_stream_id()
+    peer.conn.send_headers(sid, request_headers())
+    peer.conn.send_data(sid, grpc_frame(b"x"))
+    peer.conn.send_headers(sid, [(":path", "/sneaky")], end_stream=True)
+    await peer.flush()
+    ev = await peer.read_until(lambda e: isinstance(e, h2.events.StreamReset) and e.stream_id == sid)
+    assert ev.error_code == h2.errors.ErrorCodes.PROTOCOL_ERROR
+
+
+async def test_a_request_that_is_not_grpc_gets_415_from_the_proxy(peer: StrictPeer, backend: Backend) -> None:
+    sid = peer.conn.get_next_available_stream_id()
+    peer.conn.send_headers(sid, [(":method", "GET"), (":scheme", "http"), (":path", "/"), (":authority", AUTHORITY)], end_stream=True)
+    await peer.flush()
+    headers, body, _ = await peer.response(sid)
+    assert (b":status", b"415") in headers
+    assert b"application/grpc" in body
+    assert backend.state.seen_metadata == []
+
+
+async def test_headers_on_a_closed_stream_is_a_stream_closed_connection_error(peer: StrictPeer) -> None:
+    await peer.call(b"done")  # stream 1, closed both ways
+    # Written under h2's feet, which would not send it (a fresh encoder's block is still valid HPACK).
+    peer.writer.write(headers_frame(1, request_headers(), flags=F.FLAG_END_HEADERS | F.FLAG_END_STREAM))
+    ev = await peer.read_until(lambda e: isinstance(e, h2.events.ConnectionTerminated))
+    assert ev.error_code == h2.errors.ErrorCodes.STREAM_CLOSED
+
+
+async def test_a_stream_id_lower_than_one_already_opened_is_a_protocol_error(pair: Pair) -> None:
+    reader, writer = await raw(pair)
+    enc = hpack.Encoder()
+    writer.write(
+        F.frame(F.HEADERS, F.FLAG_END_HEADERS, 5, enc.encode(request_headers()))
+        + F.frame(F.HEADERS, F.FLAG_END_HEADERS, 3, enc.encode(request_headers()))
+    )
+    await writer.drain()
+    assert goaway_code(await read_frames(reader, F.GOAWAY)) == F.PROTOCOL_ERROR
+    writer.close()
+
+
+async def test_a_priority_frame_making_a_stream_depend_on_itself_is_a_stream_error(pair: Pair) -> None:
+    reader, writer = await raw(pair)
+    writer.write(headers_frame(1, request_headers()) + F.frame(F.PRIORITY, 0, 1, struct.pack(">IB", 1, 16)))
+    await writer.drain()
+    rst = [f for f in await read_frames(reader, F.RST_STREAM) if f[0] == F.RST_STREAM]
+    writer.close()
+    assert rst and rst[0][2] == 1 and struct.unpack(">I", rst[0][3])[0] == F.PROTOCOL_ERROR
+
+
+class MalformedResponder(asyncio.Protocol):
+    """A backend that answers every request with the response its class names (h2 told not to validate)."""
+
+    response: list[tuple[bytes, bytes]]
+    body = grpc_frame(b"answer")
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        cfg = h2.config.H2Configuration(client_side=False, header_encoding=None, validate_outbound_headers=False, normalize_outbound_headers=False)
+        self.conn = h2.connection.H2Connection(cfg)
+        self.conn.initiate_connection()
+        transport.write(self.conn.data_to_send())
+
+    def data_received(self, data: bytes) -> None:
+        for ev in self.conn.receive_data(data):
+            if isinstance(ev, h2.events.StreamEnded):
+                self.conn.send_headers(ev.stream_id, self.response)
+                self.conn.send_data(ev.stream_id, self.body)
+                self.conn.send_headers(ev.stream_id, [(b"grpc-status", b"0")], end_stream=True)
+        self.transport.write(self.conn.data_to_send())
+
+
+@pytest.mark.parametrize(
+    ("response", "well_formed_headers"),
+    [
+        ([(b":status", b"200"), (b":status", b"200"), (b"content-type", b"application/grpc")], False),
+        ([(b":status", b"200"), (b":path", b"/"), (b"content-type", b"application/grpc")], False),
+        ([(b":status", b"200"), (b"connection", b"close"), (b"content-type", b"application/grpc")], False),
+        ([(b":status", b"200"), (b"Content-Type", b"application/grpc")], False),
+        # Only the DATA that follows shows this one short of its content-length: the headers went on.
+        ([(b":status", b"200"), (b"content-type", b"application/grpc"), (b"content-length", b"1000")], True),
+    ],
+    ids=["duplicate :status", "request pseudo-header", "connection", "uppercase", "content-length"],
+)
+async def test_a_malformed_response_never_reaches_the_caller_whole(
+    mesh_certs: MeshCerts, tmp_path: Path, response: list[tuple[bytes, bytes]], well_formed_headers: bool
+) -> None:
+    responder = type("Responder", (MalformedResponder,), {"response": response})
+    server = await asyncio.get_running_loop().create_server(responder, "127.0.0.1", 0)
+    try:
+        async with run_pair(mesh_certs, server.sockets[0].getsockname()[1], tmp_path) as pair:
+            p = await connect("127.0.0.1", int(pair.target.split(":")[1]))
+            try:
+                sid = p.conn.get_next_available_stream_id()
+                p.conn.send_headers(sid, request_headers(), end_stream=True)
+                await p.flush()
+                seen = []
+                while not seen or not isinstance(seen[-1], h2.events.StreamReset | h2.events.StreamEnded):
+                    seen.append(await p.read_until(lambda e: getattr(e, "stream_id", None) == sid))
+            finally:
+                p.writer.close()
+    finally:
+        server.close()
+    # The inbound proxy refused it with RST_STREAM PROTOCOL_ERROR, which reached the caller as a reset.
+    assert isinstance(seen[-1], h2.events.StreamReset), seen
+    assert seen[-1].error_code == h2.errors.ErrorCodes.PROTOCOL_ERROR
+    assert not any(isinstance(e, h2.events.TrailersReceived) for e in seen)
+    assert any(isinstance(e, h2.events.ResponseReceived) for e in seen) == well_formed_headers

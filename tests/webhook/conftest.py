@@ -19,12 +19,11 @@ import uvloop
 from prometheus_client import CollectorRegistry
 
 from webhook.config import InjectorConfig
-from webhook.http1 import serving
 from webhook.install import KeyPair, generate_ca, issue_serving_cert, service_dns_names
 from webhook.kube import NamespaceLookupError
 from webhook.metrics import WebhookMetrics
 from webhook.patch import Outcome
-from webhook.server import CertReloader, create_app
+from webhook.server import CertReloader, create_app, serving
 
 FIXTURES = Path(__file__).parent / "fixtures"
 SERVER_NAME = "kuberpc-webhook.kuberpc-system.svc"
@@ -32,7 +31,7 @@ SERVER_NAME = "kuberpc-webhook.kuberpc-system.svc"
 
 # The webhook serves on uvloop (python -m webhook) and its HTTP layer must also hold on asyncio's own loop:
 # the tests of that layer and of the server over HTTPS run on both.
-BOTH_LOOPS = {"test_http1.py", "test_server.py"}
+BOTH_LOOPS = {"test_server.py"}
 
 
 def pytest_asyncio_loop_factories(
@@ -96,15 +95,22 @@ def serving_files(tmp_path: Path) -> tuple[KeyPair, Path, Path]:
 
 @dataclass
 class FakeNamespaces:
-    """Namespace labels as the API would return them; `broken` makes every lookup fail, `crash` with a bug."""
+    """Namespace labels as the API would return them; `broken` makes every lookup fail, `crash` with a bug,
+    `entered`/`release` hold it until the test lets it go."""
 
     labels: dict[str, dict[str, str]] = field(default_factory=dict)
     broken: bool = False
     crash: bool = False
     lookups: list[str] = field(default_factory=list)
+    # When set, each lookup signals `entered` and waits for `release`: an answer held in flight.
+    entered: asyncio.Event | None = None
+    release: asyncio.Event | None = None
 
     async def __call__(self, name: str) -> Mapping[str, str]:
         self.lookups.append(name)
+        if self.entered is not None and self.release is not None:
+            self.entered.set()
+            await self.release.wait()
         if self.broken:
             raise NamespaceLookupError(f"reading namespace {name}: HTTP 500")
         if self.crash:

@@ -15,12 +15,11 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from webhook.config import InjectorConfig
-from webhook.http1 import serving
 from webhook.install import KeyPair
 from webhook.metrics import WebhookMetrics
 from webhook.patch import Outcome, mutate, read_pod
 from webhook.review import prepare
-from webhook.server import AnswerCache, CertReloader, create_app
+from webhook.server import AnswerCache, CertReloader, create_app, serving
 
 Review = Callable[[str], dict[str, Any]]
 SERVER_NAME = "kuberpc-webhook.kuberpc-system.svc"

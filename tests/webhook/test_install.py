@@ -18,10 +18,9 @@ from prometheus_client import CollectorRegistry
 
 from webhook.__main__ import main
 from webhook.config import InjectorConfig
-from webhook.http1 import serving
 from webhook.install import InstallError, load_kustomization
 from webhook.metrics import WebhookMetrics
-from webhook.server import CertReloader, create_app
+from webhook.server import CertReloader, create_app, serving
 
 MANIFESTS = Path(__file__).parents[2] / "manifests"
 

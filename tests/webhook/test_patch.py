@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from sidecar import config as proxy_config
 from webhook import annotations as a
 from webhook.config import InjectorConfig
-from webhook.patch import PROXY_VOLUME_NAMES, Outcome, mutate, needs_injection, plan_injection, proxy_volumes
+from webhook.patch import PROXY_VOLUME_NAMES, Outcome, mutate, proxy_volumes
 
 Review = Callable[[str], dict[str, Any]]
 Apply = Callable[[dict[str, Any], Outcome], dict[str, Any]]
@@ -354,7 +354,8 @@ def test_either_marker_alone_means_already_injected(review: Review, native_cfg: 
 def test_a_pod_already_carrying_a_proxy_container_is_not_injected_again(review: Review, native_cfg: InjectorConfig) -> None:
     r = review("deployment-pod-review")
     r["request"]["object"]["spec"]["containers"].append({"name": a.PROXY_CONTAINER, "image": "x"})
-    assert needs_injection(r["request"]["object"], OPT_IN_NS, native_cfg, namespace="shop").reason == "already injected"
+    outcome = mutate(r["request"]["object"], OPT_IN_NS, native_cfg, namespace="shop")
+    assert (outcome.result, outcome.warnings) == ("skipped", ("kuberpc: not injected: already injected",))
 
 
 # --- skips ---
@@ -488,7 +489,7 @@ def test_drain_longer_than_the_grace_period_warns(review: Review, native_cfg: In
 
 def test_warnings_escape_control_characters_and_stay_short(native_cfg: InjectorConfig) -> None:
     pod = {"metadata": {"annotations": {a.INJECT: "enabled", a.WEIGHT: "\x1b[31m" + "9" * 200}}, "spec": {"containers": [{"name": "c"}]}}
-    (warning,) = plan_injection(pod, native_cfg, namespace="x").warnings
+    (warning,) = mutate(pod, {}, native_cfg, namespace="x").warnings
     assert "\x1b" not in warning and len(warning) < 120
 
 

@@ -200,7 +200,7 @@ async def test_a_pod_past_one_mebibyte_is_answered(live_server: Any, review: Rev
 async def test_a_body_past_the_limit_is_413_whether_or_not_it_declares_its_length(
     live_server: Any, chunked: bool
 ) -> None:
-    from webhook.http1 import MAX_BODY_BYTES
+    from webhook.server import MAX_BODY_BYTES
 
     body = b"x" * (MAX_BODY_BYTES + 1)
 
@@ -217,3 +217,106 @@ async def test_head_on_healthz_answers_without_a_body(live_server: Any) -> None:
         live_server.base + "/healthz", ssl=live_server.client_ssl, server_hostname=SERVER_NAME
     )
     assert resp.status == 200 and await resp.read() == b""
+
+
+# ---- HTTP/1.1 as the API server sees it (served by uvicorn) ------------------------------------------------
+
+
+async def raw_exchange(server: Any, request: bytes) -> bytes:
+    """Send raw bytes on a fresh TLS connection and read until the server closes it (bounded)."""
+    import asyncio
+
+    host, port = server.base.removeprefix("https://").rsplit(":", 1)
+    reader, writer = await asyncio.open_connection(host, int(port), ssl=server.client_ssl, server_hostname=SERVER_NAME)
+    try:
+        writer.write(request)
+        return await asyncio.wait_for(reader.read(-1), 10)
+    finally:
+        writer.close()
+
+
+async def test_one_kept_alive_connection_answers_request_after_request(live_server: Any, review: Review) -> None:
+    import asyncio
+
+    host, port = live_server.base.removeprefix("https://").rsplit(":", 1)
+    reader, writer = await asyncio.open_connection(host, int(port), ssl=live_server.client_ssl, server_hostname=SERVER_NAME)
+    try:
+        for _ in range(3):
+            writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+            assert head.startswith(b"HTTP/1.1 200") and b"connection: close" not in head.lower()
+            assert await reader.readexactly(3) == b"ok\n"
+    finally:
+        writer.close()
+
+
+async def test_headers_past_the_limit_get_431_and_a_close(live_server: Any) -> None:
+    from webhook.server import MAX_HEAD_BYTES
+
+    filler = b"".join(b"x-filler-%d: %s\r\n" % (i, b"f" * 1000) for i in range(MAX_HEAD_BYTES // 1000 + 2))
+    answer = await raw_exchange(live_server, b"GET /healthz HTTP/1.1\r\nHost: x\r\n" + filler + b"\r\n")
+    assert answer.startswith(b"HTTP/1.1 431")
+
+
+async def test_one_endless_header_line_gets_431_without_being_held_whole(live_server: Any) -> None:
+    from webhook.server import MAX_HEAD_BYTES
+
+    answer = await raw_exchange(live_server, b"GET /healthz HTTP/1.1\r\nx-endless: " + b"e" * (2 * MAX_HEAD_BYTES))
+    assert answer.startswith(b"HTTP/1.1 431")
+
+
+async def test_an_unparseable_request_gets_400_with_the_reason(live_server: Any) -> None:
+    answer = await raw_exchange(live_server, b"NOT HTTP AT ALL\r\n\r\n")
+    assert answer.startswith(b"HTTP/1.1 400") and b"Invalid HTTP request" in answer
+
+
+async def test_get_on_mutate_names_the_allowed_methods(live_server: Any) -> None:
+    resp = await live_server.get("/mutate")
+    assert (resp.status, resp.headers["Allow"]) == (405, "POST")
+
+
+async def test_draining_finishes_the_answer_in_flight_and_takes_no_new_connection(
+    serving_files: tuple[KeyPair, Path, Path], native_cfg: Any, review: Review
+) -> None:
+    import asyncio
+
+    from prometheus_client import CollectorRegistry
+
+    from tests.webhook.conftest import FakeNamespaces, client_context
+    from webhook.metrics import WebhookMetrics
+    from webhook.server import CertReloader, create_app, serving
+
+    ca, cert, key = serving_files
+    namespaces = FakeNamespaces(entered=asyncio.Event(), release=asyncio.Event())
+    app = create_app(cfg=native_cfg, metrics=WebhookMetrics(CollectorRegistry()), namespace_labels=namespaces)
+    ctx = client_context(ca.cert_pem)
+    body = json.dumps(review("bare-pod-review")).encode()
+    stop = asyncio.Event()
+
+    async def serve(bound: asyncio.Future[int]) -> None:
+        async with serving(app, host="127.0.0.1", port=0, ssl_context=CertReloader(str(cert), str(key)).context) as (_, port):
+            bound.set_result(port)
+            await stop.wait()
+
+    bound: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+    server = asyncio.create_task(serve(bound))
+    port = await bound
+    reader, writer = await asyncio.open_connection("127.0.0.1", port, ssl=ctx, server_hostname=SERVER_NAME)
+    writer.write(b"POST /mutate HTTP/1.1\r\nHost: x\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n%s" % (len(body), body))
+    await asyncio.wait_for(namespaces.entered.wait(), 10)  # the answer is in flight
+    stop.set()  # the drain begins
+    for _ in range(200):  # bounded poll (10 s): the listener closes first, while the answer is still owed
+        try:
+            _, w = await asyncio.open_connection("127.0.0.1", port)
+        except OSError:
+            break
+        w.close()
+        await asyncio.sleep(0.05)
+    else:
+        raise AssertionError("the listener still accepts connections 10 s into the drain")
+    assert not server.done()
+    namespaces.release.set()
+    answer = await asyncio.wait_for(reader.read(-1), 10)
+    writer.close()
+    assert answer.startswith(b"HTTP/1.1 200") and b'"uid"' in answer
+    await asyncio.wait_for(server, 15)

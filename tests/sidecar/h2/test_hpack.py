@@ -282,7 +282,6 @@ MALFORMED = {
     "huffman eos": b"\x41\x84\xff\xff\xff\xff",
     "size update after a field": b"\x82\x20",
     "size update above advertised": b"\x3f\xe2\x1f",
-    "uppercase literal name": b"\x40\x03Foo\x01x",
 }
 
 
@@ -290,6 +289,11 @@ MALFORMED = {
 def test_malformed_block_raises_hpack_error(block: bytes) -> None:
     with pytest.raises(HPACKError):
         Decoder().decode(block)
+
+
+def test_an_uppercase_name_is_decoded_as_sent_for_the_connection_to_refuse_as_malformed() -> None:
+    # Valid HPACK; malformed HTTP (RFC 9113 §8.2.1): a stream error, not the connection's COMPRESSION_ERROR.
+    assert Decoder().decode(b"\x40\x03Foo\x01x") == [(b"Foo", b"x")]
 
 
 def test_non_minimal_integer_encodings_are_accepted() -> None:
