@@ -1,6 +1,7 @@
 """Choosing one endpoint of a Service per call: smooth WRR, P2C-EWMA, round robin, weighted random.
 
-Pure decisions with injected rng and clock: no I/O, no logging, no knowledge of connections or health.
+Pure decisions with injected rng and clock: no I/O, no logging, no knowledge of connections. Health is
+only what callers report through `FailureAccrual.done` (consecutive failures eject an endpoint for a while).
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ import math
 import random
 from bisect import bisect_right
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from functools import reduce
 from math import exp
 from typing import Protocol
@@ -427,3 +429,209 @@ def make_balancer(
     if policy == "random":
         return WeightedRandom(endpoints, rng=rng)
     raise ValueError(f"unknown balancing policy {policy!r} (expected one of {', '.join(LB_POLICIES)})")
+
+
+# ---- failure accrual ------------------------------------------------------------------------------------
+
+# Consecutive failures that eject an endpoint (Envoy's outlier detection uses 5, linkerd2-proxy 7): low
+# enough that a dead peer stops taking calls within a handful of them (one lost connection usually fails
+# several calls at once), high enough that a rare UNAVAILABLE from a healthy app never ejects it.
+CONSECUTIVE_FAILURES = 5
+# Ejection backoff: 1 s for a first ejection, doubling per failed probe up to ~1 min (linkerd2-proxy's
+# defaults), each delay drawn in [1 - EJECT_JITTER, 1] of its nominal value so that proxies which ejected
+# the same peer together do not probe it together.
+EJECT_BASE_S = 1.0
+EJECT_MAX_S = 60.0
+EJECT_JITTER = 0.2
+# At most this share of a Service's endpoints is ejected at once (Envoy's max_ejection_percent): with
+# more failing than that, the failing ones beyond the cap keep their share, so that a wide outage
+# does not pile every call onto the few survivors. 1.0 lets all be ejected, and then "panic mode"
+# balances over all of them again: a call has a chance anywhere rather than none.
+MAX_EJECTED_SHARE = 0.5
+
+
+def eject_delay(ejections: int, rng: random.Random, *, base: float = EJECT_BASE_S, cap: float = EJECT_MAX_S) -> float:
+    """How long an endpoint stays out after its `ejections`-th ejection in a row (1 for the first)."""
+    nominal = min(cap, base * 2.0 ** min(ejections - 1, 64))
+    return nominal * (1.0 - EJECT_JITTER * rng.random())
+
+
+class _Ejected:
+    __slots__ = ("count", "probing", "reason", "until")
+
+    def __init__(self, count: int, until: float, reason: str) -> None:
+        self.count = count  # ejections in a row: the backoff exponent
+        self.until = until
+        self.reason = reason
+        self.probing = False
+
+
+class FailureAccrual:
+    """A Balancer that takes endpoints failing calls in a row out of another Balancer's choice.
+
+    `done(ep, latency, failure)` with a non-empty `failure` (why the call failed because of the endpoint)
+    counts towards ejection; any success resets the count. An ejected endpoint is given weight 0 in the
+    inner balancer, which every policy skips, and comes back through one probe call once its backoff has
+    passed: success returns it, failure ejects it again for twice as long. When every endpoint with a
+    weight would be ejected, the inner balancer gets them all back ("panic mode").
+
+    The healthy path costs one truth test per done and nothing per pick (`pick` is the inner balancer's own
+    while nothing is ejected): nothing is tracked while nothing fails.
+    """
+
+    def __init__(
+        self,
+        inner: Balancer,
+        endpoints: Sequence[Endpoint],
+        *,
+        rng: random.Random,
+        clock: Callable[[], float],
+        threshold: int = CONSECUTIVE_FAILURES,
+        max_ejected_share: float = MAX_EJECTED_SHARE,
+        base_s: float = EJECT_BASE_S,
+        max_s: float = EJECT_MAX_S,
+    ) -> None:
+        if threshold < 1:
+            raise ValueError(f"threshold must be at least 1, not {threshold!r}")
+        if not 0.0 <= max_ejected_share <= 1.0:
+            raise ValueError(f"max_ejected_share must be from 0 to 1, not {max_ejected_share!r}")
+        self.policy = inner.policy
+        self._inner = inner
+        self._rng = rng
+        self._clock = clock
+        self._threshold = threshold
+        self._share = max_ejected_share
+        self._base = base_s
+        self._max = max_s
+        self._listed = _unique(endpoints)
+        self._failures: dict[tuple[str, int], tuple[int, str]] = {}  # consecutive count, last reason
+        self._ejected: dict[tuple[str, int], _Ejected] = {}
+        self._wake = math.inf  # earliest end of a backoff not yet probed
+        self.panic = False
+        self.ejections = 0  # ejections so far (kuberpc_ejections_total)
+        # The next endpoint; bound to the inner balancer's pick while nothing is ejected (the per-call path).
+        self.pick: Callable[[], Endpoint | None] = inner.pick
+
+    @property
+    def ejected(self) -> int:
+        """Endpoints out of the inner balancer's choice now (probing ones included; none in panic mode)."""
+        return 0 if self.panic else len(self._ejected)
+
+    @property
+    def listed(self) -> int:
+        return len(self._listed)
+
+    def is_ejected(self, ep: Endpoint) -> bool:
+        return ep.key in self._ejected
+
+    def _pick_probing(self) -> Endpoint | None:
+        if self._clock() >= self._wake:
+            probe = self._start_probe()
+            if probe is not None:
+                return probe
+        return self._inner.pick()
+
+    def done(self, ep: Endpoint, latency_s: float, failure: str = "") -> bool:
+        """Record the outcome of a call to `ep`; True when the set of ejected endpoints changed."""
+        self._inner.done(ep, latency_s)
+        if not failure:
+            if self._failures or self._ejected:
+                return self._succeeded(ep.key)
+            return False
+        return self._failed(ep.key, failure)
+
+    def update(self, endpoints: Sequence[Endpoint]) -> None:
+        self._listed = _unique(endpoints)
+        keys = {e.key for e in self._listed}
+        for key in [k for k in self._failures if k not in keys]:
+            del self._failures[key]
+        # A drained (weight 0) endpoint takes no calls, so it is not probed either: it starts afresh.
+        weighted = {e.key for e in self._listed if e.weight > 0}
+        for key in [k for k in self._ejected if k not in weighted]:
+            del self._ejected[key]
+        self._rewire()
+
+    def state(self) -> list[dict[str, object]]:
+        now = self._clock()
+        inner = {(s["address"], s["port"]): s for s in self._inner.state()}
+        out: list[dict[str, object]] = []
+        for e in self._listed:
+            row: dict[str, object] = {**inner.get(e.key, {}), **_base_state(e)}
+            ej = self._ejected.get(e.key)
+            fails, reason = self._failures.get(e.key, (0, ""))
+            if ej is None:
+                row["state"] = "failing" if fails else "ready"
+                row["consecutive_failures"] = fails
+                if reason:
+                    row["why"] = f"last failure: {reason}"
+            else:
+                row["state"] = "probing" if ej.probing else "ejected"
+                row["why"] = ej.reason + (" (panic mode: every endpoint failing, all in use)" if self.panic else "")
+                row["ejections_in_a_row"] = ej.count
+                row["back_in_s"] = max(0.0, round(ej.until - now, 3))
+            out.append(row)
+        return out
+
+    # ---- transitions ------------------------------------------------------------------------------------
+
+    def _succeeded(self, key: tuple[str, int]) -> bool:
+        self._failures.pop(key, None)
+        ej = self._ejected.get(key)
+        # A call placed before the ejection says nothing new; only the probe (or, in panic mode, any
+        # call) brings an endpoint back.
+        if ej is None or not (ej.probing or self.panic):
+            return False
+        del self._ejected[key]
+        self._rewire()
+        return True
+
+    def _failed(self, key: tuple[str, int], failure: str) -> bool:
+        ej = self._ejected.get(key)
+        if ej is not None:
+            if not ej.probing:
+                return False  # a call placed before the ejection: the backoff already runs
+            self._eject(key, ej.count + 1, f"probe failed: {failure}")
+            return True
+        count = self._failures.get(key, (0, ""))[0] + 1
+        self._failures[key] = (count, failure)
+        if count < self._threshold or not self._may_eject():
+            return False
+        del self._failures[key]
+        self._eject(key, 1, f"{count} consecutive failures, last: {failure}")
+        self.ejections += 1
+        return True
+
+    def _may_eject(self) -> bool:
+        positive = sum(1 for e in self._listed if e.weight > 0)
+        return len(self._ejected) + 1 <= math.floor(self._share * positive + 1e-9)
+
+    def _eject(self, key: tuple[str, int], count: int, reason: str) -> None:
+        until = self._clock() + eject_delay(count, self._rng, base=self._base, cap=self._max)
+        self._ejected[key] = _Ejected(count, until, reason)
+        self._rewire()
+
+    def _start_probe(self) -> Endpoint | None:
+        now = self._clock()
+        due = [(ej.until, key) for key, ej in self._ejected.items() if not ej.probing and ej.until <= now]
+        if not due:
+            self._reset_wake()
+            return None
+        key = min(due)[1]
+        self._ejected[key].probing = True
+        self._reset_wake()
+        return next(e for e in self._listed if e.key == key)
+
+    def _reset_wake(self) -> None:
+        self._wake = min((ej.until for ej in self._ejected.values() if not ej.probing), default=math.inf)
+
+    def _rewire(self) -> None:
+        """Give the inner balancer every listed endpoint, ejected ones at weight 0 (none in panic mode)."""
+        ejected = self._ejected
+        if ejected and all(e.key in ejected for e in self._listed if e.weight > 0):
+            self.panic = True
+            self._inner.update(self._listed)
+        else:
+            self.panic = False
+            self._inner.update([replace(e, weight=0) if e.key in ejected else e for e in self._listed])
+        self._reset_wake()
+        self.pick = self._pick_probing if ejected else self._inner.pick
