@@ -227,6 +227,7 @@ def kuberpc_endpoints(port: int, tls: bool) -> str:
                 "namespace": NAMESPACE,
                 "ports": [SERVICE_PORT],
                 "annotations": {"kuberpc.io/grpc-services": "arith.Arith"},
+                "selector": {"app": SERVICE},  # the server-side proxy runs with KUBERPC_POD_LABELS=app=arith
                 "endpoints": [{"address": "127.0.0.1", "port": port, "weight": 100, "tls": tls}],
             }
         ]
@@ -259,4 +260,5 @@ def kuberpc_env(
     }
     if app_port is not None:
         env["KUBERPC_APP_PORT"] = str(app_port)
+        env["KUBERPC_POD_LABELS"] = f"app={SERVICE}"
     return env

@@ -194,6 +194,7 @@ def endpoints_document() -> dict[str, Any]:
                 "namespace": NAMESPACE,
                 "ports": [SERVICE_PORT],
                 "annotations": {"kuberpc.io/grpc-services": "arith.Arith"},
+                "selector": {"app": SERVICE},  # the replicas' proxies: KUBERPC_POD_LABELS=app=arith
                 "endpoints": [
                     {"address": ip, "port": INBOUND_PORT, "weight": weight, "tls": True, "pod": name}
                     for name, ip, weight in REPLICAS
@@ -246,6 +247,7 @@ def proxy_env(
     }
     if app_port is not None:
         env["KUBERPC_APP_PORT"] = str(app_port)
+        env["KUBERPC_POD_LABELS"] = f"app={account}"  # selected by the Service its account is named after
     return env
 
 

@@ -42,6 +42,7 @@ ENV_DOC: dict[str, str] = {
     "POD_NAMESPACE": "namespace of this pod; resolves short service names (default 'default')",
     "POD_NAME": "name of this pod (logs and /debug only)",
     "POD_IP": "IP of this pod (logs and /debug only)",
+    "KUBERPC_POD_LABELS": "file discovery: this pod's labels, key=value,... matched against Services' selector to decide whose allow policy applies inbound (kubernetes discovery reads them from the API)",
     "SERVICE_ACCOUNT": "service account of this pod (expected identity)",
 }
 
@@ -102,6 +103,7 @@ class Config:
     namespace: str = "default"
     pod_name: str = ""
     pod_ip: str = ""
+    pod_labels: tuple[tuple[str, str], ...] = ()
     service_account: str = ""
     extra: Mapping[str, str] = field(default_factory=dict)
 
@@ -268,6 +270,15 @@ def load(environ: Mapping[str, str]) -> Config:
 
     values["pod_name"] = get("POD_NAME") or ""
     values["pod_ip"] = get("POD_IP") or ""
+    if (labels := get("KUBERPC_POD_LABELS")) is not None:
+        pairs: dict[str, str] = {}
+        for item in (x.strip() for x in labels.split(",")):
+            k, sep, v = item.partition("=")
+            if item and (not sep or not k.strip()):
+                problems.append(f"KUBERPC_POD_LABELS: {item!r} is not key=value")
+            elif item:
+                pairs[k.strip()] = v.strip()
+        values["pod_labels"] = tuple(sorted(pairs.items()))
     values["service_account"] = get("SERVICE_ACCOUNT") or ""
 
     if (ident := get("KUBERPC_IDENTITY_ADDR")) is not None:
