@@ -250,6 +250,7 @@ def kuberpc_env(
         "KUBERPC_OUTBOUND_ADDR": f"127.0.0.1:{outbound_port}",
         "KUBERPC_INBOUND_ADDR": f"127.0.0.1:{inbound_port}" if inbound_port is not None else "off",
         "KUBERPC_ADMIN_ADDR": f"127.0.0.1:{admin_port}",
+        "KUBERPC_DEBUG_ADDR": "127.0.0.1:0",
         "KUBERPC_DISCOVERY": f"file:{endpoints_file}",
         "KUBERPC_TLS_CERT": identity.cert,
         "KUBERPC_TLS_KEY": identity.key,

@@ -63,10 +63,13 @@ class Proxy:
     workload: WorkloadIdentity | None = None
 
     def bound_port(self, what: str) -> int:
-        """The port a listener bound (tests bind port 0): 'outbound', 'inbound' or 'admin'."""
+        """The port a listener bound (tests bind port 0): 'outbound', 'inbound', 'admin' or 'debug'."""
         if what == "admin":
             assert self.admin is not None
             return self.admin.port
+        if what == "debug":
+            assert self.admin is not None
+            return self.admin.debug_port
         return self.ports[what]
 
     def debug(self) -> dict[str, object]:
@@ -288,6 +291,11 @@ async def serve(
             except OSError as e:
                 raise StartupError(f"cannot listen on {cfg.admin} (admin): {e.strerror or e}") from e
             proxy.admin = admin
+            if cfg.debug is not None:
+                try:
+                    await admin.start_debug(cfg.debug.host, cfg.debug.port)
+                except OSError as e:
+                    raise StartupError(f"cannot listen on {cfg.debug} (debug): {e.strerror or e}") from e
         # Callers are refused (no listener) until the proxy has a certificate to call or be called with.
         if not await workload.obtain(stop):
             return

@@ -6,6 +6,7 @@ Does no I/O beyond reading the mapping it is given (file paths are checked by th
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -16,13 +17,15 @@ from sidecar.model import ServiceKey, Upstream
 OUTBOUND_PORT = 15001
 INBOUND_PORT = 15443
 ADMIN_PORT = 15090
-PROXY_PORTS = frozenset({OUTBOUND_PORT, INBOUND_PORT, ADMIN_PORT})
+DEBUG_PORT = 15091  # /debug, on loopback only
+PROXY_PORTS = frozenset({OUTBOUND_PORT, INBOUND_PORT, ADMIN_PORT, DEBUG_PORT})
 
 # Every variable the proxy reads, with its meaning; `python -m sidecar run --help` prints this table.
 ENV_DOC: dict[str, str] = {
     "KUBERPC_OUTBOUND_ADDR": "host:port the app calls (default 127.0.0.1:15001)",
     "KUBERPC_INBOUND_ADDR": "host:port for mTLS calls from peers (default 0.0.0.0:15443; 'off' disables)",
-    "KUBERPC_ADMIN_ADDR": "host:port for /metrics /ready /live /debug /shutdown (default 0.0.0.0:15090)",
+    "KUBERPC_ADMIN_ADDR": "host:port for /metrics /ready /live /shutdown (default 0.0.0.0:15090)",
+    "KUBERPC_DEBUG_ADDR": "loopback host:port for /debug (default 127.0.0.1:15091; 'off' disables; kubectl port-forward reaches it)",
     "KUBERPC_APP_ADDR": "host of the local app (default 127.0.0.1)",
     "KUBERPC_APP_PORT": "port of the local app's gRPC server (required when inbound is on)",
     "KUBERPC_UPSTREAMS": "dedicated local ports: svc.ns:port=localport,... (kuberpc.io/upstreams)",
@@ -86,6 +89,7 @@ class Config:
     outbound: Address = Address("127.0.0.1", OUTBOUND_PORT)
     inbound: Address | None = Address("0.0.0.0", INBOUND_PORT)
     admin: Address | None = Address("0.0.0.0", ADMIN_PORT)
+    debug: Address | None = Address("127.0.0.1", DEBUG_PORT)
     app: Address | None = None
     upstreams: tuple[Upstream, ...] = ()
     discovery: str = "kubernetes"
@@ -110,6 +114,13 @@ class Config:
 
 _HOSTPORT = re.compile(r"^(?:\[(?P<v6>[0-9a-fA-F:.]+)\]|(?P<host>[^:\s]*)):(?P<port>\d{1,5})$")
 _DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def parse_port(text: str, *, allow_zero: bool = False) -> int:
@@ -190,6 +201,7 @@ def load(environ: Mapping[str, str]) -> Config:
         ("KUBERPC_OUTBOUND_ADDR", "outbound", False),
         ("KUBERPC_INBOUND_ADDR", "inbound", True),
         ("KUBERPC_ADMIN_ADDR", "admin", True),
+        ("KUBERPC_DEBUG_ADDR", "debug", True),
     ):
         v = get(var)
         if v is None:
@@ -198,9 +210,13 @@ def load(environ: Mapping[str, str]) -> Config:
             values[attr] = None
             continue
         try:
-            values[attr] = parse_address(v)
+            values[attr] = addr = parse_address(v)
         except ValueError as e:
             problems.append(f"{var}: {e}")
+            continue
+        if attr == "debug" and not _is_loopback(addr.host):
+            # /debug lists the catalog and the certificate: it must not be reachable from the network.
+            problems.append(f"{var}: {v!r} is not a loopback address (127.0.0.1 or ::1)")
 
     app_host = get("KUBERPC_APP_ADDR") or "127.0.0.1"
     app_port = get("KUBERPC_APP_PORT")

@@ -353,14 +353,14 @@ def _plan_injection(f: PodFacts, ann: Mapping[str, str], cfg: InjectorConfig, *,
     app_ports = f.container_ports
     for cname, port in app_ports:
         if port in a.PROXY_PORTS:
-            problems.append(f"container {show(cname)} port {port} is one of the proxy's ports (15001, 15443, 15090)")
+            problems.append(f"container {show(cname)} port {port} is one of the proxy's ports (15001, 15443, 15090, 15091)")
 
     app_port: int | None = None
     if a.APP_PORT in ann:
         try:
             app_port = _port(ann[a.APP_PORT].strip())
             if app_port in a.PROXY_PORTS:
-                problems.append(f"{a.APP_PORT}: {app_port} is one of the proxy's ports (15001, 15443, 15090)")
+                problems.append(f"{a.APP_PORT}: {app_port} is one of the proxy's ports (15001, 15443, 15090, 15091)")
         except ValueError:
             problems.append(f"{a.APP_PORT}: {show(ann[a.APP_PORT])} is not a port (1-65535)")
     else:

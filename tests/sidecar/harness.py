@@ -213,6 +213,7 @@ async def run_proxy(workload: Workload, discovery_file: Path, **env: str) -> Asy
     environ = {
         "KUBERPC_OUTBOUND_ADDR": "127.0.0.1:0",
         "KUBERPC_ADMIN_ADDR": "127.0.0.1:0",
+        "KUBERPC_DEBUG_ADDR": "127.0.0.1:0",
         "KUBERPC_INBOUND_ADDR": "off",
         "KUBERPC_DISCOVERY": f"file:{discovery_file}",
         "KUBERPC_TLS_CERT": workload.cert,

@@ -775,6 +775,7 @@ async def test_proxy_without_kubernetes_credentials_fails_to_start_naming_the_ku
         {
             "KUBERPC_OUTBOUND_ADDR": "127.0.0.1:0",
             "KUBERPC_ADMIN_ADDR": "127.0.0.1:0",
+            "KUBERPC_DEBUG_ADDR": "127.0.0.1:0",
             "KUBERPC_INBOUND_ADDR": "off",
             "KUBERPC_TLS_CERT": w.cert,
             "KUBERPC_TLS_KEY": w.key,

@@ -68,6 +68,7 @@ def proxy_processes(mesh_certs: MeshCerts, backend: Backend, tmp_path: Path) -> 
         full = {
             **os.environ,
             "KUBERPC_ADMIN_ADDR": admin,
+            "KUBERPC_DEBUG_ADDR": "127.0.0.1:0",
             "KUBERPC_DISCOVERY": f"file:{disc}",
             "KUBERPC_TLS_CERT": wl.cert,
             "KUBERPC_TLS_KEY": wl.key,
