@@ -21,6 +21,13 @@ PROXY_IMAGE: Final = PREFIX + "proxy-image"
 NATIVE_SIDECAR: Final = PREFIX + "native-sidecar"
 DRAIN_SECONDS: Final = PREFIX + "drain-seconds"
 
+# Service annotations (read by the proxies from the Service, sidecar/policy.py SERVICE_KEYS): on a pod they do
+# nothing, and the injector says so.
+SERVICE_ANNOTATIONS: Final = frozenset(
+    PREFIX + key
+    for key in ("lb", "grpc-services", "allow", "timeout", "retry", "retry-budget", "export-grpc-services")
+)
+
 INJECT_ENABLED: Final = "enabled"
 INJECT_DISABLED: Final = "disabled"
 
@@ -31,6 +38,12 @@ DEFAULT_CONTAINER: Final = "kubectl.kubernetes.io/default-container"
 PROMETHEUS_SCRAPE: Final = "prometheus.io/scrape"
 PROMETHEUS_PORT: Final = "prometheus.io/port"
 PROMETHEUS_PATH: Final = "prometheus.io/path"
+
+# Every kuberpc.io/ pod annotation: any other is a typo the injector warns about (naming it and its value).
+POD_ANNOTATIONS: Final = frozenset(
+    {INJECT, APP_PORT, UPSTREAMS, WEIGHT, PROXY_CPU, PROXY_MEMORY, PROXY_LOG_LEVEL, PROXY_IMAGE}
+    | {NATIVE_SIDECAR, DRAIN_SECONDS, INJECTED}
+)
 
 # --- namespace label ---
 NAMESPACE_INJECT_LABEL: Final = INJECT

@@ -5,6 +5,7 @@ No I/O, no clock and no cluster access: the caller passes the Pod, its namespace
 
 from __future__ import annotations
 
+import difflib
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -339,6 +340,21 @@ def _seconds(value: Decimal) -> str:
     return str(int(value)) if value == value.to_integral_value() else str(value)
 
 
+def unknown_annotations(ann: Mapping[str, str]) -> list[str]:
+    """One warning per kuberpc.io/ annotation the injector does not know (a typo is otherwise silently ignored)."""
+    warnings = []
+    for key in sorted(k for k in ann if k.startswith(a.PREFIX) and k not in a.POD_ANNOTATIONS):
+        if key in a.SERVICE_ANNOTATIONS:
+            warnings.append(f"{key}={show(ann[key])}: a Service annotation, it does nothing on a pod")
+            continue
+        # Compared without the shared prefix, which would make every key look close to every other.
+        names = sorted(k.removeprefix(a.PREFIX) for k in a.POD_ANNOTATIONS)
+        near = difflib.get_close_matches(key.removeprefix(a.PREFIX), names, n=1, cutoff=0.75)
+        hint = f"; did you mean {a.PREFIX}{near[0]}?" if near else ""
+        warnings.append(f"{show(key)}={show(ann[key])}: unknown annotation, ignored{hint}")
+    return warnings
+
+
 def plan_injection(pod: Mapping[str, object], cfg: InjectorConfig, *, namespace: str = "") -> Plan:
     """Read and check every annotation; raise Denied listing each that would break the pod."""
     facts = read_pod(pod)
@@ -447,6 +463,7 @@ def _plan_injection(f: PodFacts, ann: Mapping[str, str], cfg: InjectorConfig, *,
         else:
             warnings.append(f"{a.PROXY_LOG_LEVEL}: {show(ann[a.PROXY_LOG_LEVEL])} is unknown; using {log_level}")
 
+    warnings.extend(unknown_annotations(ann))
     if problems:
         raise Denied(problems)
     settings = ProxySettings(
@@ -663,7 +680,9 @@ def _admit(f: PodFacts, ns_labels: Mapping[str, str], cfg: InjectorConfig, *, na
     ann = dict(f.annotations)
     decision = _needs_injection(f, ann, ns_labels, cfg, namespace=namespace)
     if not decision.inject:
-        return Outcome("skipped", warnings=(f"kuberpc: not injected: {decision.reason}",))
+        # A typo in kuberpc.io/inject is the likeliest reason for a skip: name it too.
+        typos = (f"kuberpc: {w}" for w in unknown_annotations(ann))
+        return Outcome("skipped", warnings=(f"kuberpc: not injected: {decision.reason}", *typos))
     try:
         plan = _plan_injection(f, ann, cfg, namespace=namespace)
     except Denied as e:
