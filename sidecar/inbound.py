@@ -76,13 +76,14 @@ def authorize(
 
 
 class AppTarget:
-    __slots__ = ("app", "pool", "service", "timeout")
+    __slots__ = ("app", "plaintext", "pool", "service", "timeout")
 
     def __init__(self, service: str, app: Endpoint, pool: Pool) -> None:
         self.service = service
         self.app = app
         self.pool = pool
         self.timeout: float | None = None  # the caller's proxy already applied the Service default
+        self.plaintext = False  # inbound calls arrive over mTLS; the hop to the local app is on loopback
 
     def open(self, up: Stream, headers: Headers, end: bool) -> Reject | None:
         for _ in range(2):

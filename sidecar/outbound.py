@@ -37,7 +37,7 @@ class ServiceState:
 class Placement:
     """One call placed on one endpoint (Target of relay.py)."""
 
-    __slots__ = ("endpoint", "pool", "service", "state", "timeout")
+    __slots__ = ("endpoint", "plaintext", "pool", "service", "state", "timeout")
 
     def __init__(self, state: ServiceState, pool: Pool) -> None:
         self.state = state
@@ -45,6 +45,7 @@ class Placement:
         self.service = state.label
         self.timeout = state.timeout
         self.endpoint: Endpoint | None = None
+        self.plaintext = False
 
     def open(self, up: Stream, headers: Headers, end: bool) -> Reject | None:
         if self.endpoint is not None:
@@ -53,6 +54,7 @@ class Placement:
         if ep is None:
             return Reject(UNAVAILABLE, f"service {self.service} has no endpoint with weight > 0", self.service)
         self.endpoint = ep
+        self.plaintext = not ep.tls
         for _ in range(2):
             conn = self.pool.connection(ep)
             up.conn = conn
@@ -124,7 +126,13 @@ class Outbound:
             str(k): {
                 "policy": st.set.policy.lb,
                 "timeout": st.timeout,
-                "endpoints": st.balancer.state(),
+                "endpoints": _with_tls(st),
             }
             for k, st in self.services.items()
         }
+
+
+def _with_tls(st: ServiceState) -> list[dict[str, object]]:
+    """The balancer's view of each endpoint, saying whether calls to it use mTLS (tls: false: plaintext)."""
+    tls: dict[tuple[object, object], bool] = {(ep.address, ep.port): ep.tls for ep in st.set.endpoints}
+    return [{**d, "tls": tls.get((d.get("address"), d.get("port")), True)} for d in st.balancer.state()]

@@ -111,6 +111,7 @@ class Target(Protocol):
 
     service: str
     timeout: float | None  # the Service's default deadline when the caller set none
+    plaintext: bool  # placed on a non-meshed endpoint (no mTLS): counted with tls="false"
 
     def open(self, up: Stream, headers: Headers, end: bool) -> Reject | None: ...
     def done(self, latency_s: float, ok: bool) -> None: ...
@@ -345,6 +346,7 @@ class Relay:
                 latency,
                 call.req_bytes,
                 call.resp_bytes,
+                plaintext=target.plaintext,
             )
         # Break the reference cycles (stream <-> peer <-> call) so no cyclic GC is needed.
         down.peer = down.call = None

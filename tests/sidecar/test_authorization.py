@@ -6,7 +6,10 @@ victim, a second CA in the trust anchors) and shows the call refused and the att
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import json
+import urllib.request
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -181,6 +184,33 @@ async def test_a_service_exporting_its_grpc_names_is_reached_from_another_namesp
             c = await call(client.outbound)
             assert await c.code() == grpc.StatusCode.OK
             assert await served_by(c) == "shared"
+
+
+async def test_calls_to_a_non_meshed_endpoint_are_labelled_tls_false_in_metrics_and_debug(
+    mesh_certs: MeshCerts, tmp_path: Path
+) -> None:
+    disc = tmp_path / "endpoints.yaml"
+    with start_backend("plain") as plain_app:
+        write(disc, service("echo.default", [plain(plain_app)], annotations={"kuberpc.io/grpc-services": "test.Echo"}))
+        async with run_proxy(mesh_certs.client, disc) as client:
+            await loaded(client, "echo.default")
+            assert await (await call(client.outbound)).code() == grpc.StatusCode.OK
+            metrics, debug = await asyncio.to_thread(
+                fetch, client.admin, f"127.0.0.1:{client.proxy.bound_port('debug')}"
+            )
+    assert (
+        'kuberpc_requests_total{direction="outbound",grpc_code="0",method="/test.Echo/Unary",'
+        'service="echo.default",tls="false"} 1.0'
+    ) in metrics
+    (endpoint,) = json.loads(debug)["routes"]["services"]["echo.default"]["endpoints"]
+    assert (endpoint["port"], endpoint["tls"]) == (plain_app.port, False)
+
+
+def fetch(admin: str, debug: str) -> tuple[str, str]:
+    with urllib.request.urlopen(f"http://{admin}/metrics", timeout=5) as m, urllib.request.urlopen(
+        f"http://{debug}/debug", timeout=5
+    ) as d:
+        return m.read().decode(), d.read().decode()
 
 
 # ---- finding 2: `allow` bypassed by naming another Service -----------------------------------------
