@@ -316,6 +316,15 @@ def load(environ: Mapping[str, str]) -> Config:
         if address is not None and token is not None:
             values["identity_service"] = IdentityService(address, token)
 
+    inbound_on = "inbound" not in values or values["inbound"] is not None  # on by default
+    if values.get("discovery") == "kubernetes" and inbound_on:
+        # Which Services' allow applies to inbound calls is decided by this pod's labels, read from the API.
+        if not values["pod_name"]:
+            problems.append("POD_NAME: required with kubernetes discovery while inbound is on (its labels decide whose allow applies)")
+        watched = values.get("discovery_namespaces", ())
+        if isinstance(watched, tuple) and watched and namespace not in watched:
+            problems.append(f"KUBERPC_DISCOVERY_NAMESPACES: must include this pod's namespace {namespace!r} while inbound is on")
+
     if problems:
         raise ConfigError(problems)
     return Config(**values)  # type: ignore[arg-type]

@@ -308,6 +308,17 @@ def test_config_reads_the_pods_labels_and_names_bad_ones() -> None:
         config_mod.load({**base, "KUBERPC_POD_LABELS": "arith"})
 
 
+def test_kubernetes_discovery_with_inbound_needs_the_pod_name_and_its_namespace_watched() -> None:
+    base = {"KUBERPC_APP_PORT": "50051", "KUBERPC_TLS_CERT": "c", "KUBERPC_TLS_KEY": "k", "KUBERPC_TRUST_ANCHORS": "a"}
+    with pytest.raises(config_mod.ConfigError) as e:
+        config_mod.load({**base, "POD_NAMESPACE": "shop", "KUBERPC_DISCOVERY_NAMESPACES": "other"})
+    assert e.value.problems == [
+        "POD_NAME: required with kubernetes discovery while inbound is on (its labels decide whose allow applies)",
+        "KUBERPC_DISCOVERY_NAMESPACES: must include this pod's namespace 'shop' while inbound is on",
+    ]
+    assert config_mod.load({**base, "POD_NAME": "cart-0", "POD_NAMESPACE": "shop"}).pod_name == "cart-0"
+
+
 def test_config_reads_the_namespaces_to_watch_and_names_bad_ones() -> None:
     base = {
         "KUBERPC_INBOUND_ADDR": "off",
