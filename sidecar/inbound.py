@@ -19,6 +19,8 @@ from sidecar.pool import Pool
 from sidecar.relay import PERMISSION_DENIED, UNAVAILABLE, Reject, Request, Target
 from sidecar.routing import Router
 
+VERDICT_MEMO_LIMIT = 1024  # per connection
+
 
 def allowed(policy_allow: tuple[str, ...] | None, peer: SpiffeId | None) -> bool:
     """`kuberpc.io/allow`: `ns/sa` or `ns/*` entries; absent: any meshed identity."""
@@ -142,15 +144,20 @@ class Inbound:
         assert self.pool is not None
         if (closed := self.closed_because()) is not None:
             return Reject(UNAVAILABLE, f"kuberpc: inbound is closed: {closed}")
-        found = self.router.resolve(request.authority, request.path)
-        peer: SpiffeId | None = conn.extra.get("peer_id")
-        verdict = authorize(
-            self.catalog,
-            found if isinstance(found, ServiceKey) else None,
-            peer,
-            namespace=self.namespace,
-            trust_domain=self.trust_domain,
-        )
+        # The peer is the connection's, so verdicts are kept per connection, by the call's (authority, path)
+        # strings (cheap to hash) and for the catalog they were decided on; bounded, as both come from the peer.
+        memo: tuple[Catalog, dict[tuple[str | None, str], Verdict]] | None = conn.extra.get("verdicts")
+        if memo is None or memo[0] is not self.catalog or len(memo[1]) >= VERDICT_MEMO_LIMIT:
+            memo = conn.extra["verdicts"] = (self.catalog, {})
+        call = (request.authority, request.path)
+        verdict = memo[1].get(call)
+        if verdict is None:
+            found = self.router.resolve(request.authority, request.path)
+            peer: SpiffeId | None = conn.extra.get("peer_id")
+            named = found if isinstance(found, ServiceKey) else None
+            verdict = memo[1][call] = authorize(
+                self.catalog, named, peer, namespace=self.namespace, trust_domain=self.trust_domain
+            )
         service = verdict.service
         if verdict.refusal is not None:
             self.metrics.authz_denied(service)

@@ -358,3 +358,32 @@ def test_inbound_is_closed_until_it_knows_who_selects_the_pod_and_holds_a_valid_
     assert inbound.closed_because() is None
     now[0] = 2000.0
     assert inbound.closed_because() == "this proxy has no valid certificate"
+
+
+async def test_a_changed_allow_applies_at_once_to_calls_on_an_open_connection(
+    mesh_certs: MeshCerts, tmp_path: Path
+) -> None:
+    disc = tmp_path / "endpoints.yaml"
+
+    def echo(allow: str) -> dict[str, object]:
+        return service("echo.default", [meshed(server)], annotations={"kuberpc.io/allow": allow}, selector={"app": "echo"})
+
+    with start_backend("victim") as victim_app:
+        async with victim_pod(mesh_certs, disc, victim_app) as server:
+            write(disc, echo("default/client"))
+            async with run_proxy(mesh_certs.client, disc) as client:
+                await selected(server, "echo.default")
+                await loaded(client, "echo.default")
+                options = [*GRPC_OPTIONS, ("grpc.default_authority", "echo.default:50051")]
+                async with grpc.aio.insecure_channel(client.outbound, options=options) as ch:
+                    unary = ch.unary_unary("/test.Echo/Unary")
+                    assert await unary(b"x", timeout=10) == b"x"
+                    inbound = server.proxy.inbound
+                    assert inbound is not None
+                    before = inbound.catalog
+                    write(disc, echo("default/payments"))
+                    await wait_for(lambda: inbound.catalog is not before, "the new policy")
+                    with pytest.raises(grpc.aio.AioRpcError) as e:
+                        await unary(b"x", timeout=10)
+                    assert e.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert len(victim_app.state.seen_metadata) == 1
