@@ -43,7 +43,7 @@ ENV_DOC: dict[str, str] = {
     "KUBERPC_LOG_LEVEL": "debug | info | warning | error (default info)",
     "KUBERPC_CONNECTIONS_PER_ENDPOINT": "HTTP/2 connections kept to each peer endpoint (default 1)",
     "POD_NAMESPACE": "namespace of this pod; resolves short service names (default 'default')",
-    "POD_NAME": "name of this pod (logs and /debug only)",
+    "POD_NAME": "name of this pod (logs, /debug; with kubernetes discovery and inbound on, required: its labels decide whose allow applies)",
     "POD_IP": "IP of this pod (logs and /debug only)",
     "KUBERPC_POD_LABELS": "file discovery: this pod's labels, key=value,... matched against Services' selector to decide whose allow policy applies inbound (kubernetes discovery reads them from the API)",
     "SERVICE_ACCOUNT": "service account of this pod (expected identity)",
