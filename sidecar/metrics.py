@@ -15,6 +15,8 @@ Must not call prometheus_client per call, touch the default registry, keep modul
 # - `grpc_code` is the numeric gRPC status as a string, "0" (OK) ... "16" (UNAUTHENTICATED), like
 #   Linkerd's `grpc_status` and gRPC's own metrics: numbers are the same in every language and cheap to
 #   compare. A value outside 0..16 is counted as "other".
+# - `tls="false"` is added to `kuberpc_requests_total` for calls placed on a non-meshed endpoint (plaintext,
+#   DESIGN §3); mTLS calls' series have no `tls` label, so queries written before it keep their meaning.
 #
 # Cardinality is bounded because `method` comes from untrusted request paths: at most `max_series`
 # distinct (direction, service, method) series are kept and later methods fold into method="other"; at
