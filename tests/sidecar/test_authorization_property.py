@@ -67,7 +67,7 @@ def decide(
     return catalog, named, verdict.refusal is None
 
 
-@settings(max_examples=2000, deadline=None)
+@settings(max_examples=500, deadline=None)
 @given(catalogs, pod_labels, authorities, paths, peers)
 def test_a_call_is_accepted_only_if_a_service_selecting_the_pod_allows_the_caller(
     sets: list[EndpointSet], labels: dict[str, str], authority: str | None, path: str, peer: SpiffeId | None
@@ -83,7 +83,7 @@ def test_a_call_is_accepted_only_if_a_service_selecting_the_pod_allows_the_calle
         assert allowed(es.policy.allow, peer)
 
 
-@settings(max_examples=1000, deadline=None)
+@settings(max_examples=200, deadline=None)
 @given(catalogs, pod_labels, authorities, paths, peers)
 def test_which_services_list_the_pods_address_never_changes_the_verdict(
     sets: list[EndpointSet], labels: dict[str, str], authority: str | None, path: str, peer: SpiffeId | None
@@ -92,7 +92,7 @@ def test_which_services_list_the_pods_address_never_changes_the_verdict(
     assert decide(sets, labels, authority, path, peer)[2] == decide(unlisted, labels, authority, path, peer)[2]
 
 
-@settings(max_examples=1000, deadline=None)
+@settings(max_examples=200, deadline=None)
 @given(catalogs, pod_labels, paths, st.builds(SpiffeId, st.just(TRUST_DOMAIN), st.sampled_from(NAMESPACES), st.sampled_from(ACCOUNTS)))
 def test_a_caller_the_named_selecting_service_allows_is_accepted(
     sets: list[EndpointSet], labels: dict[str, str], path: str, peer: SpiffeId
