@@ -227,6 +227,7 @@ def kuberpc_endpoints(port: int, tls: bool) -> str:
                 "namespace": NAMESPACE,
                 "ports": [SERVICE_PORT],
                 "annotations": {"kuberpc.io/grpc-services": "arith.Arith"},
+                "selector": {"app": SERVICE},  # the server-side proxy runs with KUBERPC_POD_LABELS=app=arith
                 "endpoints": [{"address": "127.0.0.1", "port": port, "weight": 100, "tls": tls}],
             }
         ]
@@ -249,6 +250,7 @@ def kuberpc_env(
         "KUBERPC_OUTBOUND_ADDR": f"127.0.0.1:{outbound_port}",
         "KUBERPC_INBOUND_ADDR": f"127.0.0.1:{inbound_port}" if inbound_port is not None else "off",
         "KUBERPC_ADMIN_ADDR": f"127.0.0.1:{admin_port}",
+        "KUBERPC_DEBUG_ADDR": "127.0.0.1:0",
         "KUBERPC_DISCOVERY": f"file:{endpoints_file}",
         "KUBERPC_TLS_CERT": identity.cert,
         "KUBERPC_TLS_KEY": identity.key,
@@ -259,4 +261,5 @@ def kuberpc_env(
     }
     if app_port is not None:
         env["KUBERPC_APP_PORT"] = str(app_port)
+        env["KUBERPC_POD_LABELS"] = f"app={SERVICE}"
     return env

@@ -41,7 +41,7 @@ NAMESPACE = "default"
 SERVICE = "arith"
 SERVICE_PORT = 50051
 AUTHORITY = f"{SERVICE}.{NAMESPACE}:{SERVICE_PORT}"
-INBOUND_PORT, OUTBOUND_PORT, ADMIN_PORT = 15443, 15001, 15090
+INBOUND_PORT, OUTBOUND_PORT, ADMIN_PORT, DEBUG_PORT = 15443, 15001, 15090, 15091
 CLIENT_IP = "127.0.0.1"
 # Each replica's proxy gets its own loopback address, as a pod gets its own IP (Linux routes all of 127/8 to lo).
 REPLICAS: tuple[tuple[str, str, int], ...] = (  # (replica / pod name, proxy address, weight)
@@ -194,6 +194,7 @@ def endpoints_document() -> dict[str, Any]:
                 "namespace": NAMESPACE,
                 "ports": [SERVICE_PORT],
                 "annotations": {"kuberpc.io/grpc-services": "arith.Arith"},
+                "selector": {"app": SERVICE},  # the replicas' proxies: KUBERPC_POD_LABELS=app=arith
                 "endpoints": [
                     {"address": ip, "port": INBOUND_PORT, "weight": weight, "tls": True, "pod": name}
                     for name, ip, weight in REPLICAS
@@ -233,6 +234,7 @@ def proxy_env(
         "KUBERPC_OUTBOUND_ADDR": f"{ip}:{OUTBOUND_PORT}",
         "KUBERPC_INBOUND_ADDR": f"{ip}:{INBOUND_PORT}" if inbound else "off",
         "KUBERPC_ADMIN_ADDR": f"{ip}:{ADMIN_PORT}",
+        "KUBERPC_DEBUG_ADDR": f"{ip}:{DEBUG_PORT}",  # each "pod" its own loopback address
         "KUBERPC_DISCOVERY": f"file:{discovery}",
         "KUBERPC_TLS_CERT": str(certs / CERT_FILE),
         "KUBERPC_TLS_KEY": str(certs / KEY_FILE),
@@ -246,6 +248,7 @@ def proxy_env(
     }
     if app_port is not None:
         env["KUBERPC_APP_PORT"] = str(app_port)
+        env["KUBERPC_POD_LABELS"] = f"app={account}"  # selected by the Service its account is named after
     return env
 
 

@@ -1,4 +1,5 @@
-"""The proxy's admin HTTP server on :15090: /metrics, /ready, /live, /debug and POST /shutdown.
+"""The proxy's admin HTTP server: /metrics, /ready, /live and POST /shutdown on :15090, and /debug on a second
+listener bound to loopback (127.0.0.1:15091), because it lists the catalog and the certificate to whoever asks.
 
 A thin aiohttp layer over callbacks it is given: it must not know how readiness, debug state or shutdown work.
 """
@@ -80,17 +81,20 @@ class AdminServer:
         self._debug = debug
         self._shutdown = shutdown
         self._runner: web.AppRunner | None = None
+        self._debug_runner: web.AppRunner | None = None
+        self._debug_address = ""
 
-    async def start(self, host: str, port: int) -> None:
-        """Binds and serves. Raises OSError if the address is taken."""
-        if self._runner is not None:
-            raise RuntimeError("admin server already started")
+    async def start_debug(self, host: str, port: int) -> None:
+        """Serves /debug on `host:port`, which the caller keeps on loopback. Raises OSError if it is taken."""
+        if self._debug_runner is not None:
+            raise RuntimeError("debug listener already started")
         app = web.Application()
-        app.router.add_get("/metrics", self._metrics)
-        app.router.add_get("/ready", self._readiness)
-        app.router.add_get("/live", self._liveness)
         app.router.add_get("/debug", self._debug_state)
-        app.router.add_post("/shutdown", self._shutdown_request)
+        self._debug_runner = await self._serve(app, host, port)
+        self._debug_address = f"{host}:{self.debug_port}"
+        log.info("admin debug listener address=%s", self._debug_address)
+
+    async def _serve(self, app: web.Application, host: str, port: int) -> web.AppRunner:
         # Admin requests are short: a long grace period would only delay the proxy's own shutdown.
         runner = web.AppRunner(
             app, access_log_class=_AccessLogger, access_log=log, handle_signals=False, shutdown_timeout=2.0
@@ -101,14 +105,35 @@ class AdminServer:
         except BaseException:
             await runner.cleanup()
             raise
-        self._runner = runner
+        return runner
+
+    @property
+    def debug_port(self) -> int:
+        """The bound port of the debug listener (useful when started on port 0)."""
+        if self._debug_runner is None or not self._debug_runner.addresses:
+            raise RuntimeError("debug listener not started")
+        port: int = self._debug_runner.addresses[0][1]
+        return port
+
+    async def start(self, host: str, port: int) -> None:
+        """Binds and serves. Raises OSError if the address is taken."""
+        if self._runner is not None:
+            raise RuntimeError("admin server already started")
+        app = web.Application()
+        app.router.add_get("/metrics", self._metrics)
+        app.router.add_get("/ready", self._readiness)
+        app.router.add_get("/live", self._liveness)
+        app.router.add_get("/debug", self._debug_elsewhere)
+        app.router.add_post("/shutdown", self._shutdown_request)
+        self._runner = await self._serve(app, host, port)
         log.info("admin server listening address=%s:%d", host, self.port)
 
     async def close(self) -> None:
         """Stops serving; safe to call twice or before start."""
-        runner, self._runner = self._runner, None
-        if runner is not None:
-            await runner.cleanup()
+        for runner in (self._runner, self._debug_runner):
+            if runner is not None:
+                await runner.cleanup()
+        self._runner = self._debug_runner = None
 
     @property
     def port(self) -> int:
@@ -144,6 +169,13 @@ class AdminServer:
             log.exception("debug state failed")
             return web.Response(status=500, text=f"debug state failed: {type(e).__name__}: {e}")
         return web.Response(text=text, content_type="application/json")
+
+    async def _debug_elsewhere(self, request: web.Request) -> web.Response:
+        where = f"http://{self._debug_address}/debug" if self._debug_address else "nowhere (debug listener off)"
+        return web.Response(
+            status=404,
+            text=f"/debug is served only on the pod's loopback, at {where} (reach it with kubectl port-forward)",
+        )
 
     async def _shutdown_request(self, request: web.Request) -> web.Response:
         if not is_loopback_peer(request.remote):

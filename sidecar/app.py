@@ -83,10 +83,13 @@ class Proxy:
         return why
 
     def bound_port(self, what: str) -> int:
-        """The port a listener bound (tests bind port 0): 'outbound', 'inbound' or 'admin'."""
+        """The port a listener bound (tests bind port 0): 'outbound', 'inbound', 'admin' or 'debug'."""
         if what == "admin":
             assert self.admin is not None
             return self.admin.port
+        if what == "debug":
+            assert self.admin is not None
+            return self.admin.debug_port
         return self.ports[what]
 
     def debug(self) -> dict[str, object]:
@@ -129,7 +132,7 @@ def count_handshake_failures(ctx: ssl.SSLContext, on_failure: Callable[[str], No
 
 
 def _load_identity(
-    cfg: Config, *, metrics: Metrics, rng: random.Random
+    cfg: Config, *, metrics: Metrics, rng: random.Random, inbound: Inbound | None = None
 ) -> tuple[ssl.SSLContext, ssl.SSLContext, WorkloadIdentity]:
     """Client and server mTLS contexts, and what keeps their certificate current; once, before serving.
 
@@ -142,6 +145,8 @@ def _load_identity(
 
     def on_certificate(cert: identity.WorkloadCertificate) -> None:
         metrics.set_cert_expiry(cert.not_after)
+        if inbound is not None:
+            inbound.certified(cert.not_after)  # inbound stays closed without a valid certificate
 
     try:
         client_ctx = identity.client_context(None, None, tls.trust_anchors)
@@ -182,7 +187,15 @@ async def serve(
     limits = Limits()
     rng = random.Random()
 
-    client_ctx, server_ctx, workload = _load_identity(cfg, metrics=metrics, rng=rng)
+    inbound: Inbound | None = None
+    in_relay: Relay | None = None
+    in_pool: Pool | None = None
+    if cfg.inbound is not None:
+        if cfg.app is None:
+            raise StartupError("inbound is on but no app port is configured (KUBERPC_APP_PORT)")
+        app_ep = Endpoint(cfg.app.host, cfg.app.port, tls=False)
+        inbound = Inbound(app=app_ep, namespace=cfg.namespace, trust_domain=cfg.trust_domain, metrics=metrics)
+    client_ctx, server_ctx, workload = _load_identity(cfg, metrics=metrics, rng=rng, inbound=inbound)
 
     outbound = Outbound(namespace=cfg.namespace, metrics=metrics, rng=rng)
     def make_pool(
@@ -215,14 +228,7 @@ async def serve(
             conn.extra["peer_id"] = identity.peer_identity(conn.transport.get_extra_info("ssl_object"))
 
     count_handshake_failures(server_ctx, metrics.tls_handshake_failure)
-    inbound: Inbound | None = None
-    in_relay: Relay | None = None
-    in_pool: Pool | None = None
-    if cfg.inbound is not None:
-        if cfg.app is None:
-            raise StartupError("inbound is on but no app port is configured (KUBERPC_APP_PORT)")
-        app_ep = Endpoint(cfg.app.host, cfg.app.port, tls=False)
-        inbound = Inbound(app=app_ep, namespace=cfg.namespace, metrics=metrics)
+    if inbound is not None:
         in_relay = Relay(inbound, metrics=metrics, flusher=flusher, limits=limits, on_connection=on_in_connection)
         in_pool = inbound.pool = make_pool(in_relay, None, "app")
 
@@ -247,7 +253,7 @@ async def serve(
     source: Discovery
     if cfg.discovery == "file":
         assert cfg.discovery_file is not None
-        source = FileDiscovery(cfg.discovery_file, namespace=cfg.namespace)
+        source = FileDiscovery(cfg.discovery_file, namespace=cfg.namespace, labels=dict(cfg.pod_labels))
     elif cfg.discovery == "kubernetes":
         # Imported here: file mode does not pay for aiohttp and the Kubernetes client.
         from sidecar.discovery import kubernetes as kube
@@ -268,6 +274,7 @@ async def serve(
             clock=time.monotonic,
             namespaces=cfg.discovery_namespaces,
             on_restart=metrics.watch_restart,
+            pod=(cfg.namespace, cfg.pod_name) if cfg.pod_name else None,
         )
     else:
         raise StartupError(f"discovery source {cfg.discovery!r} is not available in this build")
@@ -310,6 +317,11 @@ async def serve(
             except OSError as e:
                 raise StartupError(f"cannot listen on {cfg.admin} (admin): {e.strerror or e}") from e
             proxy.admin = admin
+            if cfg.debug is not None:
+                try:
+                    await admin.start_debug(cfg.debug.host, cfg.debug.port)
+                except OSError as e:
+                    raise StartupError(f"cannot listen on {cfg.debug} (debug): {e.strerror or e}") from e
         # Callers are refused (no listener) until the proxy has a certificate to call or be called with.
         if not await workload.obtain(stop):
             return
@@ -318,10 +330,8 @@ async def serve(
             await bind(Address("127.0.0.1", up.local_port), outbound_factory(up.service, f"upstream:{up.local_port}"), f"upstream {up.service}")
         if cfg.inbound is not None:
             assert in_relay is not None
+            # Bound before discovery has spoken: Inbound refuses every call until it has (and has a certificate).
             await bind(cfg.inbound, lambda: in_relay.server_connection("inbound"), "inbound", server_ctx)
-            assert inbound is not None
-            hosts = {cfg.pod_ip, cfg.inbound.host} - {"", "0.0.0.0", "::"}
-            inbound.set_listener(frozenset(hosts), proxy.ports["inbound"])
 
         async with asyncio.TaskGroup() as tg:
             disc = tg.create_task(source.run(publish))

@@ -6,6 +6,7 @@ Does no I/O beyond reading the mapping it is given (file paths are checked by th
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -16,13 +17,15 @@ from sidecar.model import ServiceKey, Upstream
 OUTBOUND_PORT = 15001
 INBOUND_PORT = 15443
 ADMIN_PORT = 15090
-PROXY_PORTS = frozenset({OUTBOUND_PORT, INBOUND_PORT, ADMIN_PORT})
+DEBUG_PORT = 15091  # /debug, on loopback only
+PROXY_PORTS = frozenset({OUTBOUND_PORT, INBOUND_PORT, ADMIN_PORT, DEBUG_PORT})
 
 # Every variable the proxy reads, with its meaning; `python -m sidecar run --help` prints this table.
 ENV_DOC: dict[str, str] = {
     "KUBERPC_OUTBOUND_ADDR": "host:port the app calls (default 127.0.0.1:15001)",
     "KUBERPC_INBOUND_ADDR": "host:port for mTLS calls from peers (default 0.0.0.0:15443; 'off' disables)",
-    "KUBERPC_ADMIN_ADDR": "host:port for /metrics /ready /live /debug /shutdown (default 0.0.0.0:15090)",
+    "KUBERPC_ADMIN_ADDR": "host:port for /metrics /ready /live /shutdown (default 0.0.0.0:15090)",
+    "KUBERPC_DEBUG_ADDR": "loopback host:port for /debug (default 127.0.0.1:15091; 'off' disables; kubectl port-forward reaches it)",
     "KUBERPC_APP_ADDR": "host of the local app (default 127.0.0.1)",
     "KUBERPC_APP_PORT": "port of the local app's gRPC server (required when inbound is on)",
     "KUBERPC_UPSTREAMS": "dedicated local ports: svc.ns:port=localport,... (kuberpc.io/upstreams)",
@@ -40,8 +43,9 @@ ENV_DOC: dict[str, str] = {
     "KUBERPC_LOG_LEVEL": "debug | info | warning | error (default info)",
     "KUBERPC_CONNECTIONS_PER_ENDPOINT": "HTTP/2 connections kept to each peer endpoint (default 1)",
     "POD_NAMESPACE": "namespace of this pod; resolves short service names (default 'default')",
-    "POD_NAME": "name of this pod (logs and /debug only)",
+    "POD_NAME": "name of this pod (logs, /debug; with kubernetes discovery and inbound on, required: its labels decide whose allow applies)",
     "POD_IP": "IP of this pod (logs and /debug only)",
+    "KUBERPC_POD_LABELS": "file discovery: this pod's labels, key=value,... matched against Services' selector to decide whose allow policy applies inbound (kubernetes discovery reads them from the API)",
     "SERVICE_ACCOUNT": "service account of this pod (expected identity)",
 }
 
@@ -85,6 +89,7 @@ class Config:
     outbound: Address = Address("127.0.0.1", OUTBOUND_PORT)
     inbound: Address | None = Address("0.0.0.0", INBOUND_PORT)
     admin: Address | None = Address("0.0.0.0", ADMIN_PORT)
+    debug: Address | None = Address("127.0.0.1", DEBUG_PORT)
     app: Address | None = None
     upstreams: tuple[Upstream, ...] = ()
     discovery: str = "kubernetes"
@@ -102,12 +107,20 @@ class Config:
     namespace: str = "default"
     pod_name: str = ""
     pod_ip: str = ""
+    pod_labels: tuple[tuple[str, str], ...] = ()
     service_account: str = ""
     extra: Mapping[str, str] = field(default_factory=dict)
 
 
 _HOSTPORT = re.compile(r"^(?:\[(?P<v6>[0-9a-fA-F:.]+)\]|(?P<host>[^:\s]*)):(?P<port>\d{1,5})$")
 _DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def parse_port(text: str, *, allow_zero: bool = False) -> int:
@@ -188,6 +201,7 @@ def load(environ: Mapping[str, str]) -> Config:
         ("KUBERPC_OUTBOUND_ADDR", "outbound", False),
         ("KUBERPC_INBOUND_ADDR", "inbound", True),
         ("KUBERPC_ADMIN_ADDR", "admin", True),
+        ("KUBERPC_DEBUG_ADDR", "debug", True),
     ):
         v = get(var)
         if v is None:
@@ -196,9 +210,13 @@ def load(environ: Mapping[str, str]) -> Config:
             values[attr] = None
             continue
         try:
-            values[attr] = parse_address(v)
+            values[attr] = addr = parse_address(v)
         except ValueError as e:
             problems.append(f"{var}: {e}")
+            continue
+        if attr == "debug" and not _is_loopback(addr.host):
+            # /debug lists the catalog and the certificate: it must not be reachable from the network.
+            problems.append(f"{var}: {v!r} is not a loopback address (127.0.0.1 or ::1)")
 
     app_host = get("KUBERPC_APP_ADDR") or "127.0.0.1"
     app_port = get("KUBERPC_APP_PORT")
@@ -268,6 +286,15 @@ def load(environ: Mapping[str, str]) -> Config:
 
     values["pod_name"] = get("POD_NAME") or ""
     values["pod_ip"] = get("POD_IP") or ""
+    if (labels := get("KUBERPC_POD_LABELS")) is not None:
+        pairs: dict[str, str] = {}
+        for item in (x.strip() for x in labels.split(",")):
+            k, sep, v = item.partition("=")
+            if item and (not sep or not k.strip()):
+                problems.append(f"KUBERPC_POD_LABELS: {item!r} is not key=value")
+            elif item:
+                pairs[k.strip()] = v.strip()
+        values["pod_labels"] = tuple(sorted(pairs.items()))
     values["service_account"] = get("SERVICE_ACCOUNT") or ""
 
     if (ident := get("KUBERPC_IDENTITY_ADDR")) is not None:
@@ -288,6 +315,15 @@ def load(environ: Mapping[str, str]) -> Config:
         token = get("KUBERPC_IDENTITY_TOKEN")
         if address is not None and token is not None:
             values["identity_service"] = IdentityService(address, token)
+
+    inbound_on = "inbound" not in values or values["inbound"] is not None  # on by default
+    if values.get("discovery") == "kubernetes" and inbound_on:
+        # Which Services' allow applies to inbound calls is decided by this pod's labels, read from the API.
+        if not values["pod_name"]:
+            problems.append("POD_NAME: required with kubernetes discovery while inbound is on (its labels decide whose allow applies)")
+        watched = values.get("discovery_namespaces", ())
+        if isinstance(watched, tuple) and watched and namespace not in watched:
+            problems.append(f"KUBERPC_DISCOVERY_NAMESPACES: must include this pod's namespace {namespace!r} while inbound is on")
 
     if problems:
         raise ConfigError(problems)

@@ -28,14 +28,15 @@ ALPN_PROTOCOLS = ["h2"]
 # Certificates start a little in the past so a peer whose clock lags ours still accepts a fresh one.
 _CLOCK_SKEW = datetime.timedelta(minutes=1)
 
+# Every pattern below is used with fullmatch: `$` would also match before a trailing newline.
 # SPIFFE ID spec §2.1: a trust domain is lowercase letters, digits, '.', '-', '_' (no port, no userinfo).
-_TRUST_DOMAIN = re.compile(r"^[a-z0-9._-]{1,255}$")
+_TRUST_DOMAIN = re.compile(r"[a-z0-9._-]{1,255}")
 # Kubernetes names: a namespace is an RFC 1123 label, a service account an RFC 1123 subdomain.
-_NAMESPACE = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
+_NAMESPACE = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")
 _SUBDOMAIN_LABEL = r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?"
-_SERVICE_ACCOUNT = re.compile(rf"^{_SUBDOMAIN_LABEL}(\.{_SUBDOMAIN_LABEL})*$")
-_WORKLOAD_URI = re.compile(r"^spiffe://(?P<td>[^/]*)/ns/(?P<ns>[^/]*)/sa/(?P<sa>[^/]*)$")
-_TRUST_DOMAIN_URI = re.compile(r"^spiffe://(?P<td>[^/]+)/?$")
+_SERVICE_ACCOUNT = re.compile(rf"{_SUBDOMAIN_LABEL}(\.{_SUBDOMAIN_LABEL})*")
+_WORKLOAD_URI = re.compile(r"spiffe://(?P<td>[^/]*)/ns/(?P<ns>[^/]*)/sa/(?P<sa>[^/]*)")
+_TRUST_DOMAIN_URI = re.compile(r"spiffe://(?P<td>[^/]+)/?")
 
 
 class IdentityError(Exception):
@@ -51,13 +52,13 @@ class SpiffeId:
     service_account: str
 
     def __post_init__(self) -> None:
-        if not _TRUST_DOMAIN.match(self.trust_domain):
+        if not _TRUST_DOMAIN.fullmatch(self.trust_domain):
             raise IdentityError(
                 f"{self.trust_domain!r} is not a SPIFFE trust domain (lowercase a-z 0-9 . - _)"
             )
-        if not _NAMESPACE.match(self.namespace):
+        if not _NAMESPACE.fullmatch(self.namespace):
             raise IdentityError(f"{self.namespace!r} is not a Kubernetes namespace name")
-        if len(self.service_account) > 253 or not _SERVICE_ACCOUNT.match(self.service_account):
+        if len(self.service_account) > 253 or not _SERVICE_ACCOUNT.fullmatch(self.service_account):
             raise IdentityError(f"{self.service_account!r} is not a Kubernetes service account name")
 
     def __str__(self) -> str:
@@ -66,7 +67,7 @@ class SpiffeId:
     @classmethod
     def parse(cls, uri: str) -> SpiffeId:
         """The inverse of str(); anything else (query, port, extra segments, other scheme) is an IdentityError."""
-        m = _WORKLOAD_URI.match(uri)
+        m = _WORKLOAD_URI.fullmatch(uri)
         if m is None:
             raise IdentityError(
                 f"{uri!r} is not a SPIFFE workload ID (spiffe://<trust-domain>/ns/<namespace>/sa/<service-account>)"
@@ -103,7 +104,7 @@ def _trust_domain_of_ca(cert: x509.Certificate) -> str | None:
     except x509.ExtensionNotFound:
         return None
     for uri in san.get_values_for_type(x509.UniformResourceIdentifier):
-        if m := _TRUST_DOMAIN_URI.match(uri):
+        if m := _TRUST_DOMAIN_URI.fullmatch(uri):
             return m.group("td")
     return None
 
@@ -115,7 +116,7 @@ def create_ca(
     now: datetime.datetime | None = None,
 ) -> tuple[bytes, bytes]:
     """A self-signed ECDSA P-256 mesh root CA: (key PEM, cert PEM)."""
-    if not _TRUST_DOMAIN.match(trust_domain):
+    if not _TRUST_DOMAIN.fullmatch(trust_domain):
         raise IdentityError(f"{trust_domain!r} is not a SPIFFE trust domain (lowercase a-z 0-9 . - _)")
     _require_positive(lifetime)
     start = _utcnow(now)

@@ -1,16 +1,25 @@
-"""Mesh -> app: calls arriving over mTLS are authorized against the target Service's `allow` policy and
-forwarded to the local app. It never dials anything but the local app.
+"""Mesh -> app: calls arriving over mTLS are authorized against the policies of the Services that select
+this pod, and forwarded to the local app. It never dials anything but the local app.
+
+Closed until it knows which Services select this pod and holds a valid certificate: before that every call
+is refused, whatever its identity.
 """
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
 from sidecar.h2.connection import Connection, Headers, Stream
 from sidecar.identity import SpiffeId
 from sidecar.metrics import Metrics
-from sidecar.model import Catalog, Endpoint, EndpointSet, ServiceKey
+from sidecar.model import Catalog, Endpoint, ServiceKey
 from sidecar.pool import Pool
 from sidecar.relay import PERMISSION_DENIED, UNAVAILABLE, Reject, Request, Target
 from sidecar.routing import Router
+
+VERDICT_MEMO_LIMIT = 1024  # per connection
 
 
 def allowed(policy_allow: tuple[str, ...] | None, peer: SpiffeId | None) -> bool:
@@ -26,8 +35,50 @@ def allowed(policy_allow: tuple[str, ...] | None, peer: SpiffeId | None) -> bool
     return False
 
 
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    """The authorization of one call: the Service it counts against (metrics label) and, if refused, why."""
+
+    service: str
+    refusal: str | None = None
+
+
+def authorize(
+    catalog: Catalog,
+    named: ServiceKey | None,
+    peer: SpiffeId | None,
+    *,
+    namespace: str,
+    trust_domain: str,
+) -> Verdict:
+    """Whether `peer` may call this pod, given the Service the call names (by :authority or path), if any.
+
+    The one identity check of inbound: the peer must hold a workload ID of the mesh's trust domain. Then
+    only Services that select this pod (`catalog.selecting`) have a say: the named one if it is among them,
+    otherwise every one of them must allow the peer. Naming another Service never weakens the policy, and a
+    pod no Service selects refuses everyone. The caller checks `catalog.selecting is not None` first.
+    """
+    selecting = catalog.selecting or frozenset()
+    if named is not None and named in selecting:
+        keys = [named]
+    else:
+        keys = sorted(selecting)
+    service = str(keys[0]) if len(keys) == 1 else "unknown"
+    if peer is None:
+        return Verdict(service, "a caller without a mesh identity is not allowed")
+    if peer.trust_domain != trust_domain:
+        return Verdict(service, f"{peer} is not in the mesh trust domain {trust_domain!r}")
+    if not keys:
+        return Verdict(service, f"no Service in namespace {namespace} selects this pod: {peer} is not allowed")
+    for key in keys:
+        es = catalog.get(key)
+        if es is None or not allowed(es.policy.allow, peer):
+            return Verdict(service, f"{peer} is not allowed to call {key}")
+    return Verdict(service)
+
+
 class AppTarget:
-    __slots__ = ("app", "pool", "service", "timeout")
+    __slots__ = ("app", "plaintext", "pool", "service", "timeout")
     # The caller's proxy retries, within its budget: a second layer of retries would multiply attempts.
     retries = None
 
@@ -36,6 +87,7 @@ class AppTarget:
         self.app = app
         self.pool = pool
         self.timeout: float | None = None  # the caller's proxy already applied the Service default
+        self.plaintext = False  # inbound calls arrive over mTLS; the hop to the local app is on loopback
 
     def open(self, up: Stream, headers: Headers, end: bool) -> Reject | None:
         for _ in range(2):
@@ -54,57 +106,64 @@ class Inbound:
 
     direction = "inbound"
 
-    def __init__(self, *, app: Endpoint, namespace: str, metrics: Metrics) -> None:
+    def __init__(
+        self,
+        *,
+        app: Endpoint,
+        namespace: str,
+        trust_domain: str,
+        metrics: Metrics,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
         self.app = app
         self.namespace = namespace
+        self.trust_domain = trust_domain
         self.metrics = metrics
+        self.clock = clock  # wall clock: compared with the certificate's notAfter
         self.pool: Pool | None = None
         self.catalog = Catalog()
         self.router = Router(self.catalog, namespace=namespace)
+        self.cert_not_after: float | None = None  # set when the workload certificate arrives or renews
         self._targets: dict[str, AppTarget] = {}
-        # Where peers reach this pod (its IP or listener host, and the inbound port): set once bound.
-        self.addresses: frozenset[str] = frozenset()
-        self.port = 0
-        self.own: dict[ServiceKey, EndpointSet] = {}
-
-    def set_listener(self, addresses: frozenset[str], port: int) -> None:
-        self.addresses = addresses
-        self.port = port
-        self.update(self.catalog)
 
     def update(self, catalog: Catalog) -> None:
         self.catalog = catalog
         self.router = Router(catalog, namespace=self.namespace)
-        # The Services this pod backs: the ones listing it as an endpoint. Their policies are what callers
-        # must satisfy, whatever Service the caller names.
-        self.own = {
-            key: es
-            for key, es in catalog.services.items()
-            if any(ep.port == self.port and ep.address in self.addresses for ep in es.endpoints)
-        }
+
+    def certified(self, not_after: float) -> None:
+        """The workload certificate in use now expires at `not_after` (unix seconds)."""
+        self.cert_not_after = not_after
+
+    def closed_because(self) -> str | None:
+        """Why inbound refuses every call now, or None when it is open."""
+        if self.catalog.selecting is None:
+            return "discovery has not yet said which Services select this pod"
+        if self.cert_not_after is None or self.clock() >= self.cert_not_after:
+            return "this proxy has no valid certificate"
+        return None
 
     def route(self, conn: Connection, request: Request) -> Target | Reject:
         assert self.pool is not None
-        found = self.router.resolve(request.authority, request.path)
-        own = self.own
-        policies: list[tuple[str, ...] | None]
-        if isinstance(found, ServiceKey) and (not own or found in own):
-            es = self.catalog.get(found)
-            service = str(found)
-            policies = [es.policy.allow if es is not None else None]
-        elif own:
-            # The caller named no Service of this pod (a dedicated upstream port passes the app's own
-            # authority, or a peer names something else): every policy of this pod's Services applies.
-            service = str(next(iter(own))) if len(own) == 1 else "unknown"
-            policies = [es.policy.allow for es in own.values()]
-        else:
-            service = "unknown"
-            policies = [None]
-        peer: SpiffeId | None = conn.extra.get("peer_id")
-        if not all(allowed(p, peer) for p in policies):
+        if (closed := self.closed_because()) is not None:
+            return Reject(UNAVAILABLE, f"kuberpc: inbound is closed: {closed}")
+        # The peer is the connection's, so verdicts are kept per connection, by the call's (authority, path)
+        # strings (cheap to hash) and for the catalog they were decided on; bounded, as both come from the peer.
+        memo: tuple[Catalog, dict[tuple[str | None, str], Verdict]] | None = conn.extra.get("verdicts")
+        if memo is None or memo[0] is not self.catalog or len(memo[1]) >= VERDICT_MEMO_LIMIT:
+            memo = conn.extra["verdicts"] = (self.catalog, {})
+        call = (request.authority, request.path)
+        verdict = memo[1].get(call)
+        if verdict is None:
+            found = self.router.resolve(request.authority, request.path)
+            peer: SpiffeId | None = conn.extra.get("peer_id")
+            named = found if isinstance(found, ServiceKey) else None
+            verdict = memo[1][call] = authorize(
+                self.catalog, named, peer, namespace=self.namespace, trust_domain=self.trust_domain
+            )
+        service = verdict.service
+        if verdict.refusal is not None:
             self.metrics.authz_denied(service)
-            who = str(peer) if peer is not None else "a caller without a mesh identity"
-            return Reject(PERMISSION_DENIED, f"kuberpc: {who} is not allowed to call {service}", service)
+            return Reject(PERMISSION_DENIED, f"kuberpc: {verdict.refusal}", service)
         target = self._targets.get(service)
         if target is None:
             if len(self._targets) > 1000:

@@ -15,6 +15,8 @@ Must not call prometheus_client per call, touch the default registry, keep modul
 # - `grpc_code` is the numeric gRPC status as a string, "0" (OK) ... "16" (UNAUTHENTICATED), like
 #   Linkerd's `grpc_status` and gRPC's own metrics: numbers are the same in every language and cheap to
 #   compare. A value outside 0..16 is counted as "other".
+# - `tls="false"` is added to `kuberpc_requests_total` for calls placed on a non-meshed endpoint (plaintext,
+#   DESIGN §3); mTLS calls' series have no `tls` label, so queries written before it keep their meaning.
 #
 # Cardinality is bounded because `method` comes from untrusted request paths: at most `max_series`
 # distinct (direction, service, method) series are kept and later methods fold into method="other"; at
@@ -37,6 +39,7 @@ from prometheus_client.metrics_core import (
     Metric,
 )
 from prometheus_client.registry import CollectorRegistry
+from prometheus_client.samples import Sample
 from prometheus_client.utils import floatToGoString
 
 from sidecar.status import Status
@@ -89,10 +92,11 @@ class _Cap:
 class _MethodStats:
     """Per (direction, service, method): status counts and the latency histogram (not cumulative)."""
 
-    __slots__ = ("buckets", "codes", "sum")
+    __slots__ = ("buckets", "codes", "plain_codes", "sum")
 
     def __init__(self) -> None:
         self.codes: dict[str, int] = {}
+        self.plain_codes: dict[str, int] = {}  # calls placed on non-meshed endpoints: tls="false"
         self.buckets: list[int] = [0] * (len(DURATION_BUCKETS) + 1)
         self.sum = 0.0
 
@@ -156,10 +160,13 @@ class Metrics:
         duration_s: float,
         request_bytes: int,
         response_bytes: int,
+        *,
+        plaintext: bool = False,
     ) -> None:
         """A call ended (after call_started with the same direction and service).
 
         `duration_s` comes from a monotonic clock; bytes are gRPC message bytes (DATA payloads).
+        `plaintext`: the call went to a non-meshed endpoint without mTLS (counted with tls="false").
         """
         try:
             calls = self._calls[direction, service]
@@ -174,11 +181,12 @@ class Metrics:
             stats = self._method_stats(calls, method)
         stats.buckets[bisect_left(DURATION_BUCKETS, duration_s)] += 1
         stats.sum += duration_s
+        codes = stats.plain_codes if plaintext else stats.codes
         try:
-            stats.codes[grpc_code] += 1
+            codes[grpc_code] += 1
         except KeyError:
             code = grpc_code if grpc_code in GRPC_CODES else OTHER
-            stats.codes[code] = stats.codes.get(code, 0) + 1
+            codes[code] = codes.get(code, 0) + 1
 
     def _call_stats(self, direction: str, service: str) -> _CallStats:
         if direction not in DIRECTIONS:
@@ -254,6 +262,11 @@ class Metrics:
             for method, stats in sorted(calls.methods.items()):
                 for code, count in sorted(stats.codes.items()):
                     f.requests.add_metric([direction, service, method, code], count)
+                for code, count in sorted(stats.plain_codes.items()):
+                    # DESIGN §3: plaintext calls carry tls="false"; the label is absent from mTLS calls'
+                    # series, so existing queries keep their meaning and {tls="false"} selects these.
+                    labels = {"direction": direction, "service": service, "method": method, "grpc_code": code}
+                    f.requests.samples.append(Sample("kuberpc_requests_total", {**labels, "tls": "false"}, count))
                 cumulative = map(float, accumulate(stats.buckets))
                 f.duration.add_metric(
                     [direction, service, method],

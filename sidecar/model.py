@@ -73,6 +73,9 @@ class ServicePolicy:
     timeout: float | None = None  # seconds; default deadline when the caller sets none
     retry_on: frozenset[str] = frozenset()
     retry_budget: float = 0.2
+    # `kuberpc.io/export-grpc-services: "true"`: path routing in other namespaces may reach this Service by
+    # its `grpc_services`; off by default, so a Service elsewhere cannot capture a namespace's calls.
+    export_grpc_services: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,6 +86,17 @@ class EndpointSet:
     endpoints: tuple[Endpoint, ...] = ()
     policy: ServicePolicy = field(default_factory=ServicePolicy)
     ports: tuple[int, ...] = ()  # the Service's own ports, for `:authority` matching
+    # The Service's pod selector (spec.selector), sorted pairs. Empty selects no pod (a Service whose
+    # endpoints are written by hand): such a Service never authorizes an inbound call.
+    selector: tuple[tuple[str, str], ...] = ()
+
+    def selects(self, namespace: str, labels: Mapping[str, str]) -> bool:
+        """Whether this Service selects a pod of `namespace` with `labels` (Kubernetes' own rule)."""
+        return (
+            bool(self.selector)
+            and self.service.namespace == namespace
+            and all(labels.get(k) == v for k, v in self.selector)
+        )
 
     def usable(self) -> tuple[Endpoint, ...]:
         """Ready endpoints; `serving && terminating` ones only when nothing else is left."""
@@ -92,19 +106,30 @@ class EndpointSet:
         return tuple(e for e in self.endpoints if e.serving and e.terminating)
 
 
+def selecting(sets: Iterable[EndpointSet], namespace: str, labels: Mapping[str, str]) -> frozenset[ServiceKey]:
+    """The Services that select a pod of `namespace` with `labels`: the only ones whose policy may admit a
+    call to it. Decided from selectors, never from which endpoints a Service lists (anyone who can write an
+    EndpointSlice can list any address)."""
+    return frozenset(es.service for es in sets if es.selects(namespace, labels))
+
+
 class Catalog:
-    """An immutable snapshot of every known Service, with the lookups routing needs."""
+    """An immutable snapshot of every known Service, with the lookups routing needs.
 
-    __slots__ = ("_by_grpc_service", "_by_key")
+    `selecting`: the Services that select this proxy's own pod (see `selecting()`), as the source computed
+    them; None while the source has not told (inbound authorization stays closed until it has).
+    """
 
-    def __init__(self, sets: Iterable[EndpointSet] = ()) -> None:
+    __slots__ = ("_by_grpc_service", "_by_key", "selecting")
+
+    def __init__(self, sets: Iterable[EndpointSet] = (), *, selecting: frozenset[ServiceKey] | None = None) -> None:
         self._by_key: dict[ServiceKey, EndpointSet] = {}
-        self._by_grpc_service: dict[str, ServiceKey] = {}
+        self._by_grpc_service: dict[str, list[ServiceKey]] = {}
+        self.selecting = selecting
         for es in sorted(sets, key=lambda s: s.service):
             self._by_key[es.service] = es
             for gs in es.policy.grpc_services:
-                # First (sorted) Service wins a contested gRPC service name: deterministic.
-                self._by_grpc_service.setdefault(gs, es.service)
+                self._by_grpc_service.setdefault(gs, []).append(es.service)
 
     @property
     def services(self) -> Mapping[ServiceKey, EndpointSet]:
@@ -113,17 +138,18 @@ class Catalog:
     def get(self, key: ServiceKey) -> EndpointSet | None:
         return self._by_key.get(key)
 
-    def by_grpc_service(self, grpc_service: str) -> ServiceKey | None:
-        return self._by_grpc_service.get(grpc_service)
+    def claiming(self, grpc_service: str) -> tuple[ServiceKey, ...]:
+        """Every Service (sorted) whose `kuberpc.io/grpc-services` lists `grpc_service`, in any namespace."""
+        return tuple(self._by_grpc_service.get(grpc_service, ()))
 
     def __len__(self) -> int:
         return len(self._by_key)
 
     def __eq__(self, other: object) -> bool:
-        return isinstance(other, Catalog) and self._by_key == other._by_key
+        return isinstance(other, Catalog) and self._by_key == other._by_key and self.selecting == other.selecting
 
     def __hash__(self) -> int:
-        return hash(frozenset(self._by_key.items()))
+        return hash((frozenset(self._by_key.items()), self.selecting))
 
 
 @dataclass(frozen=True, slots=True)

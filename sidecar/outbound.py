@@ -63,7 +63,7 @@ class ServiceState:
 class Placement:
     """One call placed on one endpoint (Target of relay.py)."""
 
-    __slots__ = ("endpoint", "pool", "retries", "service", "state", "timeout", "tried")
+    __slots__ = ("endpoint", "plaintext", "pool", "retries", "service", "state", "timeout", "tried")
 
     def __init__(self, state: ServiceState, pool: Pool) -> None:
         self.state = state
@@ -73,6 +73,7 @@ class Placement:
         self.retries = state.retries
         self.endpoint: Endpoint | None = None  # where the current attempt is placed
         self.tried: Endpoint | None = None  # where the previous attempt failed
+        self.plaintext = False
 
     def open(self, up: Stream, headers: Headers, end: bool) -> Reject | None:
         balancer = self.state.balancer
@@ -90,6 +91,7 @@ class Placement:
         if ep is None:
             return Reject(UNAVAILABLE, f"service {self.service} has no endpoint with weight > 0", self.service)
         self.endpoint = ep
+        self.plaintext = not ep.tls
         for _ in range(2):
             conn = self.pool.connection(ep)
             up.conn = conn
@@ -188,7 +190,13 @@ class Outbound:
             str(k): {
                 "policy": st.set.policy.lb,
                 "timeout": st.timeout,
-                "endpoints": st.balancer.state(),
+                "endpoints": _with_tls(st),
             }
             for k, st in self.services.items()
         }
+
+
+def _with_tls(st: ServiceState) -> list[dict[str, object]]:
+    """The balancer's view of each endpoint, saying whether calls to it use mTLS (tls: false: plaintext)."""
+    tls: dict[tuple[object, object], bool] = {(ep.address, ep.port): ep.tls for ep in st.set.endpoints}
+    return [{**d, "tls": tls.get((d.get("address"), d.get("port")), True)} for d in st.balancer.state()]

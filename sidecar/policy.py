@@ -19,7 +19,8 @@ ALLOW = PREFIX + "allow"
 TIMEOUT = PREFIX + "timeout"
 RETRY = PREFIX + "retry"
 RETRY_BUDGET = PREFIX + "retry-budget"
-SERVICE_KEYS = (LB, GRPC_SERVICES, ALLOW, TIMEOUT, RETRY, RETRY_BUDGET)
+EXPORT_GRPC_SERVICES = PREFIX + "export-grpc-services"
+SERVICE_KEYS = (LB, GRPC_SERVICES, ALLOW, TIMEOUT, RETRY, RETRY_BUDGET, EXPORT_GRPC_SERVICES)
 
 # gRPC status codes by their kebab-case annotation names; OK is not retryable.
 GRPC_CODES: Mapping[str, int] = {s.kebab: int(s) for s in Status if s is not Status.OK}
@@ -73,6 +74,7 @@ def parse_service_annotations(annotations: Mapping[str, str]) -> tuple[ServicePo
     timeout = defaults.timeout
     retry_on = defaults.retry_on
     retry_budget = defaults.retry_budget
+    export = defaults.export_grpc_services
 
     for key in sorted(annotations):
         if key.startswith(PREFIX) and key not in SERVICE_KEYS:
@@ -138,6 +140,13 @@ def parse_service_annotations(annotations: Mapping[str, str]) -> tuple[ServicePo
         else:
             problems.append(f"{RETRY_BUDGET}: {v!r} is not a ratio from 0 to 1")
 
+    if (v := annotations.get(EXPORT_GRPC_SERVICES)) is not None:
+        if v.strip().lower() in ("true", "false"):
+            export = v.strip().lower() == "true"
+        else:
+            # Fails closed: exporting is a widening of who reaches the Service, so only "true" turns it on.
+            problems.append(f"{EXPORT_GRPC_SERVICES}: {v!r} is not true or false (not exported)")
+
     policy = ServicePolicy(
         lb=lb,
         grpc_services=grpc_services,
@@ -145,5 +154,6 @@ def parse_service_annotations(annotations: Mapping[str, str]) -> tuple[ServicePo
         timeout=timeout,
         retry_on=retry_on,
         retry_budget=retry_budget,
+        export_grpc_services=export,
     )
     return policy, problems

@@ -119,6 +119,7 @@ class Target(Protocol):
 
     service: str
     timeout: float | None  # the Service's default deadline when the caller set none
+    plaintext: bool  # placed on a non-meshed endpoint (no mTLS): counted with tls="false"
 
     @property
     def retries(self) -> RetryPolicy | None:
@@ -456,6 +457,7 @@ class Relay:
                 latency,
                 call.req_bytes,
                 call.resp_bytes,
+                plaintext=target.plaintext,
             )
         # Break the reference cycles (stream <-> peer <-> call) so no cyclic GC is needed.
         down.peer = down.call = None

@@ -1,5 +1,8 @@
 """Naming the target Service of an outbound call: dedicated port, then :authority, then gRPC service.
 
+Routing by gRPC service never leaves the caller's trust: it considers the Services of the caller's own
+namespace, and Services elsewhere only when they export their gRPC names (`kuberpc.io/export-grpc-services`);
+two claimants in the same scope are a miss naming both, never a silent choice.
 Pure lookups over one Catalog snapshot: no I/O, no balancing, no answering the caller (a RouteMiss says why).
 """
 
@@ -119,6 +122,32 @@ class Router:
             return f"service {str(key)!r} has no port {port} (ports {ports})"
         return key
 
+    def _by_grpc_service(self, grpc_service: str) -> ServiceKey | str:
+        """The one Service in scope claiming `grpc_service`; '' when none does, why not when several do.
+
+        The caller's own namespace comes first, as a short DNS name would; exported Services of other
+        namespaces are considered only when the caller's namespace has no claimant.
+        """
+        claims = self._catalog.claiming(grpc_service)
+        local = [k for k in claims if k.namespace == self._namespace]
+        scope = "namespace " + self._namespace
+        if not local:
+            local = [
+                k
+                for k in claims
+                if (es := self._catalog.get(k)) is not None and es.policy.export_grpc_services
+            ]
+            scope = "Services exporting their gRPC names (kuberpc.io/export-grpc-services)"
+        if len(local) == 1:
+            return local[0]
+        if not local:
+            return ""
+        names = " and ".join(repr(str(k)) for k in local)
+        return (
+            f"gRPC service {grpc_service!r} is claimed by {names} in {scope}: name the Service in "
+            ":authority or with a dedicated upstream port"
+        )
+
     def _resolve(self, authority: str | None, path: str) -> ServiceKey | RouteMiss:
         tried: list[str] = []
         if authority:
@@ -128,9 +157,11 @@ class Router:
             tried.append(f"authority {authority!r} ({found})")
         grpc_service = grpc_service_of(path)
         if grpc_service:
-            key = self._catalog.by_grpc_service(grpc_service)
-            if key is not None:
-                return key
+            found_gs = self._by_grpc_service(grpc_service)
+            if isinstance(found_gs, ServiceKey):
+                return found_gs
+            if found_gs:
+                return RouteMiss(found_gs)
             tried.append(f"gRPC service {grpc_service!r} (path {path})")
         else:
             tried.append(f"path {path!r} (not /service/method)")

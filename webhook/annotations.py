@@ -26,6 +26,13 @@ DISCOVERY_SCOPE: Final = PREFIX + "discovery-scope"
 DISCOVERY_SCOPES: Final = ("cluster", "namespace")
 DEFAULT_DISCOVERY_SCOPE: Final = "cluster"
 
+# Service annotations (read by the proxies from the Service, sidecar/policy.py SERVICE_KEYS): on a pod they do
+# nothing, and the injector says so.
+SERVICE_ANNOTATIONS: Final = frozenset(
+    PREFIX + key
+    for key in ("lb", "grpc-services", "allow", "timeout", "retry", "retry-budget", "export-grpc-services")
+)
+
 INJECT_ENABLED: Final = "enabled"
 INJECT_DISABLED: Final = "disabled"
 
@@ -36,6 +43,12 @@ DEFAULT_CONTAINER: Final = "kubectl.kubernetes.io/default-container"
 PROMETHEUS_SCRAPE: Final = "prometheus.io/scrape"
 PROMETHEUS_PORT: Final = "prometheus.io/port"
 PROMETHEUS_PATH: Final = "prometheus.io/path"
+
+# Every kuberpc.io/ pod annotation: any other is a typo the injector warns about (naming it and its value).
+POD_ANNOTATIONS: Final = frozenset(
+    {INJECT, APP_PORT, UPSTREAMS, WEIGHT, PROXY_CPU, PROXY_MEMORY, PROXY_LOG_LEVEL, PROXY_IMAGE}
+    | {NATIVE_SIDECAR, DRAIN_SECONDS, DISCOVERY_SCOPE, INJECTED}
+)
 
 # --- namespace label ---
 NAMESPACE_INJECT_LABEL: Final = INJECT
@@ -48,7 +61,8 @@ MAX_WEIGHT: Final = 10_000
 OUTBOUND_PORT: Final = 15001
 INBOUND_PORT: Final = 15443
 ADMIN_PORT: Final = 15090
-PROXY_PORTS: Final = frozenset({OUTBOUND_PORT, INBOUND_PORT, ADMIN_PORT})
+DEBUG_PORT: Final = 15091  # /debug, on the pod's loopback only: no containerPort, but taken all the same
+PROXY_PORTS: Final = frozenset({OUTBOUND_PORT, INBOUND_PORT, ADMIN_PORT, DEBUG_PORT})
 PORT_NAMES: Final = {OUTBOUND_PORT: "proxy-outbound", INBOUND_PORT: "proxy-inbound", ADMIN_PORT: "proxy-admin"}
 READY_PATH: Final = "/ready"
 LIVE_PATH: Final = "/live"

@@ -28,12 +28,12 @@ MAX_CSR_BYTES = 16 * 1024
 
 # SPIFFE ID spec §2.1 (trust domain); Kubernetes names: a namespace is an RFC 1123 label, a service
 # account an RFC 1123 subdomain.
-_TRUST_DOMAIN = re.compile(r"^[a-z0-9._-]{1,255}$")
-_NAMESPACE = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
+_TRUST_DOMAIN = re.compile(r"[a-z0-9._-]{1,255}")
+_NAMESPACE = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")
 _LABEL = r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?"
-_SERVICE_ACCOUNT = re.compile(rf"^{_LABEL}(\.{_LABEL})*$")
-_WORKLOAD_URI = re.compile(r"^spiffe://(?P<td>[^/]*)/ns/(?P<ns>[^/]*)/sa/(?P<sa>[^/]*)$")
-_TRUST_DOMAIN_URI = re.compile(r"^spiffe://(?P<td>[^/]+)/?$")
+_SERVICE_ACCOUNT = re.compile(rf"{_LABEL}(\.{_LABEL})*")
+_WORKLOAD_URI = re.compile(r"spiffe://(?P<td>[^/]*)/ns/(?P<ns>[^/]*)/sa/(?P<sa>[^/]*)")
+_TRUST_DOMAIN_URI = re.compile(r"spiffe://(?P<td>[^/]+)/?")
 _SERVICE_ACCOUNT_USER = "system:serviceaccount:"
 
 
@@ -116,15 +116,15 @@ class Issued:
 def parse_identity(uri: str, *, trust_domain: str) -> WorkloadIdentity:
     """The workload identity `uri` names; InvalidRequest unless it is one of `trust_domain`'s."""
     shown = repr(uri[:300])  # the caller's text goes into messages and logs: bounded
-    m = _WORKLOAD_URI.match(uri)
+    m = _WORKLOAD_URI.fullmatch(uri)
     if m is None:
         raise InvalidRequest(f"identity {shown} is not spiffe://<trust-domain>/ns/<namespace>/sa/<service-account>")
     td, ns, sa = m.group("td"), m.group("ns"), m.group("sa")
     if td != trust_domain:
         raise InvalidRequest(f"identity {shown} is not in trust domain {trust_domain!r}")
-    if not _NAMESPACE.match(ns):
+    if not _NAMESPACE.fullmatch(ns):
         raise InvalidRequest(f"identity {shown}: the namespace is not a Kubernetes namespace name")
-    if len(sa) > 253 or not _SERVICE_ACCOUNT.match(sa):
+    if len(sa) > 253 or not _SERVICE_ACCOUNT.fullmatch(sa):
         raise InvalidRequest(f"identity {shown}: the service account is not a Kubernetes service account name")
     return WorkloadIdentity(td, ns, sa)
 
@@ -172,7 +172,7 @@ def trust_domain_of(cert: x509.Certificate) -> str | None:
     except x509.ExtensionNotFound:
         return None
     for uri in san.get_values_for_type(x509.UniformResourceIdentifier):
-        if m := _TRUST_DOMAIN_URI.match(uri):
+        if m := _TRUST_DOMAIN_URI.fullmatch(uri):
             return m.group("td")
     return None
 
@@ -200,7 +200,7 @@ class CertificateAuthority:
     @classmethod
     def load(cls, cert_path: Path, key_path: Path, *, trust_domain: str) -> CertificateAuthority:
         """Read and check the pair written by `python -m webhook install`; CAError names the file at fault."""
-        if not _TRUST_DOMAIN.match(trust_domain):
+        if not _TRUST_DOMAIN.fullmatch(trust_domain):
             raise CAError(f"{trust_domain!r} is not a SPIFFE trust domain")
         try:
             cert = x509.load_pem_x509_certificate(_read(cert_path, "certificate"))

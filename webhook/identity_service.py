@@ -1,15 +1,19 @@
 """The identity service on gRPC (kuberpc.identity.v1.Identity/Certify) over TLS with a certificate from the mesh CA.
 
-Maps identity errors to gRPC status codes in exactly one place (`status_of`); never logs a token or a key.
+Bounded: a per (service account, pod address) rate limit, a cap on TokenReviews in flight, and a repeated request
+answered with the certificate already issued for it. Maps identity errors to gRPC status codes in exactly one
+place (`status_of`); never logs a token or a key.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import ipaddress
 import json
 import logging
 import threading
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -34,8 +38,8 @@ from webhook.identity import (
 
 log = logging.getLogger(__name__)
 
-Result = Literal["issued", "unauthenticated", "denied", "invalid", "error"]
-RESULTS: tuple[Result, ...] = ("issued", "unauthenticated", "denied", "invalid", "error")
+Result = Literal["issued", "reused", "limited", "unauthenticated", "denied", "invalid", "error"]
+RESULTS: tuple[Result, ...] = ("issued", "reused", "limited", "unauthenticated", "denied", "invalid", "error")
 TokenReviewer = Callable[[str], Awaitable[TokenReview]]
 Clock = Callable[[], dt.datetime]
 
@@ -46,12 +50,62 @@ MAX_MESSAGE_BYTES = 64 * 1024
 RENEW_AT = 2 / 3
 # After a failed renewal, keep the current certificate and try again on a handshake this much later.
 RETRY_RENEWAL = dt.timedelta(minutes=1)
+# A certificate is given again for a repeated request only while this much of its life is left: the third
+# the proxies keep for renewing (they renew at 2/3 of 24 h), so a renewing proxy never gets its old one back.
+REUSE_MIN_LEFT = dt.timedelta(hours=8)
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """How much one caller may ask and how much the API server is asked at once.
+
+    A proxy asks once at start and once per ~16 h, retrying with backoff (0.2 s doubling to 30 s) on failure:
+    `burst` requests at once, then one per `refill_seconds`, per (claimed service account, pod address).
+    Keyed by the address as well as the claimed identity so that requests claiming someone else's service
+    account spend only the claimant's own allowance. `max_reviews` bounds the TokenReviews in flight whoever
+    asks (made-up tokens from many pods); beyond it a request is refused at once rather than queued.
+    """
+
+    burst: int = 10
+    refill_seconds: float = 6.0
+    max_reviews: int = 32
+    max_callers: int = 10_000  # rate-limit entries kept (least recently used dropped first)
+    max_reused: int = 10_000  # issued certificates remembered for repeated requests
+
+    def __post_init__(self) -> None:
+        if self.burst < 1 or self.refill_seconds <= 0 or self.max_reviews < 1:
+            raise ValueError(f"limits must be positive: {self}")
+        if self.max_callers < 1 or self.max_reused < 1:
+            raise ValueError(f"limits must be positive: {self}")
+
+
+class Limited(CertifyError):
+    """The caller asked too often, or too many TokenReviews are in flight: retry later (RESOURCE_EXHAUSTED)."""
+
+
+class _Buckets:
+    """Token buckets by key, in an LRU bounded to `limit` keys (a dropped key starts again with a full bucket)."""
+
+    def __init__(self, limits: Limits) -> None:
+        self._limits = limits
+        self._buckets: OrderedDict[tuple[str, str], tuple[float, float]] = OrderedDict()
+
+    def take(self, key: tuple[str, str], now: float) -> bool:
+        burst, refill = self._limits.burst, self._limits.refill_seconds
+        tokens, at = self._buckets.pop(key, (float(burst), now))
+        tokens = min(float(burst), tokens + max(0.0, now - at) / refill)
+        allowed = tokens >= 1.0
+        self._buckets[key] = (tokens - 1.0 if allowed else tokens, now)
+        while len(self._buckets) > self._limits.max_callers:
+            self._buckets.popitem(last=False)
+        return allowed
 
 _STATUS: tuple[tuple[type[CertifyError], grpc.StatusCode, Result], ...] = (
     (InvalidRequest, grpc.StatusCode.INVALID_ARGUMENT, "invalid"),
     (Unauthenticated, grpc.StatusCode.UNAUTHENTICATED, "unauthenticated"),
     (PermissionDenied, grpc.StatusCode.PERMISSION_DENIED, "denied"),
     (Unavailable, grpc.StatusCode.UNAVAILABLE, "error"),
+    (Limited, grpc.StatusCode.RESOURCE_EXHAUSTED, "limited"),
 )
 
 
@@ -99,22 +153,65 @@ class IdentityService:
     """Certify: check the request, review its token, sign; every answer counted and logged once."""
 
     def __init__(
-        self, ca: CertificateAuthority, *, review: TokenReviewer, metrics: IdentityMetrics, clock: Clock
+        self,
+        ca: CertificateAuthority,
+        *,
+        review: TokenReviewer,
+        metrics: IdentityMetrics,
+        clock: Clock,
+        limits: Limits = Limits(),
     ) -> None:
         self._ca = ca
         self._review = review
         self._metrics = metrics
         self._clock = clock
+        self._limits = limits
+        self._buckets = _Buckets(limits)
+        self._reviews = 0  # TokenReviews in flight
+        # sha256(identity, token, CSR) -> what was issued for it: a retried request (its answer was lost) gets
+        # the same certificate again with no TokenReview and no signature. Safe: it names the CSR's own key,
+        # which only the caller holds.
+        self._issued: OrderedDict[bytes, Issued] = OrderedDict()
 
-    async def _certify(self, identity: str, token: bytes, csr: bytes) -> Issued:
+    def _reusable(self, key: bytes, now: dt.datetime) -> Issued | None:
+        issued = self._issued.get(key)
+        if issued is None:
+            return None
+        # Only while most of its life is left: a proxy renewing must get a fresh one, not its old one back.
+        if now >= issued.not_after - REUSE_MIN_LEFT:
+            del self._issued[key]
+            return None
+        self._issued.move_to_end(key)
+        return issued
+
+    async def _certify(self, identity: str, token: bytes, csr: bytes, peer: str) -> Issued:
         # The request is checked before the token is sent anywhere: a malformed one costs no API call.
         request = check_request(identity, csr, trust_domain=self._ca.trust_domain)
-        review = await self._review(_token_text(token))
+        text = _token_text(token)
+        if not self._buckets.take((identity, peer), self._clock().timestamp()):
+            raise Limited(
+                f"too many certificate requests for {identity} from {peer or 'this address'} "
+                f"(at most {self._limits.burst}, then one per {self._limits.refill_seconds:g} s)"
+            )
+        if self._reviews >= self._limits.max_reviews:
+            raise Limited(f"{self._reviews} token reviews in flight: retry later")
+        self._reviews += 1
+        try:
+            review = await self._review(text)
+        finally:
+            self._reviews -= 1
         return self._ca.certify(request, review, now=self._clock())
 
-    async def certify(self, identity: str, token: bytes, csr: bytes) -> Issued | Refusal:
+    async def certify(self, identity: str, token: bytes, csr: bytes, *, peer: str = "") -> Issued | Refusal:
+        """`peer`: the caller's address (one pod), for the rate limit."""
+        key = hashlib.sha256(b"\0".join((identity.encode(), token, csr))).digest()
+        reused = self._reusable(key, self._clock())
+        if reused is not None:
+            self._metrics.count("reused")
+            log.info("event=certificate_reused identity=%s serial=%x", identity, reused.serial)
+            return reused
         try:
-            issued = await self._certify(identity, token, csr)
+            issued = await self._certify(identity, token, csr, peer)
         except CertifyError as e:
             code, result = status_of(e)
             self._metrics.count(result)
@@ -124,12 +221,25 @@ class IdentityService:
             self._metrics.count("error")
             log.exception("event=certify_failed")
             return Refusal(grpc.StatusCode.INTERNAL, "internal error in the identity service")
+        self._issued[key] = issued
+        while len(self._issued) > self._limits.max_reused:
+            self._issued.popitem(last=False)
         self._metrics.count("issued")
         log.info(
             "event=certificate_issued identity=%s serial=%x not_after=%s",
             identity, issued.serial, issued.not_after.isoformat(),
         )  # fmt: skip
         return issued
+
+
+def peer_host(peer: str) -> str:
+    """The address in a grpc peer string (`ipv4:10.0.0.7:41234`, `ipv6:[::1]:41234`); the string otherwise."""
+    kind, _, rest = peer.partition(":")
+    if kind == "ipv4":
+        return rest.rpartition(":")[0]
+    if kind == "ipv6":
+        return rest.rpartition(":")[0].strip("[]")
+    return peer
 
 
 def identity_dns_names(namespace: str, identity_addr: str = "") -> list[str]:
@@ -191,7 +301,9 @@ async def serving(
     """Serve Certify on host:port until the block exits, then let in-flight calls finish; yields the bound port."""
     class Servicer(identity_pb2_grpc.IdentityServicer):
         async def Certify(self, request: identity_pb2.CertifyRequest, context: Any) -> identity_pb2.CertifyResponse:
-            outcome = await service.certify(request.identity, request.token, request.certificate_signing_request)
+            outcome = await service.certify(
+                request.identity, request.token, request.certificate_signing_request, peer=peer_host(context.peer())
+            )
             if isinstance(outcome, Issued):
                 return identity_pb2.CertifyResponse(leaf_certificate=outcome.leaf_der, valid_until=outcome.valid_until)
             await context.abort(outcome.code, outcome.message)

@@ -5,6 +5,7 @@ No I/O, no clock and no cluster access: the caller passes the Pod, its namespace
 
 from __future__ import annotations
 
+import difflib
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -321,6 +322,21 @@ def _seconds(value: Decimal) -> str:
     return str(int(value)) if value == value.to_integral_value() else str(value)
 
 
+def unknown_annotations(ann: Mapping[str, str]) -> list[str]:
+    """One warning per kuberpc.io/ annotation the injector does not know (a typo is otherwise silently ignored)."""
+    warnings = []
+    for key in sorted(k for k in ann if k.startswith(a.PREFIX) and k not in a.POD_ANNOTATIONS):
+        if key in a.SERVICE_ANNOTATIONS:
+            warnings.append(f"{key}={show(ann[key])}: a Service annotation, it does nothing on a pod")
+            continue
+        # Compared without the shared prefix, which would make every key look close to every other.
+        names = sorted(k.removeprefix(a.PREFIX) for k in a.POD_ANNOTATIONS)
+        near = difflib.get_close_matches(key.removeprefix(a.PREFIX), names, n=1, cutoff=0.75)
+        hint = f"; did you mean {a.PREFIX}{near[0]}?" if near else ""
+        warnings.append(f"{show(key)}={show(ann[key])}: unknown annotation, ignored{hint}")
+    return warnings
+
+
 def _plan_injection(f: PodFacts, ann: Mapping[str, str], cfg: InjectorConfig, *, namespace: str) -> Plan:
     ns = namespace or f.namespace or "default"
     problems = [f"volume {show(name)} already exists; the proxy needs that name" for name in f.clashing_volumes]
@@ -329,14 +345,14 @@ def _plan_injection(f: PodFacts, ann: Mapping[str, str], cfg: InjectorConfig, *,
     app_ports = f.container_ports
     for cname, port in app_ports:
         if port in a.PROXY_PORTS:
-            problems.append(f"container {show(cname)} port {port} is one of the proxy's ports (15001, 15443, 15090)")
+            problems.append(f"container {show(cname)} port {port} is one of the proxy's ports (15001, 15443, 15090, 15091)")
 
     app_port: int | None = None
     if a.APP_PORT in ann:
         try:
             app_port = _port(ann[a.APP_PORT].strip())
             if app_port in a.PROXY_PORTS:
-                problems.append(f"{a.APP_PORT}: {app_port} is one of the proxy's ports (15001, 15443, 15090)")
+                problems.append(f"{a.APP_PORT}: {app_port} is one of the proxy's ports (15001, 15443, 15090, 15091)")
         except ValueError:
             problems.append(f"{a.APP_PORT}: {show(ann[a.APP_PORT])} is not a port (1-65535)")
     else:
@@ -432,6 +448,8 @@ def _plan_injection(f: PodFacts, ann: Mapping[str, str], cfg: InjectorConfig, *,
             warnings.append(
                 f"{a.DISCOVERY_SCOPE}: {show(ann[a.DISCOVERY_SCOPE])} is not one of {', '.join(a.DISCOVERY_SCOPES)}; using {scope}"
             )
+
+    warnings.extend(unknown_annotations(ann))
 
     if problems:
         raise Denied(problems)
@@ -649,7 +667,9 @@ def _admit(f: PodFacts, ns_labels: Mapping[str, str], cfg: InjectorConfig, *, na
     ann = dict(f.annotations)
     decision = _needs_injection(f, ann, ns_labels, cfg, namespace=namespace)
     if not decision.inject:
-        return Outcome("skipped", warnings=(f"kuberpc: not injected: {decision.reason}",))
+        # A typo in kuberpc.io/inject is the likeliest reason for a skip: name it too.
+        typos = (f"kuberpc: {w}" for w in unknown_annotations(ann))
+        return Outcome("skipped", warnings=(f"kuberpc: not injected: {decision.reason}", *typos))
     try:
         plan = _plan_injection(f, ann, cfg, namespace=namespace)
     except Denied as e:

@@ -10,13 +10,13 @@ import ipaddress
 import logging
 import os
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import yaml
 
 from sidecar.discovery import ProblemLog, port_or_none
-from sidecar.model import DEFAULT_WEIGHT, MAX_WEIGHT, Catalog, Endpoint, EndpointSet, ServiceKey
+from sidecar.model import DEFAULT_WEIGHT, MAX_WEIGHT, Catalog, Endpoint, EndpointSet, ServiceKey, selecting
 from sidecar.policy import parse_service_annotations
 
 log = logging.getLogger(__name__)
@@ -31,7 +31,7 @@ _HOSTNAME = re.compile(
     r"(?=.{1,253}$)[A-Za-z0-9](?:[-A-Za-z0-9]{0,61}[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[-A-Za-z0-9]{0,61}[A-Za-z0-9])?)*"
 )
 _TOP_KEYS = frozenset({"services"})
-_SERVICE_KEYS = frozenset({"name", "namespace", "ports", "annotations", "endpoints"})
+_SERVICE_KEYS = frozenset({"name", "namespace", "ports", "annotations", "endpoints", "selector"})
 _ENDPOINT_KEYS = frozenset({"address", "port", "weight", "tls", "ready", "serving", "terminating", "pod"})
 _FLAGS = {"tls": True, "ready": True, "serving": True, "terminating": False}
 
@@ -150,6 +150,22 @@ def _parse_service(raw: object, index: int, namespace: str, problems: list[str])
     policy, policy_problems = parse_service_annotations(annotations)
     problems.extend(f"{where}: {p}" for p in policy_problems)
 
+    # The Service's pod selector, as in its spec: which pods' policies it speaks for (inbound authorization).
+    selector: dict[str, str] = {}
+    raw_sel = raw.get("selector", {})
+    if raw_sel is None:
+        raw_sel = {}
+    if not isinstance(raw_sel, dict):
+        problems.append(f"{where}: selector: {raw_sel!r} is not a mapping of labels (selects no pod)")
+        raw_sel = {}
+    for k, v in raw_sel.items():
+        text = _annotation_value(v)
+        if not isinstance(k, str) or text is None:
+            problems.append(f"{where}: selector: {k!r}: {v!r} is not a label (selects no pod)")
+            selector = {}
+            break
+        selector[k] = text
+
     endpoints: dict[tuple[str, int], Endpoint] = {}
     raw_eps = raw.get("endpoints", [])
     if raw_eps is None:
@@ -165,11 +181,16 @@ def _parse_service(raw: object, index: int, namespace: str, problems: list[str])
             problems.append(f"{where} endpoints[{j}]: {ep} is listed twice (first kept)")
             continue
         endpoints[ep.key] = ep
-    return EndpointSet(key, tuple(endpoints.values()), policy, tuple(ports))
+    return EndpointSet(key, tuple(endpoints.values()), policy, tuple(ports), tuple(sorted(selector.items())))
 
 
-def parse_endpoints_file(text: str, *, namespace: str) -> tuple[Catalog, list[str]]:
+def parse_endpoints_file(
+    text: str, *, namespace: str, labels: Mapping[str, str] | None = None
+) -> tuple[Catalog, list[str]]:
     """The Catalog an endpoints file describes, and one problem per bad service, field or value.
+
+    With this pod's `labels`, the Catalog also says which Services select it (their `selector`); without
+    them (None) it says nothing, and inbound stays closed.
 
     Bad parts are skipped or defaulted and reported; a file that is not YAML, is empty, or has no
     `services` list raises ValueError (the caller keeps its last good catalog).
@@ -199,7 +220,8 @@ def parse_endpoints_file(text: str, *, namespace: str) -> tuple[Catalog, list[st
             problems.append(f"services[{i}]: service {es.service} is listed twice (first kept)")
             continue
         sets[es.service] = es
-    return Catalog(sets.values()), problems
+    chosen = selecting(sets.values(), namespace, labels) if labels is not None else None
+    return Catalog(sets.values(), selecting=chosen), problems
 
 
 _Signature = tuple[int, int, int, int]  # st_dev, st_ino, st_mtime_ns, st_size
@@ -230,11 +252,14 @@ class FileDiscovery:
     appearance (again only if it goes away and comes back).
     """
 
-    def __init__(self, path: str, *, namespace: str, interval: float = 0.5) -> None:
+    def __init__(
+        self, path: str, *, namespace: str, labels: Mapping[str, str] | None = None, interval: float = 0.5
+    ) -> None:
         if not interval > 0:
             raise ValueError(f"interval must be positive, not {interval!r}")
         self._path = path
         self._namespace = namespace
+        self._labels = dict(labels) if labels is not None else None
         self._interval = interval
 
     async def run(self, publish: Callable[[Catalog], None]) -> None:
@@ -257,7 +282,7 @@ class FileDiscovery:
             if current is not None and current != seen:
                 try:
                     seen, text = await asyncio.to_thread(_read, self._path)
-                    catalog, problems = parse_endpoints_file(text, namespace=self._namespace)
+                    catalog, problems = parse_endpoints_file(text, namespace=self._namespace, labels=self._labels)
                 except (OSError, ValueError) as e:
                     # Remember the broken version so it is not re-read every tick; a fix changes it.
                     seen = current

@@ -29,7 +29,7 @@ import orjson
 
 from sidecar.config import INBOUND_PORT
 from sidecar.discovery import ProblemLog, port_or_none
-from sidecar.model import DEFAULT_WEIGHT, Catalog, Endpoint, EndpointSet, ServiceKey
+from sidecar.model import DEFAULT_WEIGHT, Catalog, Endpoint, EndpointSet, ServiceKey, selecting
 from sidecar.policy import PREFIX, parse_service_annotations, parse_weight
 
 log = logging.getLogger(__name__)
@@ -95,6 +95,7 @@ class ServiceRecord:
     ports: tuple[ServicePort, ...] = ()
     # Only kuberpc.io/* ones: other annotations (last-applied-configuration...) change without mattering.
     annotations: tuple[tuple[str, str], ...] = ()
+    selector: tuple[tuple[str, str], ...] = ()  # spec.selector, sorted: which pods the Service speaks for
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,6 +132,7 @@ class PodRecord:
     ip: str = ""
     weight: int = DEFAULT_WEIGHT
     weight_problem: str = ""  # why the annotation was not used, if it was not
+    labels: tuple[tuple[str, str], ...] = ()  # matched against Service selectors for the proxy's own pod
 
 
 # ---- parsing API objects (untyped JSON) into records --------------------------------------------------
@@ -180,7 +182,9 @@ def parse_service(obj: Mapping[str, object]) -> ServiceRecord | None:
     ours = tuple(
         sorted((k, v) for k, v in annotations.items() if k.startswith(PREFIX) and isinstance(v, str))
     )
-    return ServiceRecord(key[0], key[1], tuple(ports), ours)
+    raw_selector = _map(_map(obj.get("spec")).get("selector"))
+    selector = tuple(sorted((k, v) for k, v in raw_selector.items() if isinstance(v, str)))
+    return ServiceRecord(key[0], key[1], tuple(ports), ours, selector)
 
 
 def parse_slice(obj: Mapping[str, object]) -> SliceRecord | None:
@@ -233,7 +237,9 @@ def parse_pod(obj: Mapping[str, object]) -> PodRecord | None:
             weight = parse_weight(_str(raw_weight))
         except ValueError as e:
             problem = f"pod {key[0]}/{key[1]}: {WEIGHT}: {e} (using {DEFAULT_WEIGHT})"
-    return PodRecord(key[0], key[1], ip, weight, problem)
+    raw_labels = _map(meta.get("labels"))
+    labels = tuple(sorted((k, v) for k, v in raw_labels.items() if isinstance(v, str)))
+    return PodRecord(key[0], key[1], ip, weight, problem, labels)
 
 
 # ---- the pure part: records -> Catalog ----------------------------------------------------------------
@@ -260,9 +266,15 @@ def _rank(ep: Endpoint) -> int:
 
 
 def build_catalog(
-    services: Iterable[ServiceRecord], slices: Iterable[SliceRecord], pods: Mapping[Key, PodRecord]
+    services: Iterable[ServiceRecord],
+    slices: Iterable[SliceRecord],
+    pods: Mapping[Key, PodRecord],
+    local: Key | None = None,
 ) -> tuple[Catalog, list[str]]:
     """The Catalog these objects describe, and one problem per bad annotation that matters.
+
+    With `local`, the proxy's own pod, the Catalog says which Services select it, from their selectors and
+    its labels; until that pod has been seen (and without `local`) it says nothing and inbound stays closed.
 
     Every Service is in it, with or without endpoints ("no endpoints" is a better answer than "unknown
     service"). An endpoint backed by a meshed pod is called at the pod IP on the proxy's inbound port with
@@ -312,8 +324,10 @@ def build_catalog(
                     if old is None or _rank(ep) > _rank(old):
                         endpoints[ep.key] = ep
         ports = tuple(dict.fromkeys(p.port for p in svc.ports if p.protocol == "TCP"))
-        sets.append(EndpointSet(key, tuple(endpoints.values()), policy, ports))
-    return Catalog(sets), list(dict.fromkeys(problems))
+        sets.append(EndpointSet(key, tuple(endpoints.values()), policy, ports, svc.selector))
+    own = pods.get(local) if local is not None else None
+    chosen = selecting(sets, own.namespace, dict(own.labels)) if own is not None else None
+    return Catalog(sets, selecting=chosen), list(dict.fromkeys(problems))
 
 
 # ---- credentials ---------------------------------------------------------------------------------------
@@ -678,6 +692,7 @@ class KubernetesDiscovery:
         on_restart: Callable[[str], None] = lambda service: None,
         coalesce: float = 0.1,
         backoff: Backoff = Backoff(),
+        pod: Key | None = None,
     ) -> None:
         if not coalesce >= 0:
             raise ValueError(f"coalesce must not be negative, not {coalesce!r}")
@@ -688,6 +703,7 @@ class KubernetesDiscovery:
         self._on_restart = on_restart
         self._coalesce = coalesce
         self._backoff = backoff
+        self._pod = pod  # (namespace, name) of this proxy's pod: its labels decide which Services select it
         self._services: tuple[str, ...] = ()  # of the last published catalog, for on_restart
 
     def _restarted(self) -> None:
@@ -743,6 +759,7 @@ class KubernetesDiscovery:
                     [s for r in services for s in r.records.values()],
                     [s for r in slices for s in r.records.values()],
                     all_pods,
+                    self._pod,
                 )
                 problems.report(found)
                 if catalog == published:

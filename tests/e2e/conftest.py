@@ -258,6 +258,7 @@ class Mesh:
                     "namespace": NAMESPACE,
                     "ports": [SERVICE_PORT],
                     "annotations": {"kuberpc.io/grpc-services": "arith.Arith"},
+                    "selector": {"app": SERVICE},  # the replicas' proxies run with KUBERPC_POD_LABELS=app=arith
                     "endpoints": [
                         {
                             "address": REPLICAS[name][0],
@@ -318,6 +319,7 @@ class Mesh:
                     KUBERPC_INBOUND_ADDR=f"0.0.0.0:{INBOUND_PORT}",
                     KUBERPC_APP_PORT=str(APP_PORT),
                     KUBERPC_ADMIN_ADDR=f"0.0.0.0:{ADMIN_PORT}",
+                    KUBERPC_POD_LABELS=f"app={SERVICE}",
                 ),
             )
         client = self.cluster.pods[CLIENT]

@@ -69,6 +69,7 @@ REMAPPED = MOUNTED_FILES | {
     "KUBERPC_IDENTITY_ADDR",  # the same DNS name, with the port the identity service bound here
     "KUBERPC_OUTBOUND_ADDR",  # a pod's own 127.0.0.1 is its 127.0.0.x here
     "KUBERPC_ADMIN_ADDR",  # 0.0.0.0 would be every pod's
+    "KUBERPC_DEBUG_ADDR",  # unset (127.0.0.1:15091) would be every pod's
     "KUBECONFIG",  # in a pod: KUBERNETES_SERVICE_HOST and the ServiceAccount token the kubelet mounts
 }
 SERVER_REMAPPED = REMAPPED | {"KUBERPC_INBOUND_ADDR", "KUBERPC_APP_ADDR"}  # 0.0.0.0 and 127.0.0.1, as above
@@ -288,6 +289,7 @@ def pod_proxy_env(
         "KUBECONFIG": str(kubeconfig(root / "kubeconfig", cluster.url, token_file=api_token)),
         "KUBERPC_OUTBOUND_ADDR": f"{ip}:{a.OUTBOUND_PORT}",
         "KUBERPC_ADMIN_ADDR": f"{ip}:{a.ADMIN_PORT}",
+        "KUBERPC_DEBUG_ADDR": f"{ip}:{a.DEBUG_PORT}",
     }
     if injected.get("KUBERPC_INBOUND_ADDR") != "off":
         settings |= {"KUBERPC_INBOUND_ADDR": f"{ip}:{a.INBOUND_PORT}", "KUBERPC_APP_ADDR": ip}

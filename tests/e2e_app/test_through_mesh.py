@@ -131,7 +131,11 @@ async def run_mesh(
     server_disc = tmp_path / "server-endpoints.yaml"
     server_disc.write_text(endpoints_yaml({SERVICE: []}, annotations))
     async with run_proxy(
-        certs.server, server_disc, KUBERPC_INBOUND_ADDR="127.0.0.1:0", KUBERPC_APP_PORT=str(app_port)
+        certs.server,
+        server_disc,
+        KUBERPC_INBOUND_ADDR="127.0.0.1:0",
+        KUBERPC_APP_PORT=str(app_port),
+        KUBERPC_POD_LABELS="app=arith",  # selected by the Service (endpoints_yaml: selector app=arith)
     ) as server_side:
         # Both sides see the same Service, listing the server pod, as an EndpointSlice would.
         both = endpoints_yaml(
@@ -146,8 +150,8 @@ async def run_mesh(
             inbound = server_side.proxy.inbound
             assert inbound is not None
             await wait_for(
-                lambda: any(str(k) == SERVICE for k in inbound.own),
-                f"the server-side proxy to see itself backing {SERVICE}",
+                lambda: any(str(k) == SERVICE for k in inbound.catalog.selecting or ()),
+                f"the server-side proxy to see {SERVICE} selecting its pod",
             )
             yield Mesh(client_side, server_side)
 

@@ -183,7 +183,13 @@ class RunningProxy:
         return f"127.0.0.1:{self.proxy.bound_port('admin')}"
 
 
-def endpoints_yaml(services: dict[str, list[dict[str, object]]], annotations: dict[str, dict[str, str]] | None = None) -> str:
+def endpoints_yaml(
+    services: dict[str, list[dict[str, object]]],
+    annotations: dict[str, dict[str, str]] | None = None,
+    selectors: dict[str, dict[str, str]] | None = None,
+) -> str:
+    """An endpoints file; each Service selects the pods labelled `app=<its name>` unless `selectors` says otherwise
+    (a server proxy started with KUBERPC_POD_LABELS=app=echo is then selected by `echo.default`)."""
     import yaml
 
     doc = {
@@ -193,6 +199,7 @@ def endpoints_yaml(services: dict[str, list[dict[str, object]]], annotations: di
                 "namespace": name.split(".")[1] if "." in name else "default",
                 "ports": [50051],
                 "annotations": (annotations or {}).get(name, {}),
+                "selector": (selectors or {}).get(name, {"app": name.split(".")[0]}),
                 "endpoints": eps,
             }
             for name, eps in services.items()
@@ -206,6 +213,7 @@ async def run_proxy(workload: Workload, discovery_file: Path, **env: str) -> Asy
     environ = {
         "KUBERPC_OUTBOUND_ADDR": "127.0.0.1:0",
         "KUBERPC_ADMIN_ADDR": "127.0.0.1:0",
+        "KUBERPC_DEBUG_ADDR": "127.0.0.1:0",
         "KUBERPC_INBOUND_ADDR": "off",
         "KUBERPC_DISCOVERY": f"file:{discovery_file}",
         "KUBERPC_TLS_CERT": workload.cert,
@@ -259,6 +267,7 @@ async def run_pair(
         disc,
         KUBERPC_INBOUND_ADDR="127.0.0.1:0",
         KUBERPC_APP_PORT=str(backend_port),
+        KUBERPC_POD_LABELS="app=echo",
         **(server_env or {}),
     ) as server_side:
         disc.write_text(
@@ -277,7 +286,7 @@ def _has_policy(p: RunningProxy) -> bool:
     inbound = p.proxy.inbound
     return inbound is not None and any(
         es.policy.grpc_services for es in inbound.catalog.services.values()
-    )
+    ) and inbound.closed_because() is None
 
 
 async def wait_for(pred: Callable[[], bool], what: str, timeout: float = 10.0) -> None:

@@ -51,6 +51,9 @@ class Served:
     def url(self, path: str) -> str:
         return f"http://127.0.0.1:{self.server.port}{path}"
 
+    def debug_url(self) -> str:
+        return f"http://127.0.0.1:{self.server.debug_port}/debug"
+
 
 @pytest.fixture
 async def served() -> AsyncIterator[Served]:
@@ -58,6 +61,7 @@ async def served() -> AsyncIterator[Served]:
     registry = CollectorRegistry()
     server = AdminServer(registry=registry, ready=probe.ready, debug=probe.debug, shutdown=probe.shutdown)
     await server.start("127.0.0.1", 0)
+    await server.start_debug("127.0.0.1", 0)
     try:
         async with aiohttp.ClientSession() as client:
             yield Served(probe, registry, server, client)
@@ -117,7 +121,7 @@ async def test_live_answers_200_even_when_not_ready(served: Served) -> None:
 async def test_debug_serves_the_debug_state_as_json(served: Served) -> None:
     served.probe.state = {"services": {"arith.default": ["10.0.0.1:15443"]}, "ready": True}
 
-    async with served.client.get(served.url("/debug")) as response:
+    async with served.client.get(served.debug_url()) as response:
         assert response.status == 200
         assert response.content_type == "application/json"
         body = json.loads(await response.text())
@@ -135,14 +139,14 @@ async def test_debug_renders_values_json_cannot_encode_by_their_str(served: Serv
 
     served.probe.state = {"service": Key("arith")}
 
-    async with served.client.get(served.url("/debug")) as response:
+    async with served.client.get(served.debug_url()) as response:
         assert json.loads(await response.text()) == {"service": "key:arith"}
 
 
 async def test_debug_answers_500_naming_the_error_when_the_state_cannot_be_read(served: Served) -> None:
     served.probe.debug_error = LookupError("catalog gone")
 
-    async with served.client.get(served.url("/debug")) as response:
+    async with served.client.get(served.debug_url()) as response:
         assert response.status == 500
         assert "LookupError: catalog gone" in await response.text()
 
@@ -230,15 +234,40 @@ async def test_scrapes_and_probes_are_not_access_logged_but_operator_requests_ar
     lines = _AccessLines()
     logging.getLogger("sidecar.admin").addHandler(lines)
     try:
-        for path in ("/metrics", "/ready", "/live", "/debug"):
+        for path in ("/metrics", "/ready", "/live", "/debug"):  # /debug here: the 404 saying where it is
             async with served.client.get(served.url(path)) as response:
                 await response.read()
         # The access line is written after the response is sent. Requests on one keep-alive connection
         # are handled in order, so once the /debug line is in, any line for the earlier ones would be too.
         await asyncio.wait_for(lines.debug_logged.wait(), timeout=5.0)
+        lines.debug_logged.clear()
+        async with served.client.get(served.debug_url()) as response:
+            await response.read()
+        await asyncio.wait_for(lines.debug_logged.wait(), timeout=5.0)
     finally:
         logging.getLogger("sidecar.admin").removeHandler(lines)
 
     access = [line for line in lines.lines if line.startswith("admin request")]
-    assert len(access) == 1
-    assert access[0].startswith("admin request method=GET path=/debug status=200 peer=127.0.0.1")
+    assert len(access) == 2
+    assert access[0].startswith("admin request method=GET path=/debug status=404 peer=127.0.0.1")
+    assert access[1].startswith("admin request method=GET path=/debug status=200 peer=127.0.0.1")
+
+
+async def test_debug_is_not_served_on_the_admin_listener_which_says_where_it_is(served: Served) -> None:
+    served.probe.state = {"services": {"arith.default": ["10.0.0.1:15443"]}}
+    async with served.client.get(served.url("/debug")) as response:
+        assert response.status == 404
+        text = await response.text()
+    assert "10.0.0.1" not in text
+    assert f"http://127.0.0.1:{served.server.debug_port}/debug" in text and "port-forward" in text
+
+
+@pytest.mark.parametrize("address", ["0.0.0.0:15091", "10.0.0.7:15091", "[::]:15091", "localhost:15091"])
+def test_the_debug_listener_must_be_a_loopback_address(address: str) -> None:
+    from sidecar import config as config_mod
+
+    base = {"KUBERPC_INBOUND_ADDR": "off", "KUBERPC_TLS_CERT": "c", "KUBERPC_TLS_KEY": "k", "KUBERPC_TRUST_ANCHORS": "a"}
+    with pytest.raises(config_mod.ConfigError, match="KUBERPC_DEBUG_ADDR: .* is not a loopback address"):
+        config_mod.load({**base, "KUBERPC_DEBUG_ADDR": address})
+    assert config_mod.load(base).debug == config_mod.Address("127.0.0.1", 15091)
+    assert config_mod.load({**base, "KUBERPC_DEBUG_ADDR": "off"}).debug is None

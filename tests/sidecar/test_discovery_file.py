@@ -387,3 +387,39 @@ async def test_configmap_style_symlink_swap_is_noticed_even_with_equal_size_and_
 def test_interval_must_be_positive() -> None:
     with pytest.raises(ValueError, match="interval"):
         FileDiscovery("/nonexistent", namespace="default", interval=0)
+
+
+# ---- which Services select this pod: selectors against the pod's labels (KUBERPC_POD_LABELS) -------------
+
+SELECTORS = """
+services:
+  - name: arith
+    selector: {app: arith}
+  - name: arith-canary
+    selector: {app: arith, track: canary}
+  - name: elsewhere
+    namespace: other
+    selector: {app: arith}
+  - name: by-hand
+    endpoints: [{address: 127.0.0.2, port: 15443}]
+"""
+
+
+def test_services_selecting_the_pod_by_its_labels_in_its_namespace_are_named() -> None:
+    catalog, problems = parse_endpoints_file(SELECTORS, namespace="default", labels={"app": "arith"})
+    assert problems == []
+    assert catalog.selecting == frozenset({ARITH})
+    es = catalog.get(ServiceKey("arith-canary", "default"))
+    assert es is not None and es.selector == (("app", "arith"), ("track", "canary"))
+
+
+def test_without_the_pods_labels_the_catalog_says_nothing_about_selection() -> None:
+    catalog, _ = parse_endpoints_file(SELECTORS, namespace="default")
+    assert catalog.selecting is None
+
+
+def test_a_selector_that_is_not_a_mapping_selects_nothing_and_is_named() -> None:
+    text = "services:\n  - name: arith\n    selector: [app, arith]\n"
+    catalog, problems = parse_endpoints_file(text, namespace="default", labels={"app": "arith"})
+    assert catalog.selecting == frozenset()
+    assert problems == ["service arith.default: selector: ['app', 'arith'] is not a mapping of labels (selects no pod)"]

@@ -82,6 +82,10 @@ def test_spiffe_id_parse_splits_the_fields() -> None:
         "spiffe://cluster.local/ns/default/sa/de%66ault",
         "spiffe://cluster.local/ns/-bad/sa/default",
         "spiffe://cluster.local/ns/default/sa/.dot",
+        # `$` also matches before a trailing newline: the exact form is checked with fullmatch.
+        "spiffe://cluster.local/ns/default/sa/default\n",
+        "spiffe://cluster.local/ns/default\n/sa/default",
+        "spiffe://cluster.local\n/ns/default/sa/default",
     ],
 )
 def test_spiffe_id_parse_rejects_anything_but_a_workload_id_and_names_it(uri: str) -> None:
@@ -92,7 +96,14 @@ def test_spiffe_id_parse_rejects_anything_but_a_workload_id_and_names_it(uri: st
 
 @pytest.mark.parametrize(
     ("trust_domain", "namespace", "service_account"),
-    [("Cluster.local", "default", "sa"), ("cluster.local", "a/b", "sa"), ("cluster.local", "ns", "x" * 254)],
+    [
+        ("Cluster.local", "default", "sa"),
+        ("cluster.local", "a/b", "sa"),
+        ("cluster.local", "ns", "x" * 254),
+        ("cluster.local\n", "ns", "sa"),
+        ("cluster.local", "ns\n", "sa"),
+        ("cluster.local", "ns", "sa\n"),
+    ],
 )
 def test_spiffe_id_refuses_invalid_fields_at_construction(
     trust_domain: str, namespace: str, service_account: str

@@ -67,12 +67,16 @@ def service(
     ns: str = "default",
     annotations: dict[str, str] | None = None,
     ports: list[Obj] | None = None,
+    selector: dict[str, str] | None = None,
 ) -> Obj:
+    spec: Obj = {"ports": GRPC_PORT if ports is None else ports}
+    if selector is not None:
+        spec["selector"] = selector
     return {
         "apiVersion": "v1",
         "kind": "Service",
         "metadata": {"name": name, "namespace": ns, "annotations": annotations or {}},
-        "spec": {"ports": GRPC_PORT if ports is None else ports},
+        "spec": spec,
     }
 
 
@@ -273,6 +277,46 @@ def test_backoff_is_jittered_within_half_to_full_exponential_delay_capped(attemp
     b = Backoff(base=0.5, cap=30.0)
     full = min(30.0, 0.5 * 2 ** (attempt - 1))
     assert full / 2 <= b.delay(attempt, random.Random(seed)) <= full
+
+
+def test_the_services_selecting_the_proxys_own_pod_come_from_selectors_and_its_labels() -> None:
+    objects = [
+        service("echo", selector={"app": "echo"}),
+        service("other", selector={"app": "other"}),
+        # Another namespace: a matching selector and a slice listing the pod's IP change nothing.
+        service("evil", ns="attacker", selector={"app": "echo"}),
+        endpoint_slice("evil-a", "evil", endpoint("10.0.0.5", "echo-0"), ns="attacker"),
+        # A Service without a selector whose hand-written slice lists the pod does not select it.
+        service("by-hand"),
+        endpoint_slice("by-hand-a", "by-hand", endpoint("10.0.0.5", "echo-0")),
+        pod("echo-0", "10.0.0.5"),
+    ]
+    services = [r for o in objects if o["kind"] == "Service" and (r := parse_service(o)) is not None]
+    slices = [r for o in objects if o["kind"] == "EndpointSlice" and (r := parse_slice(o)) is not None]
+    pods = {(r.namespace, r.name): r for o in objects if o["kind"] == "Pod" and (r := parse_pod(o)) is not None}
+    catalog, _ = build_catalog(services, slices, pods, ("default", "echo-0"))
+    assert catalog.selecting == frozenset({ECHO})
+    assert build_catalog(services, slices, pods, ("default", "not-seen-yet"))[0].selecting is None
+    assert build_catalog(services, slices, pods)[0].selecting is None
+
+
+def test_config_reads_the_pods_labels_and_names_bad_ones() -> None:
+    base = {"KUBERPC_INBOUND_ADDR": "off", "KUBERPC_TLS_CERT": "c", "KUBERPC_TLS_KEY": "k", "KUBERPC_TRUST_ANCHORS": "a"}
+    cfg = config_mod.load({**base, "KUBERPC_POD_LABELS": "app=arith, version=v1,"})
+    assert cfg.pod_labels == (("app", "arith"), ("version", "v1"))
+    with pytest.raises(config_mod.ConfigError, match="KUBERPC_POD_LABELS: 'arith' is not key=value"):
+        config_mod.load({**base, "KUBERPC_POD_LABELS": "arith"})
+
+
+def test_kubernetes_discovery_with_inbound_needs_the_pod_name_and_its_namespace_watched() -> None:
+    base = {"KUBERPC_APP_PORT": "50051", "KUBERPC_TLS_CERT": "c", "KUBERPC_TLS_KEY": "k", "KUBERPC_TRUST_ANCHORS": "a"}
+    with pytest.raises(config_mod.ConfigError) as e:
+        config_mod.load({**base, "POD_NAMESPACE": "shop", "KUBERPC_DISCOVERY_NAMESPACES": "other"})
+    assert e.value.problems == [
+        "POD_NAME: required with kubernetes discovery while inbound is on (its labels decide whose allow applies)",
+        "KUBERPC_DISCOVERY_NAMESPACES: must include this pod's namespace 'shop' while inbound is on",
+    ]
+    assert config_mod.load({**base, "POD_NAME": "cart-0", "POD_NAMESPACE": "shop"}).pod_name == "cart-0"
 
 
 def test_config_reads_the_namespaces_to_watch_and_names_bad_ones() -> None:
@@ -646,7 +690,10 @@ async def test_proxy_discovers_through_the_api_and_calls_meshed_pods_by_weight_a
     ips = free_loopback_addresses(2)
     unused = tmp_path / "unused.yaml"
     cluster.put(
-        service(annotations={"kuberpc.io/grpc-services": "test.Echo", "kuberpc.io/allow": "default/client"}),
+        service(
+            annotations={"kuberpc.io/grpc-services": "test.Echo", "kuberpc.io/allow": "default/client"},
+            selector={"app": "echo"},
+        ),
         endpoint_slice("echo-a", "echo", *(endpoint(ip, f"echo-{i}") for i, ip in enumerate(ips))),
         *(pod(f"echo-{i}", ip, weight=str(w)) for i, (ip, w) in enumerate(zip(ips, (1, 3), strict=True))),
     )
@@ -660,6 +707,7 @@ async def test_proxy_discovers_through_the_api_and_calls_meshed_pods_by_weight_a
                     KUBERPC_DISCOVERY="kubernetes",
                     KUBECONFIG=str(config),
                     POD_IP=ip,
+                    POD_NAME=f"echo-{i}",  # its labels, read from the API, decide which Services select it
                     KUBERPC_INBOUND_ADDR=f"{ip}:15443",
                     KUBERPC_APP_PORT=str(backend.port),
                 )
@@ -738,6 +786,7 @@ async def test_proxy_without_kubernetes_credentials_fails_to_start_naming_the_ku
         {
             "KUBERPC_OUTBOUND_ADDR": "127.0.0.1:0",
             "KUBERPC_ADMIN_ADDR": "127.0.0.1:0",
+            "KUBERPC_DEBUG_ADDR": "127.0.0.1:0",
             "KUBERPC_INBOUND_ADDR": "off",
             "KUBERPC_TLS_CERT": w.cert,
             "KUBERPC_TLS_KEY": w.key,

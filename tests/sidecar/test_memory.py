@@ -60,6 +60,7 @@ def proxy_processes(mesh_certs: MeshCerts, backend: Backend, tmp_path: Path) -> 
     procs = []
     for wl, env in (
         (mesh_certs.server, {"KUBERPC_INBOUND_ADDR": f"127.0.0.1:{inbound}", "KUBERPC_APP_PORT": str(backend.port),
+                             "KUBERPC_POD_LABELS": "app=echo",
                              "KUBERPC_OUTBOUND_ADDR": f"127.0.0.1:{free_port()}"}),
         (mesh_certs.client, {"KUBERPC_INBOUND_ADDR": "off", "KUBERPC_OUTBOUND_ADDR": f"127.0.0.1:{out}"}),
     ):
@@ -67,6 +68,7 @@ def proxy_processes(mesh_certs: MeshCerts, backend: Backend, tmp_path: Path) -> 
         full = {
             **os.environ,
             "KUBERPC_ADMIN_ADDR": admin,
+            "KUBERPC_DEBUG_ADDR": "127.0.0.1:0",
             "KUBERPC_DISCOVERY": f"file:{disc}",
             "KUBERPC_TLS_CERT": wl.cert,
             "KUBERPC_TLS_KEY": wl.key,

@@ -66,7 +66,13 @@ async def test_calls_are_shared_across_replicas_exactly_by_weight(mesh_certs: Me
         for name, w in weights.items():
             b = stack.enter_context(start_backend(name))
             p = await stack.enter_async_context(
-                run_proxy(mesh_certs.server, disc, KUBERPC_INBOUND_ADDR="127.0.0.1:0", KUBERPC_APP_PORT=str(b.port))
+                run_proxy(
+                    mesh_certs.server,
+                    disc,
+                    KUBERPC_INBOUND_ADDR="127.0.0.1:0",
+                    KUBERPC_APP_PORT=str(b.port),
+                    KUBERPC_POD_LABELS="app=echo",
+                )
             )
             endpoints.append({"address": "127.0.0.1", "port": p.inbound_port, "weight": w, "tls": True})
         disc.write_text(endpoints_yaml({"echo.default": endpoints}))

@@ -107,6 +107,23 @@ async def test_finished_calls_are_counted_by_direction_service_method_and_grpc_c
     assert s.value(total, direction="inbound", service=SVC, method=ADD, grpc_code="0") == 1
 
 
+async def test_calls_to_non_meshed_endpoints_are_counted_with_tls_false(
+    registry: CollectorRegistry, scrape: ScrapeFn
+) -> None:
+    metrics = Metrics(registry)
+    one_call(metrics)
+    for _ in range(2):
+        metrics.call_started("outbound", SVC)
+        metrics.call_finished("outbound", SVC, ADD, "0", 0.003, 10, 7, plaintext=True)
+
+    s = await scrape()
+
+    total = "kuberpc_requests_total"
+    assert s.value(total, direction="outbound", service=SVC, method=ADD, grpc_code="0", tls="false") == 2
+    assert s.value(total, direction="outbound", service=SVC, method=ADD, grpc_code="0") == 1  # mTLS: no label
+    assert s.value("kuberpc_inflight_requests", direction="outbound", service=SVC) == 0
+
+
 async def test_duration_histogram_has_cumulative_buckets_sum_and_count(
     registry: CollectorRegistry, scrape: ScrapeFn
 ) -> None:

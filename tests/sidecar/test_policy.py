@@ -173,3 +173,15 @@ def test_every_problem_is_reported_not_just_the_first() -> None:
         "kuberpc.io/timeout",
         "kuberpc.io/retry-budget",
     ]
+
+
+def test_exporting_grpc_services_is_off_by_default_and_on_only_for_true() -> None:
+    assert parse_service_annotations({})[0].export_grpc_services is False
+    assert parse_service_annotations({"kuberpc.io/export-grpc-services": "true"})[0].export_grpc_services is True
+    assert parse_service_annotations({"kuberpc.io/export-grpc-services": "False"})[0].export_grpc_services is False
+
+
+def test_a_bad_export_value_does_not_export_and_is_named() -> None:
+    policy, problems = parse_service_annotations({"kuberpc.io/export-grpc-services": "yes"})
+    assert policy.export_grpc_services is False
+    assert problems == ["kuberpc.io/export-grpc-services: 'yes' is not true or false (not exported)"]

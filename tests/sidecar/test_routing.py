@@ -170,3 +170,53 @@ def test_grpc_service_of_path(path: str, expected: str) -> None:
 )
 def test_split_authority(authority: str, expected: tuple[str, int | None]) -> None:
     assert split_authority(authority) == expected
+
+
+# ---- path routing stays in the caller's namespace unless a Service exports its gRPC names ----------------
+
+ATTACKER = ServiceKey("a", "attacker")
+SHARED = ServiceKey("geo", "platform")
+
+
+def _claims(*sets: EndpointSet) -> Router:
+    return Router(Catalog(sets), namespace="default")
+
+
+def _claim(key: ServiceKey, *names: str, export: bool = False) -> EndpointSet:
+    return EndpointSet(key, (), ServicePolicy(grpc_services=names, export_grpc_services=export))
+
+
+def test_a_service_of_another_namespace_claiming_the_name_is_not_reached_by_path() -> None:
+    router = _claims(_claim(ATTACKER, "arith.Arith"))
+    miss = router.resolve("127.0.0.1:15001", "/arith.Arith/Add")
+    assert isinstance(miss, RouteMiss) and "in namespace default" in miss.looked_up
+
+
+def test_the_callers_namespace_wins_over_a_service_sorted_before_it_elsewhere() -> None:
+    # `a.attacker` sorts before `arith.default`: the first-sorted claimant used to win.
+    router = _claims(_claim(ATTACKER, "arith.Arith", export=True), _claim(ARITH, "arith.Arith"))
+    assert router.resolve("127.0.0.1:15001", "/arith.Arith/Add") == ARITH
+
+
+def test_an_exported_service_of_another_namespace_is_reached_by_path() -> None:
+    router = _claims(_claim(SHARED, "geo.Geo", export=True))
+    assert router.resolve(None, "/geo.Geo/Locate") == SHARED
+
+
+def test_two_claimants_in_the_callers_namespace_are_unavailable_naming_both() -> None:
+    router = _claims(_claim(ARITH, "arith.Arith"), _claim(ECHO, "arith.Arith"))
+    miss = router.resolve("127.0.0.1:15001", "/arith.Arith/Add")
+    assert isinstance(miss, RouteMiss)
+    assert "'arith.default' and 'echo.default'" in miss.looked_up
+
+
+def test_two_exported_claimants_elsewhere_are_unavailable_naming_both() -> None:
+    router = _claims(_claim(ATTACKER, "geo.Geo", export=True), _claim(SHARED, "geo.Geo", export=True))
+    miss = router.resolve(None, "/geo.Geo/Locate")
+    assert isinstance(miss, RouteMiss)
+    assert "'a.attacker' and 'geo.platform'" in miss.looked_up and "export-grpc-services" in miss.looked_up
+
+
+def test_an_authority_naming_another_namespace_is_the_callers_explicit_choice() -> None:
+    router = _claims(_claim(ATTACKER, "arith.Arith"))
+    assert router.resolve("a.attacker:50051", "/arith.Arith/Add") == ATTACKER

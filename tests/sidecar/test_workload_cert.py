@@ -1079,6 +1079,7 @@ async def test_the_proxy_is_not_ready_and_refuses_callers_until_the_identity_ser
         "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
         "PYTHONPATH": str(REPO),
         "KUBERPC_ADMIN_ADDR": f"127.0.0.1:{admin}",
+        "KUBERPC_DEBUG_ADDR": "127.0.0.1:0",
         "KUBERPC_OUTBOUND_ADDR": f"127.0.0.1:{outbound}",
         "KUBERPC_INBOUND_ADDR": "off",
         "KUBERPC_DISCOVERY": f"file:{disc}",
@@ -1125,7 +1126,7 @@ from sidecar.app import serve
 
 async def main():
     cfg = config.load({{
-        "KUBERPC_OUTBOUND_ADDR": "127.0.0.1:0", "KUBERPC_ADMIN_ADDR": "127.0.0.1:0", "KUBERPC_INBOUND_ADDR": "off",
+        "KUBERPC_OUTBOUND_ADDR": "127.0.0.1:0", "KUBERPC_ADMIN_ADDR": "127.0.0.1:0", "KUBERPC_DEBUG_ADDR": "127.0.0.1:0", "KUBERPC_INBOUND_ADDR": "off",
         "KUBERPC_DISCOVERY": "file:{disc}", "KUBERPC_TLS_CERT": {files.cert!r}, "KUBERPC_TLS_KEY": {files.key!r},
         "KUBERPC_TRUST_ANCHORS": {files.ca!r},
     }})
@@ -1153,7 +1154,7 @@ async def test_a_proxy_with_an_identity_service_never_imports_grpc(ca: CA, tmp_p
     disc.write_text(endpoints_yaml({"echo.default": []}))
     async with identity_service(FakeIdentityService(ca)) as service:
         environ = {
-            "KUBERPC_OUTBOUND_ADDR": "127.0.0.1:0", "KUBERPC_ADMIN_ADDR": "127.0.0.1:0", "KUBERPC_INBOUND_ADDR": "off",
+            "KUBERPC_OUTBOUND_ADDR": "127.0.0.1:0", "KUBERPC_ADMIN_ADDR": "127.0.0.1:0", "KUBERPC_DEBUG_ADDR": "127.0.0.1:0", "KUBERPC_INBOUND_ADDR": "off",
             "KUBERPC_DISCOVERY": f"file:{disc}", "KUBERPC_TLS_CERT": out.cert, "KUBERPC_TLS_KEY": out.key,
             "KUBERPC_TRUST_ANCHORS": out.ca, **identity_env(service.port, token_file, CLIENT_ID),
         }  # fmt: skip

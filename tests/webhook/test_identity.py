@@ -220,6 +220,8 @@ def test_a_key_other_than_ecdsa_p256_is_invalid(
         "spiffe://cluster.local/ns/Shop/sa/cart",
         "spiffe://cluster.local/ns/shop/sa/",
         "spiffe://cluster.local/ns/shop/sa/cart?x=1",
+        "spiffe://cluster.local/ns/shop/sa/cart\n",  # `$` matched before a trailing newline
+        "spiffe://cluster.local\n/ns/shop/sa/cart",
         "shop/cart",
         "",
     ],

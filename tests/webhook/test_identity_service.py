@@ -45,8 +45,12 @@ from webhook.identity_service import (
     RESULTS,
     IdentityMetrics,
     IdentityService,
+    Limited,
+    Limits,
+    Refusal,
     ServingCertificate,
     identity_dns_names,
+    peer_host,
     serving,
     status_of,
 )
@@ -168,11 +172,12 @@ def channel(port: int, ca_pem: bytes, *, name: str = SERVER_NAME) -> grpc.aio.Ch
 
 @asynccontextmanager
 async def running_service(
-    mesh: Mesh, review: Callable[[str], Any], *, clock: Clock | None = None
+    mesh: Mesh, review: Callable[[str], Any], *, clock: Clock | None = None, limits: Limits | None = None
 ) -> AsyncIterator[Live]:
     registry = CollectorRegistry()
     clock = clock or Clock()
-    service = IdentityService(mesh.ca, review=review, metrics=IdentityMetrics(registry), clock=clock)
+    metrics = IdentityMetrics(registry)
+    service = IdentityService(mesh.ca, review=review, metrics=metrics, clock=clock, limits=limits or Limits())
     certificate = ServingCertificate(mesh.ca, NAMES, clock=clock)
     async with (
         serving(service, certificate, host="127.0.0.1", port=0, grace=5.0) as port,
@@ -281,7 +286,7 @@ async def test_every_answer_is_counted_by_result(live: Live) -> None:
     for call in (live.certify("rejected"), live.certify(ADMIN_TOKEN), live.certify(SHOP_TOKEN, request=b"x")):
         await code_of(call)
     assert {r: live.count(r) for r in RESULTS} == {
-        "issued": 2, "unauthenticated": 1, "denied": 1, "invalid": 1, "error": 0,
+        "issued": 2, "reused": 0, "limited": 0, "unauthenticated": 1, "denied": 1, "invalid": 1, "error": 0,
     }  # fmt: skip
 
 
@@ -312,11 +317,111 @@ async def test_neither_the_token_nor_the_ca_key_is_ever_logged(
         (Unauthenticated("x"), grpc.StatusCode.UNAUTHENTICATED),
         (PermissionDenied("x"), grpc.StatusCode.PERMISSION_DENIED),
         (Unavailable("x"), grpc.StatusCode.UNAVAILABLE),
+        (Limited("x"), grpc.StatusCode.RESOURCE_EXHAUSTED),
         (CertifyError("x"), grpc.StatusCode.INTERNAL),
     ],
 )
 def test_each_error_class_has_the_status_code_of_the_proto(error: CertifyError, code: grpc.StatusCode) -> None:
     assert status_of(error)[0] == code
+
+
+# --- bounded: rate limit, TokenReviews in flight, a repeated request answered again ---------------------
+
+
+async def test_one_token_asking_again_and_again_is_limited_after_its_burst(
+    live: Live, kmock: kmock.RawHandler
+) -> None:
+    burst = Limits().burst
+    for _ in range(burst):
+        await live.certify(SHOP_TOKEN)  # each with a fresh key: a new certificate each time
+    for _ in range(20):
+        with pytest.raises(grpc.aio.AioRpcError) as e:
+            await live.certify(SHOP_TOKEN)
+        assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "too many certificate requests for spiffe://cluster.local/ns/shop/sa/cart from 127.0.0.1" in (
+        e.value.details() or ""
+    )
+    assert len(kmock[TOKEN_REVIEWS]) == burst  # refused before the API is asked
+    assert (live.count("issued"), live.count("limited")) == (burst, 20)
+
+    live.clock.now += dt.timedelta(seconds=Limits().refill_seconds)
+    await live.certify(SHOP_TOKEN)
+    assert live.count("issued") == burst + 1
+
+
+async def test_made_up_tokens_are_limited_too_without_reaching_the_api(live: Live, kmock: kmock.RawHandler) -> None:
+    codes = [await code_of(live.certify(f"{FORGED_TOKEN}{i}")) for i in range(30)]
+    assert codes.count(grpc.StatusCode.UNAUTHENTICATED) == Limits().burst
+    assert codes.count(grpc.StatusCode.RESOURCE_EXHAUSTED) == 30 - Limits().burst
+    assert len(kmock[TOKEN_REVIEWS]) == Limits().burst
+
+
+async def test_token_reviews_in_flight_are_capped_and_the_rest_refused_at_once(mesh: Mesh) -> None:
+    release = asyncio.Event()
+    reviewed: list[str] = []
+
+    async def slow_review(token: str) -> TokenReview:
+        reviewed.append(token)
+        await release.wait()
+        return TokenReview(authenticated=False, error="invalid bearer token")
+
+    async with running_service(mesh, slow_review, limits=Limits(burst=100, max_reviews=3)) as live:
+        calls = [asyncio.ensure_future(code_of(live.certify(f"{FORGED_TOKEN}{i}"))) for i in range(10)]
+        refused: set[asyncio.Future[grpc.StatusCode]] = set()
+        pending = set(calls)
+        while len(refused) < 7:  # answered while three reviews still hang: refused, not queued
+            done, pending = await asyncio.wait(pending, timeout=10, return_when=asyncio.FIRST_COMPLETED)
+            assert done, f"only {len(refused)} calls answered while the reviews hang"
+            refused |= done
+        assert len(reviewed) == 3 and len(pending) == 3
+        release.set()
+        codes = [await c for c in calls]
+        assert live.count("limited") == 7
+    assert codes.count(grpc.StatusCode.RESOURCE_EXHAUSTED) == 7
+    assert codes.count(grpc.StatusCode.UNAUTHENTICATED) == 3
+
+
+async def test_the_same_request_again_gets_the_same_certificate_without_a_token_review(
+    live: Live, kmock: kmock.RawHandler
+) -> None:
+    request = csr(ec.generate_private_key(ec.SECP256R1()))
+    first = await live.certify(SHOP_TOKEN, request=request)
+    again = await live.certify(SHOP_TOKEN, request=request)  # a retry whose answer was lost
+    assert again.leaf_certificate == first.leaf_certificate
+    assert len(kmock[TOKEN_REVIEWS]) == 1
+    assert (live.count("issued"), live.count("reused")) == (1, 1)
+
+    live.clock.now += dt.timedelta(hours=16, minutes=1)  # a renewing proxy gets a fresh one
+    renewed = await live.certify(SHOP_TOKEN, request=request)
+    assert renewed.leaf_certificate != first.leaf_certificate
+    assert len(kmock[TOKEN_REVIEWS]) == 2
+
+
+async def test_requests_claiming_someone_elses_account_do_not_spend_its_allowance(mesh: Mesh) -> None:
+    async def review(token: str) -> TokenReview:
+        if token != SHOP_TOKEN:
+            return TokenReview(authenticated=False, error="invalid bearer token")
+        return TokenReview(True, "system:serviceaccount:shop:cart", ("kuberpc-identity",))
+
+    service = IdentityService(
+        mesh.ca, review=review, metrics=IdentityMetrics(CollectorRegistry()), clock=Clock(), limits=Limits(burst=2)
+    )
+
+    def fresh() -> bytes:
+        return csr(ec.generate_private_key(ec.SECP256R1()))
+
+    for _ in range(5):  # an attacker's pod, claiming shop/cart with made-up tokens
+        await service.certify(SHOP, FORGED_TOKEN.encode(), fresh(), peer="10.0.0.66")
+    outcomes = [await service.certify(SHOP, SHOP_TOKEN.encode(), fresh(), peer="10.0.0.7") for _ in range(2)]
+    assert not any(isinstance(o, Refusal) for o in outcomes)
+
+
+@pytest.mark.parametrize(
+    ("peer", "host"),
+    [("ipv4:10.0.0.7:41234", "10.0.0.7"), ("ipv6:[::1]:41234", "::1"), ("unix:/tmp/s", "unix:/tmp/s")],
+)
+def test_the_rate_limit_keys_on_the_address_of_the_grpc_peer(peer: str, host: str) -> None:
+    assert peer_host(peer) == host
 
 
 # --- the service's own TLS certificate --------------------------------------------------------------------

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from sidecar import config as proxy_config
 from webhook import annotations as a
 from webhook.config import InjectorConfig
-from webhook.patch import PROXY_VOLUME_NAMES, Outcome, mutate, proxy_volumes
+from webhook.patch import PROXY_VOLUME_NAMES, Outcome, mutate, proxy_volumes, unknown_annotations
 
 Review = Callable[[str], dict[str, Any]]
 Apply = Callable[[dict[str, Any], Outcome], dict[str, Any]]
@@ -567,3 +567,46 @@ def test_an_unknown_discovery_scope_is_admitted_with_a_warning_naming_it(review:
     env = env_of(proxy_of(apply(r["request"]["object"], outcome)))
     assert "KUBERPC_DISCOVERY_NAMESPACES" not in env
     assert any("kuberpc.io/discovery-scope" in w and "galaxy" in w and "using cluster" in w for w in outcome.warnings)
+# --- warnings: kuberpc.io/ annotations the injector does not know ---
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "warning"),
+    [
+        (
+            "kuberpc.io/proxy-cpus",
+            "200m",
+            "kuberpc: 'kuberpc.io/proxy-cpus'='200m': unknown annotation, ignored; did you mean kuberpc.io/proxy-cpu?",
+        ),
+        ("kuberpc.io/metrics", "on", "kuberpc: 'kuberpc.io/metrics'='on': unknown annotation, ignored"),
+        ("kuberpc.io/allow", "default/*", "kuberpc: kuberpc.io/allow='default/*': a Service annotation, it does nothing on a pod"),
+    ],
+)
+def test_an_unknown_kuberpc_annotation_is_a_warning_naming_it_and_its_value(
+    review: Review, native_cfg: InjectorConfig, key: str, value: str, warning: str
+) -> None:
+    r = review("deployment-pod-review")
+    r["request"]["object"]["metadata"]["annotations"][key] = value
+    outcome = admit(r, native_cfg)
+    assert outcome.result == "injected"
+    assert outcome.warnings == (warning,)
+    assert len(warning) < 120
+
+
+def test_every_annotation_the_injector_reads_is_known_and_other_prefixes_are_not_its_business() -> None:
+    known = {key: "x" for key in a.POD_ANNOTATIONS} | {"example.com/kuberpc.io-like": "1", "app": "arith"}
+    assert unknown_annotations(known) == []
+
+
+def test_a_pod_skipped_because_of_a_misspelt_inject_annotation_is_told_so(
+    review: Review, native_cfg: InjectorConfig
+) -> None:
+    r = review("deployment-pod-review")
+    annotations = r["request"]["object"]["metadata"]["annotations"]
+    annotations["kuberpc.io/injct"] = "enabled"
+    annotations.pop(a.INJECT, None)
+    outcome = admit(r, native_cfg, ns_labels={})
+    assert outcome.result == "skipped"
+    assert outcome.warnings[-1] == (
+        "kuberpc: 'kuberpc.io/injct'='enabled': unknown annotation, ignored; did you mean kuberpc.io/inject?"
+    )
