@@ -34,6 +34,15 @@ UNAVAILABLE = 14
 # A call whose request never left this proxy is placed again at most this often (then UNAVAILABLE).
 MAX_PLACEMENTS = 3
 
+# A caller that cancels this close to its own deadline (`grpc-timeout`) has hit it: recorded as
+# DEADLINE_EXCEEDED, as gRPC clients and the server side (whose app answers 4) record it, not CANCELLED.
+# Slack because the caller's deadline clock started before ours: by the time its headers took to reach
+# us (loopback, but a loaded pod can delay the read) and its timer's granularity; 10% of the deadline,
+# at least 50 ms and at most 1 s, so that a real cancel well before the deadline stays CANCELLED.
+DEADLINE_SLACK_MIN_S = 0.05
+DEADLINE_SLACK_MAX_S = 1.0
+DEADLINE_SLACK_RATIO = 0.1
+
 # Headers RFC 9113 §8.2.2 forbids in HTTP/2; a request carrying one is malformed.
 _CONNECTION_SPECIFIC = frozenset({b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding", b"upgrade"})
 _TIMEOUT_UNITS = {
@@ -130,6 +139,7 @@ class Call:
         "closed",
         "deadline",
         "down",
+        "expires",
         "method",
         "relay",
         "req_bytes",
@@ -153,6 +163,7 @@ class Call:
         self.closed = 0
         self.attempts = 0
         self.deadline: asyncio.TimerHandle | None = None
+        self.expires = 0.0  # when set (> 0): on our clock, the caller's deadline less the slack
 
     def on_data(self, s: Stream, n: int) -> None:
         if s is self.down:
@@ -244,6 +255,9 @@ class Relay:
             headers.append((b"grpc-timeout", format_grpc_timeout(timeout)))
         up = Stream(conn)  # re-homed by target.open onto the chosen upstream connection
         call = Call(self, s, up, target, spath)
+        if timeout is not None and timeout_at >= 0:
+            slack = min(max(timeout * DEADLINE_SLACK_RATIO, DEADLINE_SLACK_MIN_S), DEADLINE_SLACK_MAX_S)
+            call.expires = conn.received_at + timeout - slack
         s.call = up.call = call
         s.peer = up
         up.peer = s
@@ -280,7 +294,7 @@ class Relay:
             return
         if s is call.down:
             if call.status < 0:
-                call.status = CANCELLED
+                call.status = self._cancelled(call)
             peer.conn.reset_stream(peer, F.CANCEL)
             return
         if s.remote_closed:
@@ -293,7 +307,10 @@ class Relay:
             self._answer(call, UNAVAILABLE, f"upstream {s.conn.name} failed: {s.conn.extra.get('error', 'connection lost')}")
             return
         if call.status < 0:
-            call.status = {F.REFUSED_STREAM: UNAVAILABLE, F.CANCEL: CANCELLED}.get(code, INTERNAL)
+            if code == F.CANCEL:
+                call.status = self._cancelled(call)
+            else:
+                call.status = UNAVAILABLE if code == F.REFUSED_STREAM else INTERNAL
         peer.conn.reset_stream(peer, code)
 
     def on_refused(self, s: Stream) -> None:
@@ -352,6 +369,10 @@ class Relay:
             up.peer = up.call = None
         call.down = call.up = None  # type: ignore[assignment]
         call.target = None
+
+    def _cancelled(self, call: Call) -> int:
+        """The status of a call cancelled by either side: DEADLINE_EXCEEDED at the caller's deadline."""
+        return DEADLINE_EXCEEDED if 0 < call.expires <= self.clock() else CANCELLED
 
     def _malformed(self, s: Stream, why: str) -> None:
         log.debug("malformed request conn=%s stream=%d reason=%s", s.conn.name, s.id, why)
