@@ -29,8 +29,8 @@ from sidecar.inbound import Inbound
 from sidecar.metrics import Metrics
 from sidecar.model import Catalog, Endpoint
 from sidecar.outbound import Outbound
-from sidecar.pool import Pool, tls_failure_reason
-from sidecar.relay import Relay
+from sidecar.pool import TLS_FAILURE_REASONS, Pool, tls_failure_reason
+from sidecar.relay import RETRY_REASONS, Relay
 from sidecar.workload_cert import FileIdentity, GrpcCertifier, IssuedIdentity, WorkloadIdentity
 
 log = logging.getLogger(__name__)
@@ -156,7 +156,7 @@ async def serve(
     """Run the proxy until `stop` is set, then drain and return."""
     loop = asyncio.get_running_loop()
     registry = CollectorRegistry()
-    metrics = Metrics(registry)
+    metrics = Metrics(registry, retry_reasons=RETRY_REASONS, tls_reasons=TLS_FAILURE_REASONS)
     flusher = Flusher(loop)
     limits = Limits()
     rng = random.Random()

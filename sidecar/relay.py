@@ -33,6 +33,8 @@ UNAVAILABLE = 14
 
 # A call whose request never left this proxy is placed again at most this often (then UNAVAILABLE).
 MAX_PLACEMENTS = 3
+# The `reason` of kuberpc_retries_total for such a placement (exported at zero by Metrics).
+RETRY_REASONS = ("connect_failure", "refused")
 
 # A caller that cancels this close to its own deadline (`grpc-timeout`) has hit it: recorded as
 # DEADLINE_EXCEEDED, as gRPC clients and the server side (whose app answers 4) record it, not CANCELLED.
