@@ -16,7 +16,12 @@ from tests.sidecar.test_mesh import channel, scrape
 def _calls(samples: dict[tuple[str, tuple[tuple[str, str], ...]], float], direction: str, code: str) -> float:
     key = (
         "kuberpc_requests_total",
-        (("direction", direction), ("grpc_code", code), ("method", "/test.Echo/Unary"), ("service", "echo.default")),
+        (
+            ("direction", direction),
+            ("grpc_code", code),
+            ("method", "/test.Echo/Unary"),
+            ("service", "echo.default"),
+        ),
     )
     return samples.get(key, 0.0)
 
