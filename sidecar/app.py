@@ -12,6 +12,7 @@ import gc
 import logging
 import random
 import ssl
+import sys
 import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
@@ -20,6 +21,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry
 
 from sidecar import identity
+from sidecar.accesslog import AccessLog
 from sidecar.admin import AdminServer
 from sidecar.config import Address, Config
 from sidecar.discovery import Discovery
@@ -181,7 +183,11 @@ async def serve(
         if conn.client and outbound.pool is not None and not outbound.pool.verify(conn):
             conn.close()
 
-    out_relay = Relay(outbound, metrics=metrics, flusher=flusher, limits=limits, on_connection=on_out_connection)
+    # Off unless the pod asked for it (kuberpc.io/access-log): then the relay writes one line per call.
+    access_log = AccessLog(sys.stdout) if cfg.access_log == "json" else None
+    out_relay = Relay(
+        outbound, metrics=metrics, flusher=flusher, limits=limits, on_connection=on_out_connection, access_log=access_log
+    )
     out_pool = outbound.pool = make_pool(out_relay, client_ctx, "outbound", cfg.connections_per_endpoint)
 
     def on_in_connection(conn: Connection) -> None:
@@ -198,7 +204,9 @@ async def serve(
             raise StartupError("inbound is on but no app port is configured (KUBERPC_APP_PORT)")
         app_ep = Endpoint(cfg.app.host, cfg.app.port, tls=False)
         inbound = Inbound(app=app_ep, namespace=cfg.namespace, metrics=metrics)
-        in_relay = Relay(inbound, metrics=metrics, flusher=flusher, limits=limits, on_connection=on_in_connection)
+        in_relay = Relay(
+            inbound, metrics=metrics, flusher=flusher, limits=limits, on_connection=on_in_connection, access_log=access_log
+        )
         in_pool = inbound.pool = make_pool(in_relay, None, "app")
 
     proxy = Proxy(cfg, metrics, registry, outbound, out_relay, inbound, in_relay, stop)

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
+from sidecar.accesslog import AccessLog
 from sidecar.h2 import frames as F
 from sidecar.h2.connection import Connection, Flusher, Headers, Limits, Stream
 from sidecar.metrics import Metrics
@@ -186,8 +187,10 @@ class Relay:
         limits: Limits,
         clock: Callable[[], float] = time.monotonic,
         on_connection: Callable[[Connection], None] | None = None,
+        access_log: AccessLog | None = None,
     ) -> None:
         self.router = router
+        self.access_log = access_log
         self.direction = router.direction
         self.metrics = metrics
         self.flusher = flusher
@@ -365,6 +368,8 @@ class Relay:
                 call.req_bytes,
                 call.resp_bytes,
             )
+            if self.access_log is not None:
+                self._log_call(call, target.service, status, latency)
         # Break the reference cycles (stream <-> peer <-> call) so no cyclic GC is needed.
         down.peer = down.call = None
         if up is not None:
@@ -376,6 +381,25 @@ class Relay:
         """The status of a call cancelled by either side: DEADLINE_EXCEEDED at the caller's deadline."""
         return DEADLINE_EXCEEDED if 0 < call.expires <= self.clock() else CANCELLED
 
+    def _log_call(self, call: Call, service: str, status: int, latency: float) -> None:
+        assert self.access_log is not None
+        up = call.up
+        upstream: Connection | None = up.conn if up is not None and up.conn.client else None
+        peer_conn = call.down.conn if self.direction == "inbound" else upstream
+        peer = peer_conn.extra.get("peer_id") if peer_conn is not None else None
+        endpoint = upstream.extra.get("endpoint") if upstream is not None else None
+        self.access_log.call(
+            direction=self.direction,
+            service=service,
+            method=call.method,
+            grpc_code=status,
+            duration_s=latency,
+            request_bytes=call.req_bytes,
+            response_bytes=call.resp_bytes,
+            peer=str(peer) if peer is not None else None,
+            upstream=str(endpoint) if endpoint is not None else None,
+        )
+
     def _malformed(self, s: Stream, why: str) -> None:
         log.debug("malformed request conn=%s stream=%d reason=%s", s.conn.name, s.id, why)
         s.conn.reset_stream(s, F.PROTOCOL_ERROR)
@@ -384,6 +408,19 @@ class Relay:
         """A call that is never placed: a trailers-only answer, counted in metrics."""
         self.metrics.call_started(self.direction, reject.service)
         self.metrics.call_finished(self.direction, reject.service, path, str(reject.status), 0.0, 0, 0)
+        if self.access_log is not None:
+            peer = s.conn.extra.get("peer_id")
+            self.access_log.call(
+                direction=self.direction,
+                service=reject.service,
+                method=path,
+                grpc_code=reject.status,
+                duration_s=0.0,
+                request_bytes=0,
+                response_bytes=0,
+                peer=str(peer) if peer is not None else None,
+                upstream=None,
+            )
         log.debug("call rejected path=%s status=%d reason=%s", path, reject.status, reject.message)
         conn = s.conn
         conn.send_headers(s, trailers_only(reject.status, reject.message), True)

@@ -272,6 +272,7 @@ class ProxySettings:
     startup_hold: bool
     app_container: str | None
     weight: str | None  # corrected `kuberpc.io/weight` to write back, or None to leave it
+    access_log: str = "off"  # KUBERPC_ACCESS_LOG: "json" writes one line per call
 
 
 @dataclass(frozen=True, slots=True)
@@ -447,6 +448,14 @@ def _plan_injection(f: PodFacts, ann: Mapping[str, str], cfg: InjectorConfig, *,
         else:
             warnings.append(f"{a.PROXY_LOG_LEVEL}: {show(ann[a.PROXY_LOG_LEVEL])} is unknown; using {log_level}")
 
+    access_log = "off"
+    if a.ACCESS_LOG in ann:
+        text = ann[a.ACCESS_LOG].strip().lower()
+        if text in a.ACCESS_LOG_FORMATS:
+            access_log = text
+        else:
+            warnings.append(f"{a.ACCESS_LOG}: {show(ann[a.ACCESS_LOG])} is not json or off; using off")
+
     if problems:
         raise Denied(problems)
     settings = ProxySettings(
@@ -463,6 +472,7 @@ def _plan_injection(f: PodFacts, ann: Mapping[str, str], cfg: InjectorConfig, *,
         startup_hold=cfg.startup_hold,
         app_container=f.app_container,
         weight=weight,
+        access_log=access_log,
     )
     return Plan(settings, tuple(warnings))
 
@@ -489,6 +499,8 @@ def proxy_container(cfg: InjectorConfig, s: ProxySettings) -> JsonObject:
         env.append({"name": "KUBERPC_INBOUND_ADDR", "value": "off"})
     if s.upstreams:
         env.append({"name": "KUBERPC_UPSTREAMS", "value": s.upstreams})
+    if s.access_log != "off":
+        env.append({"name": "KUBERPC_ACCESS_LOG", "value": s.access_log})
     env += [
         {"name": "KUBERPC_DISCOVERY", "value": "kubernetes"},
         {"name": "KUBERPC_TLS_CERT", "value": a.TLS_CERT_PATH},
