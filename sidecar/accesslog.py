@@ -1,4 +1,5 @@
-"""The access log: one bounded JSON line per finished call, written to a stream (the proxy's stdout).
+"""The access log: one bounded JSON line per finished call, written to a stream (the proxy's stdout);
+and the record of a call it shares with the tap (tap.py).
 
 Never writes metadata values or message bodies; the relay calls it only when a pod asked for it
 (`kuberpc.io/access-log: json` -> KUBERPC_ACCESS_LOG=json), so it costs nothing when off.
@@ -11,7 +12,7 @@ import datetime as dt
 import json
 import time
 from collections.abc import Callable
-from typing import Protocol
+from typing import Protocol, TypedDict
 
 # A caller chooses the method path and its length: a longer value is cut so that a line stays bounded
 # (under ~1 KiB) whatever it sends.
@@ -30,6 +31,47 @@ def _cut(value: str) -> str:
     return value if len(value) <= MAX_FIELD else value[:MAX_FIELD] + "..."
 
 
+class CallRecord(TypedDict):
+    """One finished call as the access log and the tap show it."""
+
+    direction: str
+    service: str
+    method: str
+    grpc_code: int
+    duration_ms: float
+    request_bytes: int
+    response_bytes: int
+    peer: str | None
+    upstream: str | None
+
+
+def call_record(
+    *,
+    direction: str,
+    service: str,
+    method: str,
+    grpc_code: int,
+    duration_s: float,
+    request_bytes: int,
+    response_bytes: int,
+    peer: str | None,
+    upstream: str | None,
+) -> CallRecord:
+    """`peer`: the other side's SPIFFE ID (the caller's inbound, the server's outbound) when it has one;
+    `upstream`: the endpoint an outbound call went to. Caller-chosen strings are cut to MAX_FIELD."""
+    return {
+        "direction": direction,
+        "service": _cut(service),
+        "method": _cut(method),
+        "grpc_code": grpc_code,
+        "duration_ms": round(duration_s * 1000, 3),
+        "request_bytes": request_bytes,
+        "response_bytes": response_bytes,
+        "peer": _cut(peer) if peer is not None else None,
+        "upstream": upstream,
+    }
+
+
 class AccessLog:
     """Collects lines as calls finish and writes them to `stream` in batches."""
 
@@ -40,38 +82,13 @@ class AccessLog:
         self._scheduled = False
         self.dropped = 0  # lines lost because MAX_PENDING were waiting (since the last report)
 
-    def call(
-        self,
-        *,
-        direction: str,
-        service: str,
-        method: str,
-        grpc_code: int,
-        duration_s: float,
-        request_bytes: int,
-        response_bytes: int,
-        peer: str | None,
-        upstream: str | None,
-    ) -> None:
-        """One finished call. `peer`: the other side's SPIFFE ID (the caller's inbound, the server's
-        outbound) when it has one; `upstream`: the endpoint an outbound call went to."""
+    def write(self, record: CallRecord) -> None:
+        """One finished call, stamped with the wall-clock time."""
         if len(self._pending) >= MAX_PENDING:
             self.dropped += 1
             return
         at = dt.datetime.fromtimestamp(self._wall_clock(), dt.UTC).isoformat(timespec="milliseconds")
-        record = {
-            "ts": at.replace("+00:00", "Z"),
-            "direction": direction,
-            "service": _cut(service),
-            "method": _cut(method),
-            "grpc_code": grpc_code,
-            "duration_ms": round(duration_s * 1000, 3),
-            "request_bytes": request_bytes,
-            "response_bytes": response_bytes,
-            "peer": _cut(peer) if peer is not None else None,
-            "upstream": upstream,
-        }
-        self._pending.append(json.dumps(record, separators=(",", ":")))
+        self._pending.append(json.dumps({"ts": at.replace("+00:00", "Z"), **record}, separators=(",", ":")))
         if not self._scheduled:
             self._scheduled = True
             asyncio.get_running_loop().call_soon(self.flush)

@@ -33,6 +33,7 @@ from sidecar.model import Catalog, Endpoint
 from sidecar.outbound import Outbound
 from sidecar.pool import TLS_FAILURE_REASONS, Pool, tls_failure_reason
 from sidecar.relay import RETRY_REASONS, Relay
+from sidecar.tap import Tap
 from sidecar.workload_cert import FileIdentity, GrpcCertifier, IssuedIdentity, WorkloadIdentity
 
 log = logging.getLogger(__name__)
@@ -286,7 +287,18 @@ async def serve(
     try:
         # The admin server first: probes and scrapes get answers (/ready: 503) while the certificate is awaited.
         if cfg.admin is not None:
-            admin = AdminServer(registry=registry, ready=lambda: proxy.ready, debug=proxy.debug, shutdown=stop.set)
+            def set_tap(tap: Tap | None) -> None:
+                for relay in (out_relay, in_relay):
+                    if relay is not None:
+                        relay.tap = tap
+
+            admin = AdminServer(
+                registry=registry,
+                ready=lambda: proxy.ready,
+                debug=proxy.debug,
+                shutdown=stop.set,
+                tap=Tap(set_tap).subscribe,
+            )
             try:
                 await admin.start(cfg.admin.host, cfg.admin.port)
             except OSError as e:

@@ -14,10 +14,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
-from sidecar.accesslog import AccessLog
+from sidecar.accesslog import AccessLog, CallRecord, call_record
 from sidecar.h2 import frames as F
 from sidecar.h2.connection import Connection, Flusher, Headers, Limits, Stream
 from sidecar.metrics import Metrics
+from sidecar.tap import Tap
 
 log = logging.getLogger(__name__)
 
@@ -191,6 +192,7 @@ class Relay:
     ) -> None:
         self.router = router
         self.access_log = access_log
+        self.tap: Tap | None = None  # set by the Tap while someone is subscribed
         self.direction = router.direction
         self.metrics = metrics
         self.flusher = flusher
@@ -368,8 +370,8 @@ class Relay:
                 call.req_bytes,
                 call.resp_bytes,
             )
-            if self.access_log is not None:
-                self._log_call(call, target.service, status, latency)
+            if self.access_log is not None or self.tap is not None:
+                self._observed(self._call_record(call, target.service, status, latency))
         # Break the reference cycles (stream <-> peer <-> call) so no cyclic GC is needed.
         down.peer = down.call = None
         if up is not None:
@@ -381,14 +383,19 @@ class Relay:
         """The status of a call cancelled by either side: DEADLINE_EXCEEDED at the caller's deadline."""
         return DEADLINE_EXCEEDED if 0 < call.expires <= self.clock() else CANCELLED
 
-    def _log_call(self, call: Call, service: str, status: int, latency: float) -> None:
-        assert self.access_log is not None
+    def _observed(self, record: CallRecord) -> None:
+        if self.access_log is not None:
+            self.access_log.write(record)
+        if self.tap is not None:
+            self.tap.publish(record)
+
+    def _call_record(self, call: Call, service: str, status: int, latency: float) -> CallRecord:
         up = call.up
         upstream: Connection | None = up.conn if up is not None and up.conn.client else None
         peer_conn = call.down.conn if self.direction == "inbound" else upstream
         peer = peer_conn.extra.get("peer_id") if peer_conn is not None else None
         endpoint = upstream.extra.get("endpoint") if upstream is not None else None
-        self.access_log.call(
+        return call_record(
             direction=self.direction,
             service=service,
             method=call.method,
@@ -408,18 +415,20 @@ class Relay:
         """A call that is never placed: a trailers-only answer, counted in metrics."""
         self.metrics.call_started(self.direction, reject.service)
         self.metrics.call_finished(self.direction, reject.service, path, str(reject.status), 0.0, 0, 0)
-        if self.access_log is not None:
+        if self.access_log is not None or self.tap is not None:
             peer = s.conn.extra.get("peer_id")
-            self.access_log.call(
-                direction=self.direction,
-                service=reject.service,
-                method=path,
-                grpc_code=reject.status,
-                duration_s=0.0,
-                request_bytes=0,
-                response_bytes=0,
-                peer=str(peer) if peer is not None else None,
-                upstream=None,
+            self._observed(
+                call_record(
+                    direction=self.direction,
+                    service=reject.service,
+                    method=path,
+                    grpc_code=reject.status,
+                    duration_s=0.0,
+                    request_bytes=0,
+                    response_bytes=0,
+                    peer=str(peer) if peer is not None else None,
+                    upstream=None,
+                )
             )
         log.debug("call rejected path=%s status=%d reason=%s", path, reject.status, reject.message)
         conn = s.conn

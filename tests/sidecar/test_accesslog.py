@@ -16,7 +16,7 @@ import grpc
 import pytest
 
 from sidecar import config
-from sidecar.accesslog import MAX_FIELD, MAX_PENDING, AccessLog
+from sidecar.accesslog import MAX_FIELD, MAX_PENDING, AccessLog, call_record
 from tests.sidecar.harness import Backend, MeshCerts, run_pair
 from tests.sidecar.test_mesh import channel
 
@@ -41,7 +41,7 @@ async def test_a_finished_call_is_one_json_line_with_its_fields() -> None:
     out = io.StringIO()
     log = AccessLog(out, wall_clock=lambda: 1_800_000_000.25)
 
-    log.call(**CALL)  # type: ignore[arg-type]
+    log.write(call_record(**CALL))  # type: ignore[arg-type]
     await asyncio.sleep(0)  # the write happens on the next loop turn
 
     assert lines(out.getvalue()) == [
@@ -70,7 +70,7 @@ async def test_calls_of_one_loop_turn_are_written_in_one_batch() -> None:
 
     log = AccessLog(Recorder())
     for _ in range(3):
-        log.call(**CALL)  # type: ignore[arg-type]
+        log.write(call_record(**CALL))  # type: ignore[arg-type]
     await asyncio.sleep(0)
 
     assert len(writes) == 1 and len(lines(writes[0])) == 3
@@ -80,7 +80,7 @@ async def test_a_method_path_longer_than_the_bound_is_cut_so_the_line_stays_boun
     out = io.StringIO()
     log = AccessLog(out)
 
-    log.call(**{**CALL, "method": "/" + "x" * 100_000})  # type: ignore[arg-type]
+    log.write(call_record(**{**CALL, "method": "/" + "x" * 100_000}))  # type: ignore[arg-type]
     await asyncio.sleep(0)
 
     (line,) = out.getvalue().splitlines()
@@ -93,7 +93,7 @@ async def test_lines_beyond_the_pending_bound_are_dropped_and_reported() -> None
     log = AccessLog(out)
 
     for _ in range(MAX_PENDING + 5):
-        log.call(**CALL)  # type: ignore[arg-type]
+        log.write(call_record(**CALL))  # type: ignore[arg-type]
     await asyncio.sleep(0)
 
     written = lines(out.getvalue())
