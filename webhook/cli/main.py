@@ -24,6 +24,8 @@ from webhook.cli import stat as stat_mod
 from webhook.cli.inject import inject_documents
 from webhook.cli.kube import CliError, Cluster, Pod
 from webhook.cli.output import FORMATS, duration, millis, percent, render
+from webhook.cli.tap import aggregate, p50_ms, status_name
+from webhook.cli.tap import stream as tap_stream
 from webhook.config import ConfigError, InjectorConfig, load_config, parse_kubernetes_version
 
 OK, PROBLEM, USAGE = 0, 1, 2
@@ -94,6 +96,23 @@ def _parser() -> argparse.ArgumentParser:
         "Services it has endpoints for, discovery updates received, age. Exit 1 if a proxy is not "
         "ready or cannot be read.",
     )
+    for name, text in (
+        ("tap", "each call a proxy finishes from now on: method, status, latency, peer identity"),
+        ("top", "the calls a proxy finishes over a while, by route (method) and peer, busiest first"),
+    ):
+        p = sub.add_parser(
+            name,
+            parents=[common],
+            help=text,
+            description=f"{text[0].upper()}{text[1:]}. Reads the proxy's bounded /tap stream, served to "
+            "loopback only: first `kubectl port-forward -n NS POD 15090`, then --admin 127.0.0.1:15090. "
+            "Never shows metadata values or message bodies (the proxy does not send them).",
+        )
+        p.add_argument("--admin", required=True, help="HOST:PORT of the proxy's admin port")
+        p.add_argument(
+            "--limit", type=int, default=100 if name == "tap" else 1000, help="calls at most (<= 1000)"
+        )
+        p.add_argument("--seconds", type=float, default=10.0, help="how long at most (<= 60)")
     return parser
 
 
@@ -115,6 +134,10 @@ def main(
     try:
         if args.command == "inject":
             return _inject(args, stdin or sys.stdin, out, err)
+        if args.command == "tap":
+            return _tap(args, out)
+        if args.command == "top":
+            return _top(args, out)
         kind = None
         if args.command == "stat":
             kind = KINDS.get(args.kind.lower())
@@ -168,6 +191,74 @@ def _inject(args: argparse.Namespace, stdin: TextIO, out: TextIO, err: TextIO) -
     else:
         out.write(yaml.safe_dump_all(result.documents, sort_keys=False))
     return PROBLEM if result.denied else OK
+
+
+def _tap(args: argparse.Namespace, out: TextIO) -> int:
+    columns = ("DIRECTION", "SERVICE", "METHOD", "STATUS", "LATENCY", "PEER")
+    widths = (9, 24, 32, 18, 10)
+    if args.output in ("table", "wide"):
+        out.write("".join(c.ljust(w + 2) for c, w in zip(columns, widths, strict=False)) + columns[-1] + "\n")
+    for r in tap_stream(args.admin, limit=args.limit, seconds=args.seconds):
+        if args.output in ("json", "yaml"):
+            out.write(json.dumps(r) + "\n")
+        elif "end" in r:
+            out.write(f"# ended ({r['end']}): {r['calls']} calls, {r['dropped']} dropped\n")
+        else:
+            cells = (
+                r["direction"],
+                r["service"],
+                r["method"],
+                status_name(r["grpc_code"]),
+                f"{r['duration_ms']:.2f}ms",
+            )
+            out.write(
+                "".join(str(c).ljust(w + 2) for c, w in zip(cells, widths, strict=True))
+                + str(r["peer"] or "-")
+                + "\n"
+            )
+        out.flush()
+    return OK
+
+
+def _top(args: argparse.Namespace, out: TextIO) -> int:
+    routes, end = aggregate(tap_stream(args.admin, limit=args.limit, seconds=args.seconds))
+    rows = []
+    for (direction, service, method, peer), route in sorted(
+        routes.items(), key=lambda kv: (-kv[1].calls, kv[0])
+    ):
+        success = route.ok / route.calls
+        rows.append(
+            {
+                "DIRECTION": direction,
+                "SERVICE": service,
+                "METHOD": method,
+                "PEER": peer,
+                "CALLS": route.calls,
+                "SUCCESS": percent(success),
+                "LATENCY_P50": f"{p50_ms(route):.2f}ms",
+                "LATENCY_MAX": f"{max(route.durations_ms):.2f}ms",
+                "raw": {
+                    "direction": direction,
+                    "service": service,
+                    "method": method,
+                    "peer": peer,
+                    "calls": route.calls,
+                    "success": success,
+                    "latency_ms": {"p50": p50_ms(route), "max": max(route.durations_ms)},
+                },
+            }
+        )
+    render(
+        rows,
+        columns=["DIRECTION", "SERVICE", "METHOD", "CALLS", "SUCCESS", "LATENCY_P50", "LATENCY_MAX"],
+        wide=["PEER"],
+        fmt=args.output,
+        out=out,
+        kind="kuberpc.io/top",
+    )
+    if args.output in ("table", "wide") and end:
+        out.write(f"# {end['calls']} calls in the stream, {end['dropped']} dropped ({end['end']} reached)\n")
+    return OK
 
 
 def _config_yaml(text: str) -> str:
