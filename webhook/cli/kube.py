@@ -64,6 +64,15 @@ def _pod(p: Any) -> Pod:
     )
 
 
+def _name(pod: Any) -> str:
+    return str(pod.metadata.name)
+
+
+def _all_ready(pod: Any) -> bool:
+    statuses = (pod.status.container_statuses if pod.status else None) or []
+    return bool(statuses) and all(bool(c.ready) for c in statuses)
+
+
 def _proxy_ready(pod: Any) -> bool:
     status = pod.status
     for s in [*(status.init_container_statuses or []), *(status.container_statuses or [])] if status else []:
@@ -93,6 +102,54 @@ class Cluster:
 
     def close(self) -> None:
         self._api.close()
+
+    def version(self) -> tuple[int, int]:
+        """The API server's version (major, minor)."""
+        try:
+            info = client.VersionApi(self._api).get_code(_request_timeout=10)
+            return int(info.major), int("".join(ch for ch in info.minor if ch.isdigit()))
+        except (ApiException, urllib3.exceptions.HTTPError) as e:
+            raise CliError(f"reading the API server's version: {_reason(e)}") from e
+        except ValueError as e:
+            raise CliError(f"the API server reports an unreadable version: {e}") from e
+
+    def pods_asking_for_a_proxy(self) -> list[tuple[str, str, bool]]:
+        """(namespace, name, injected) of every pod annotated kuberpc.io/inject: enabled."""
+        try:
+            found = self._core.list_pod_for_all_namespaces(_request_timeout=30)
+        except (ApiException, urllib3.exceptions.HTTPError) as e:
+            raise CliError(f"listing pods: {_reason(e)}") from e
+        out = []
+        for p in found.items:
+            meta: Any = p.metadata
+            if (meta.annotations or {}).get(a.INJECT, "").strip() == a.INJECT_ENABLED:
+                injected = (meta.labels or {}).get(a.INJECTED) == a.INJECTED_LABEL_VALUE
+                out.append((str(meta.namespace), str(meta.name), injected))
+        return out
+
+    def control_plane_pods(self, namespace: str) -> list[tuple[str, bool]]:
+        """(name, ready) of the kuberpc-webhook pods."""
+        try:
+            found = self._core.list_namespaced_pod(
+                namespace, label_selector="app.kubernetes.io/name=kuberpc-webhook", _request_timeout=30
+            )
+        except (ApiException, urllib3.exceptions.HTTPError) as e:
+            raise CliError(f"listing the control plane's pods in {namespace}: {_reason(e)}") from e
+        return [(str(_name(p)), _all_ready(p)) for p in found.items]
+
+    def trust_anchors(self, namespace: str) -> str | None:
+        """The PEM bundle of the kuberpc-trust-anchors ConfigMap in `namespace`; None when it is absent."""
+        try:
+            cm = self._core.read_namespaced_config_map(
+                a.TRUST_ANCHORS_CONFIGMAP, namespace, _request_timeout=10
+            )
+        except ApiException as e:
+            if e.status == 404:
+                return None
+            raise CliError(f"reading {namespace}/{a.TRUST_ANCHORS_CONFIGMAP}: {_reason(e)}") from e
+        except urllib3.exceptions.HTTPError as e:
+            raise CliError(f"reading {namespace}/{a.TRUST_ANCHORS_CONFIGMAP}: {_reason(e)}") from e
+        return str((cm.data or {}).get(a.TRUST_ANCHORS_KEY, ""))
 
     def meshed_pods(self, namespace: str | None) -> list[Pod]:
         """Pods the injector labelled kuberpc.io/injected=true, in `namespace` or everywhere (None)."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import datetime as dt
 import json
 import sys
 import time
@@ -20,6 +21,7 @@ from typing import Any, TextIO
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
+from webhook.cli import check as checks
 from webhook.cli import stat as stat_mod
 from webhook.cli.inject import inject_documents
 from webhook.cli.kube import CliError, Cluster, Pod
@@ -96,6 +98,19 @@ def _parser() -> argparse.ArgumentParser:
         "Services it has endpoints for, discovery updates received, age. Exit 1 if a proxy is not "
         "ready or cannot be read.",
     )
+    check = sub.add_parser(
+        "check",
+        parents=[common],
+        help="is the mesh healthy? one line per fact, with the fix for each problem",
+        description="Checks the API server, the control plane, the trust anchors, that every pod asking "
+        "for a proxy has one, and that every proxy is ready with a valid certificate. Exit 1 if any fails.",
+    )
+    check.add_argument("--pre", action="store_true", help="only what must hold before installing kuberpc")
+    check.add_argument(
+        "--control-plane-namespace",
+        default="kuberpc-system",
+        help="where kuberpc runs (default kuberpc-system)",
+    )
     for name, text in (
         ("tap", "each call a proxy finishes from now on: method, status, latency, peer identity"),
         ("top", "the calls a proxy finishes over a while, by route (method) and peer, busiest first"),
@@ -152,6 +167,8 @@ def main(
             namespace = None if args.all_namespaces else (args.namespace or "default")
             if kind is not None:
                 return _stat(c, kind, args, namespace, sleep, out)
+            if args.command == "check":
+                return _check(c, args, clock, out)
             return _proxy_status(c, args, namespace, clock, out, err)
         finally:
             c.close()
@@ -370,6 +387,42 @@ def _proxy_facts(metrics_text: str) -> dict[str, Any]:
         "discovery_updates": int(updates),
         "services_with_endpoints": sorted(ready_services),
     }
+
+
+def _check(c: Cluster, args: argparse.Namespace, clock: Callable[[], float], out: TextIO) -> int:
+    now = dt.datetime.fromtimestamp(clock(), dt.UTC)
+    results: list[checks.Result] = []
+    try:
+        results.append(checks.api_version(c.version()))
+    except CliError as e:
+        results.append(checks.Result(False, "the API server does not answer", str(e)))
+    if results[0].ok and not args.pre:
+        cp = args.control_plane_namespace
+        results.append(checks.control_plane(cp, c.control_plane_pods(cp)))
+        pods = c.meshed_pods(None if args.all_namespaces or not args.namespace else args.namespace)
+        for ns in sorted({cp} | {p.namespace for p in pods}):
+            results.append(checks.trust_anchors(ns, c.trust_anchors(ns), now))
+        results += checks.injection(c.pods_asking_for_a_proxy())
+        for pod in pods:
+            try:
+                expiry = _proxy_facts(c.proxy_metrics(pod))["cert_expiry"]
+            except CliError as e:
+                results.append(
+                    checks.Result(False, f"the proxy of {pod.namespace}/{pod.name} cannot be read", str(e))
+                )
+                continue
+            results.append(checks.proxy(pod.namespace, pod.name, pod.proxy_ready, expiry, now))
+    if args.output in ("json", "yaml"):
+        items = [dataclasses.asdict(r) for r in results]
+        render([{"raw": i} for i in items], columns=[], fmt=args.output, out=out, kind="kuberpc.io/check")
+    else:
+        for r in results:
+            out.write(f"{'✔' if r.ok else '✘'} {r.title}\n")
+            if not r.ok and r.fix:
+                out.write(f"    fix: {r.fix}\n")
+        failed = sum(not r.ok for r in results)
+        out.write(f"{'all checks passed' if not failed else f'{failed} check(s) failed'}\n")
+    return OK if all(r.ok for r in results) else PROBLEM
 
 
 def _expires(expiry: float | None, now: float) -> str:
