@@ -1,5 +1,6 @@
-"""The proxy's admin HTTP server: /metrics, /ready, /live and POST /shutdown on :15090, and /debug on a second
-listener bound to loopback (127.0.0.1:15091), because it lists the catalog and the certificate to whoever asks.
+"""The proxy's admin HTTP server: /metrics, /ready, /live and POST /shutdown on :15090, and /debug and /tap
+on a second listener bound to loopback (127.0.0.1:15091), because they show the catalog, the certificate and
+the calls to whoever asks.
 
 A thin aiohttp layer over callbacks it is given: it must not know how readiness, debug state or shutdown work.
 """
@@ -11,6 +12,8 @@ import ipaddress
 import json
 import logging
 from collections.abc import Callable, Iterable, Mapping
+from contextlib import AbstractContextManager
+from typing import Protocol
 
 from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
@@ -22,6 +25,18 @@ log = logging.getLogger(__name__)
 
 # Scraped and probed every few seconds: an access line for each would drown the log.
 _UNLOGGED_PATHS = frozenset({"/metrics", "/ready", "/live"})
+
+# /tap streams at most this many calls, for at most this long: a forgotten tap ends by itself.
+TAP_MAX_CALLS = 1000
+TAP_MAX_SECONDS = 60.0
+
+
+class TapFeed(Protocol):
+    """One subscription to the proxy's finished calls (sidecar/tap.py)."""
+
+    dropped: int
+
+    async def next(self) -> Mapping[str, object]: ...
 
 
 def is_loopback_peer(peer: str | None) -> bool:
@@ -75,8 +90,10 @@ class AdminServer:
         ready: Callable[[], bool],
         debug: Callable[[], Mapping[str, object]],
         shutdown: Callable[[], None],
+        tap: Callable[[], AbstractContextManager[TapFeed]] | None = None,
     ) -> None:
         self._registry = registry
+        self._tap = tap
         self._ready = ready
         self._debug = debug
         self._shutdown = shutdown
@@ -90,6 +107,8 @@ class AdminServer:
             raise RuntimeError("debug listener already started")
         app = web.Application()
         app.router.add_get("/debug", self._debug_state)
+        if self._tap is not None:
+            app.router.add_get("/tap", self._tap_stream)
         self._debug_runner = await self._serve(app, host, port)
         self._debug_address = f"{host}:{self.debug_port}"
         log.info("admin debug listener address=%s", self._debug_address)
@@ -176,6 +195,42 @@ class AdminServer:
             status=404,
             text=f"/debug is served only on the pod's loopback, at {where} (reach it with kubectl port-forward)",
         )
+
+    async def _tap_stream(self, request: web.Request) -> web.StreamResponse:
+        """GET /tap?limit=N&seconds=S: one JSON line per call finished from now on (never metadata values
+        or bodies), then {"end": "limit"|"time", "calls": n, "dropped": n}. Loopback peers only: reaching
+        it takes `kubectl port-forward`, that is, the right to reach the pod's admin port."""
+        assert self._tap is not None
+        if not is_loopback_peer(request.remote):
+            return web.Response(status=403, text="tap is served only to loopback (use kubectl port-forward)")
+        try:
+            limit = int(request.query.get("limit", "100"))
+            seconds = float(request.query.get("seconds", "10"))
+            if not (1 <= limit <= TAP_MAX_CALLS and 0 < seconds <= TAP_MAX_SECONDS):
+                raise ValueError
+        except ValueError:
+            return web.Response(
+                status=400,
+                text=f"limit must be 1-{TAP_MAX_CALLS} and seconds in (0, {TAP_MAX_SECONDS:.0f}]",
+            )
+        response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
+        await response.prepare(request)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + seconds
+        sent, end = 0, "limit"
+        with self._tap() as feed:
+            while sent < limit:
+                try:
+                    record = await asyncio.wait_for(feed.next(), deadline - loop.time())
+                except TimeoutError:
+                    end = "time"
+                    break
+                await response.write(json.dumps(record).encode() + b"\n")
+                sent += 1
+            dropped = feed.dropped
+        await response.write(json.dumps({"end": end, "calls": sent, "dropped": dropped}).encode() + b"\n")
+        await response.write_eof()
+        return response
 
     async def _shutdown_request(self, request: web.Request) -> web.Response:
         if not is_loopback_peer(request.remote):

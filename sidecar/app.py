@@ -12,6 +12,7 @@ import gc
 import logging
 import random
 import ssl
+import sys
 import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field, replace
@@ -20,6 +21,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry
 
 from sidecar import identity
+from sidecar.accesslog import AccessLog
 from sidecar.admin import AdminServer
 from sidecar.config import Address, Config
 from sidecar.discovery import Discovery
@@ -29,8 +31,9 @@ from sidecar.inbound import Inbound
 from sidecar.metrics import Metrics
 from sidecar.model import Catalog, Endpoint, ServiceKey
 from sidecar.outbound import Outbound
-from sidecar.pool import PEER_KEEPALIVE_S, Pool, tls_failure_reason
-from sidecar.relay import Relay
+from sidecar.pool import PEER_KEEPALIVE_S, TLS_FAILURE_REASONS, Pool, tls_failure_reason
+from sidecar.relay import RETRY_REASONS, Relay
+from sidecar.tap import Tap
 from sidecar.workload_cert import (
     FileIdentity,
     GrpcCertifier,
@@ -182,7 +185,7 @@ async def serve(
     """Run the proxy until `stop` is set, then drain and return."""
     loop = asyncio.get_running_loop()
     registry = CollectorRegistry()
-    metrics = Metrics(registry)
+    metrics = Metrics(registry, retry_reasons=RETRY_REASONS, tls_reasons=TLS_FAILURE_REASONS)
     flusher = Flusher(loop)
     limits = Limits()
     rng = random.Random()
@@ -217,7 +220,11 @@ async def serve(
         if conn.client and outbound.pool is not None and not outbound.pool.verify(conn):
             conn.close()
 
-    out_relay = Relay(outbound, metrics=metrics, flusher=flusher, limits=limits, on_connection=on_out_connection)
+    # Off unless the pod asked for it (kuberpc.io/access-log): then the relay writes one line per call.
+    access_log = AccessLog(sys.stdout) if cfg.access_log == "json" else None
+    out_relay = Relay(
+        outbound, metrics=metrics, flusher=flusher, limits=limits, on_connection=on_out_connection, access_log=access_log
+    )
     out_pool = outbound.pool = make_pool(
         out_relay, client_ctx, "outbound", cfg.connections_per_endpoint, replace(limits, keepalive_interval=PEER_KEEPALIVE_S)
     )
@@ -229,7 +236,9 @@ async def serve(
 
     count_handshake_failures(server_ctx, metrics.tls_handshake_failure)
     if inbound is not None:
-        in_relay = Relay(inbound, metrics=metrics, flusher=flusher, limits=limits, on_connection=on_in_connection)
+        in_relay = Relay(
+            inbound, metrics=metrics, flusher=flusher, limits=limits, on_connection=on_in_connection, access_log=access_log
+        )
         in_pool = inbound.pool = make_pool(in_relay, None, "app")
 
     proxy = Proxy(cfg, metrics, registry, outbound, out_relay, inbound, in_relay, stop)
@@ -311,7 +320,18 @@ async def serve(
     try:
         # The admin server first: probes and scrapes get answers (/ready: 503) while the certificate is awaited.
         if cfg.admin is not None:
-            admin = AdminServer(registry=registry, ready=lambda: not proxy.not_ready_because(), debug=proxy.debug, shutdown=stop.set)
+            def set_tap(tap: Tap | None) -> None:
+                for relay in (out_relay, in_relay):
+                    if relay is not None:
+                        relay.tap = tap
+
+            admin = AdminServer(
+                registry=registry,
+                ready=lambda: not proxy.not_ready_because(),
+                debug=proxy.debug,
+                shutdown=stop.set,
+                tap=Tap(set_tap).subscribe,
+            )
             try:
                 await admin.start(cfg.admin.host, cfg.admin.port)
             except OSError as e:

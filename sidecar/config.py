@@ -31,7 +31,8 @@ ENV_DOC: dict[str, str] = {
     "KUBERPC_UPSTREAMS": "dedicated local ports: svc.ns:port=localport,... (kuberpc.io/upstreams)",
     "KUBERPC_DISCOVERY": "file:/path.yaml | kubernetes (default kubernetes)",
     "KUBERPC_DISCOVERY_NAMESPACES": "kubernetes discovery: comma-separated namespaces to watch (default: all)",
-    "KUBERNETES_SERVICE_HOST": "kubernetes discovery: the API server, with KUBERNETES_SERVICE_PORT (set in every pod)",
+    "KUBERNETES_SERVICE_HOST": "kubernetes discovery: the API server's address (set in every pod)",
+    "KUBERNETES_SERVICE_PORT": "kubernetes discovery: the API server's port (set in every pod)",
     "KUBECONFIG": "kubernetes discovery outside a cluster: kubeconfig file (default ~/.kube/config)",
     "KUBERPC_TLS_CERT": "PEM certificate chain of this workload (written here when KUBERPC_IDENTITY_ADDR is set)",
     "KUBERPC_TLS_KEY": "PEM private key of this workload (written here, mode 0600, with KUBERPC_IDENTITY_ADDR)",
@@ -42,6 +43,7 @@ ENV_DOC: dict[str, str] = {
     "KUBERPC_DRAIN_SECONDS": "seconds in-flight calls may take after SIGTERM (default 10)",
     "KUBERPC_LOG_LEVEL": "debug | info | warning | error (default info)",
     "KUBERPC_CONNECTIONS_PER_ENDPOINT": "HTTP/2 connections kept to each peer endpoint (default 1)",
+    "KUBERPC_ACCESS_LOG": "json: one JSON line per call on stdout (no metadata values, no bodies) | off (default)",
     "POD_NAMESPACE": "namespace of this pod; resolves short service names (default 'default')",
     "POD_NAME": "name of this pod (logs, /debug; with kubernetes discovery and inbound on, required: its labels decide whose allow applies)",
     "POD_IP": "IP of this pod (logs and /debug only)",
@@ -50,6 +52,7 @@ ENV_DOC: dict[str, str] = {
 }
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
+ACCESS_LOG_FORMATS = ("json", "off")
 
 
 class ConfigError(ValueError):
@@ -104,6 +107,7 @@ class Config:
     drain_seconds: float = 10.0
     log_level: str = "info"
     connections_per_endpoint: int = 1
+    access_log: str = "off"  # "json": one line per call (sidecar/accesslog.py)
     namespace: str = "default"
     pod_name: str = ""
     pod_ip: str = ""
@@ -283,6 +287,11 @@ def load(environ: Mapping[str, str]) -> Config:
             problems.append(f"KUBERPC_CONNECTIONS_PER_ENDPOINT: {cpe!r} is not a number from 1 to 16")
         else:
             values["connections_per_endpoint"] = int(cpe)
+
+    if (al := get("KUBERPC_ACCESS_LOG")) is not None:
+        if al.lower() not in ACCESS_LOG_FORMATS:
+            problems.append(f"KUBERPC_ACCESS_LOG: {al!r} is not one of {', '.join(ACCESS_LOG_FORMATS)}")
+        values["access_log"] = al.lower()
 
     values["pod_name"] = get("POD_NAME") or ""
     values["pod_ip"] = get("POD_IP") or ""

@@ -24,11 +24,17 @@ Must not call prometheus_client per call, touch the default registry, keep modul
 # `reason` values per metric, later ones fold into reason="other". "other" never collides with a real
 # value: services are `name.namespace` and methods start with "/".
 #
+# Zero where the count is known to be zero, so that a dashboard shows 0 rather than "No data" on a
+# healthy mesh: ejections, retries (per known reason), discovery updates and watch restarts of every
+# Service in the balancer's view; authorization denials of every Service served inbound; TLS handshake
+# failures per known reason. Added at scrape time only, and only for labels already bounded above.
+#
 # Not thread-safe by design: every method, the scrape included, runs on the proxy's one event loop.
 
 from __future__ import annotations
 
 from bisect import bisect_left
+from collections.abc import Iterable
 from itertools import accumulate
 from typing import NamedTuple
 
@@ -119,7 +125,15 @@ class Metrics:
     Raises ValueError at construction if `registry` already holds metrics of the same names.
     """
 
-    def __init__(self, registry: CollectorRegistry, *, max_series: int = 1000) -> None:
+    def __init__(
+        self,
+        registry: CollectorRegistry,
+        *,
+        max_series: int = 1000,
+        retry_reasons: Iterable[str] = (),
+        tls_reasons: Iterable[str] = (),
+    ) -> None:
+        """`retry_reasons` and `tls_reasons`: the reasons the proxy can report, exported at zero."""
         if max_series < 1:
             raise ValueError(f"max_series must be at least 1, got {max_series}")
         self._max_series = max_series
@@ -127,6 +141,8 @@ class Metrics:
         self._services = _Cap(max_series)
         self._retry_reasons = _Cap(REASON_CAP)
         self._tls_reasons = _Cap(REASON_CAP)
+        self._known_retry_reasons = [self._retry_reasons.admit(r) for r in retry_reasons]
+        self._known_tls_reasons = [self._tls_reasons.admit(r) for r in tls_reasons]
         # Keyed by (direction, service label). A folded service misses here on every call and takes
         # the slow path: caching its raw name would let untrusted names grow the dict without bound.
         self._calls: dict[tuple[str, str], _CallStats] = {}
@@ -281,14 +297,17 @@ class Metrics:
         for service, (ready, ejected) in sorted(by_label.items()):
             f.endpoints.add_metric([service, "ready"], ready)
             f.endpoints.add_metric([service, "ejected"], ejected)
-        for (service, reason), count in sorted(self._retries.items()):
+        balanced = dict.fromkeys(by_label, 0)
+        served = {service: 0 for direction, service in self._calls if direction == "inbound"}
+        retries = {(s, r): 0 for s in balanced for r in self._known_retry_reasons} | self._retries
+        for (service, reason), count in sorted(retries.items()):
             f.retries.add_metric([service, reason], count)
         for family, counts in (
-            (f.ejections, self._ejections),
-            (f.authz_denied, self._authz_denied),
-            (f.tls_failures, self._tls_failures),
-            (f.discovery_updates, self._discovery_updates),
-            (f.watch_restarts, self._watch_restarts),
+            (f.ejections, balanced | self._ejections),
+            (f.authz_denied, served | self._authz_denied),
+            (f.tls_failures, dict.fromkeys(self._known_tls_reasons, 0) | self._tls_failures),
+            (f.discovery_updates, balanced | self._discovery_updates),
+            (f.watch_restarts, balanced | self._watch_restarts),
         ):
             for label, count in sorted(counts.items()):
                 family.add_metric([label], count)

@@ -157,21 +157,26 @@ class Pool:
         return [c.debug() for conns in self._conns.values() for c in conns]
 
 
+_TLS_FAILURE_NEEDLES = (
+    ("certificate required", "no_client_certificate"),
+    ("peer did not return a certificate", "no_client_certificate"),
+    ("unknown ca", "unknown_ca"),
+    ("certificate verify failed", "untrusted_certificate"),
+    ("certificate unknown", "untrusted_certificate"),
+    ("expired", "expired_certificate"),
+    ("wrong version", "protocol"),
+    ("unsupported protocol", "protocol"),
+    ("http request", "not_tls"),
+    ("no application protocol", "alpn"),
+)
+# Every reason tls_failure_reason and the pool's peer check report (exported at zero by Metrics).
+TLS_FAILURE_REASONS = (*dict.fromkeys(r for _, r in _TLS_FAILURE_NEEDLES), "peer_identity", "other")
+
+
 def tls_failure_reason(e: BaseException) -> str:
     """A bounded label for kuberpc_tls_handshake_failures_total."""
     text = f"{getattr(e, 'reason', '')} {e}".lower()
-    for needle, reason in (
-        ("certificate required", "no_client_certificate"),
-        ("peer did not return a certificate", "no_client_certificate"),
-        ("unknown ca", "unknown_ca"),
-        ("certificate verify failed", "untrusted_certificate"),
-        ("certificate unknown", "untrusted_certificate"),
-        ("expired", "expired_certificate"),
-        ("wrong version", "protocol"),
-        ("unsupported protocol", "protocol"),
-        ("http request", "not_tls"),
-        ("no application protocol", "alpn"),
-    ):
+    for needle, reason in _TLS_FAILURE_NEEDLES:
         if needle in text:
             return reason
     return "other"

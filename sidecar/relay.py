@@ -14,11 +14,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
+from sidecar.accesslog import AccessLog, CallRecord, call_record
 from sidecar.h2 import frames as F
 from sidecar.h2.connection import Connection, Flusher, Headers, Limits, Stream
 from sidecar.metrics import Metrics
 from sidecar.status import Status
 from sidecar.retry import CODE_NAMES, MAX_REPLAY_BYTES, RetryPolicy, retry_headers
+from sidecar.tap import Tap
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +41,17 @@ NO_RESPONSE = "no response before the deadline"
 
 # A call whose request never left this proxy is placed again at most this often (then UNAVAILABLE).
 MAX_PLACEMENTS = 3
+# The `reason` of kuberpc_retries_total for such a placement (exported at zero by Metrics).
+RETRY_REASONS = ("connect_failure", "refused")
+
+# A caller that cancels this close to its own deadline (`grpc-timeout`) has hit it: recorded as
+# DEADLINE_EXCEEDED, as gRPC clients and the server side (whose app answers 4) record it, not CANCELLED.
+# Slack because the caller's deadline clock started before ours: by the time its headers took to reach
+# us (loopback, but a loaded pod can delay the read) and its timer's granularity; 10% of the deadline,
+# at least 50 ms and at most 1 s, so that a real cancel well before the deadline stays CANCELLED.
+DEADLINE_SLACK_MIN_S = 0.05
+DEADLINE_SLACK_MAX_S = 1.0
+DEADLINE_SLACK_RATIO = 0.1
 
 # What a request that is not gRPC gets (gRPC over HTTP/2: "SHOULD respond with HTTP status 415"), from the
 # proxy itself, so that it never depends on how the app treats non-gRPC requests.
@@ -147,6 +160,7 @@ class Call:
         "deadline",
         "down",
         "failure",
+        "expires",
         "method",
         "relay",
         "replay",
@@ -175,6 +189,7 @@ class Call:
         self.timeout: float | None = None
         self.failure = ""  # why the endpoint failed the call, for failure accrual ("" when it did not)
         self.replay: Replay | None = None
+        self.expires = 0.0  # when set (> 0): on our clock, the caller's deadline less the slack
 
     def on_data(self, s: Stream, data: bytes) -> None:
         if s is self.down:
@@ -220,8 +235,11 @@ class Relay:
         limits: Limits,
         clock: Callable[[], float] = time.monotonic,
         on_connection: Callable[[Connection], None] | None = None,
+        access_log: AccessLog | None = None,
     ) -> None:
         self.router = router
+        self.access_log = access_log
+        self.tap: Tap | None = None  # set by the Tap while someone is subscribed
         self.direction = router.direction
         self.metrics = metrics
         self.flusher = flusher
@@ -281,6 +299,9 @@ class Relay:
             headers.append((b"grpc-timeout", format_grpc_timeout(timeout)))
         up = Stream(conn)  # re-homed by target.open onto the chosen upstream connection
         call = Call(self, s, up, target, spath)
+        if timeout is not None and timeout_at >= 0:
+            slack = min(max(timeout * DEADLINE_SLACK_RATIO, DEADLINE_SLACK_MIN_S), DEADLINE_SLACK_MAX_S)
+            call.expires = conn.received_at + timeout - slack
         call.timeout = timeout
         s.call = up.call = call
         s.peer = up
@@ -326,7 +347,7 @@ class Relay:
             return
         if s is call.down:
             if call.status < 0:
-                call.status = CANCELLED
+                call.status = self._cancelled(call)
                 timeout = call.timeout
                 if timeout is not None and not peer.got_headers and self.clock() - call.start >= timeout * 0.95:
                     # The caller gave up at its deadline and the endpoint had not even started answering.
@@ -349,7 +370,10 @@ class Relay:
         if call.replay is not None and code == F.REFUSED_STREAM and self._retry(call, UNAVAILABLE, call.failure):
             return
         if call.status < 0:
-            call.status = {F.REFUSED_STREAM: UNAVAILABLE, F.CANCEL: CANCELLED}.get(code, INTERNAL)
+            if code == F.CANCEL:
+                call.status = self._cancelled(call)
+            else:
+                call.status = UNAVAILABLE if code == F.REFUSED_STREAM else INTERNAL
         peer.conn.reset_stream(peer, code)
 
     def on_refused(self, s: Stream) -> None:
@@ -459,6 +483,8 @@ class Relay:
                 call.resp_bytes,
                 plaintext=target.plaintext,
             )
+            if self.access_log is not None or self.tap is not None:
+                self._observed(self._call_record(call, target.service, status, latency))
         # Break the reference cycles (stream <-> peer <-> call) so no cyclic GC is needed.
         down.peer = down.call = None
         if up is not None:
@@ -473,10 +499,57 @@ class Relay:
         s.conn.send_headers(s, _NOT_GRPC, False)
         s.conn.send_data(s, _NOT_GRPC_BODY, True, None, 0)
 
+    def _cancelled(self, call: Call) -> int:
+        """The status of a call cancelled by either side: DEADLINE_EXCEEDED at the caller's deadline."""
+        return DEADLINE_EXCEEDED if 0 < call.expires <= self.clock() else CANCELLED
+
+    def _observed(self, record: CallRecord) -> None:
+        if self.access_log is not None:
+            self.access_log.write(record)
+        if self.tap is not None:
+            self.tap.publish(record)
+
+    def _call_record(self, call: Call, service: str, status: int, latency: float) -> CallRecord:
+        up = call.up
+        upstream: Connection | None = up.conn if up is not None and up.conn.client else None
+        peer_conn = call.down.conn if self.direction == "inbound" else upstream
+        peer = peer_conn.extra.get("peer_id") if peer_conn is not None else None
+        endpoint = upstream.extra.get("endpoint") if upstream is not None else None
+        return call_record(
+            direction=self.direction,
+            service=service,
+            method=call.method,
+            grpc_code=status,
+            duration_s=latency,
+            request_bytes=call.req_bytes,
+            response_bytes=call.resp_bytes,
+            peer=str(peer) if peer is not None else None,
+            upstream=str(endpoint) if endpoint is not None else None,
+        )
+
+    def _malformed(self, s: Stream, why: str) -> None:
+        log.debug("malformed request conn=%s stream=%d reason=%s", s.conn.name, s.id, why)
+        s.conn.reset_stream(s, F.PROTOCOL_ERROR)
+
     def _reject(self, s: Stream, reject: Reject, path: str) -> None:
         """A call that is never placed: a trailers-only answer, counted in metrics."""
         self.metrics.call_started(self.direction, reject.service)
         self.metrics.call_finished(self.direction, reject.service, path, str(reject.status), 0.0, 0, 0)
+        if self.access_log is not None or self.tap is not None:
+            peer = s.conn.extra.get("peer_id")
+            self._observed(
+                call_record(
+                    direction=self.direction,
+                    service=reject.service,
+                    method=path,
+                    grpc_code=reject.status,
+                    duration_s=0.0,
+                    request_bytes=0,
+                    response_bytes=0,
+                    peer=str(peer) if peer is not None else None,
+                    upstream=None,
+                )
+            )
         log.debug("call rejected path=%s status=%d reason=%s", path, reject.status, reject.message)
         conn = s.conn
         conn.send_headers(s, trailers_only(reject.status, reject.message), True)

@@ -33,6 +33,8 @@ SERVICE_ANNOTATIONS: Final = frozenset(
     for key in ("lb", "grpc-services", "allow", "timeout", "retry", "retry-budget", "export-grpc-services")
 )
 
+ACCESS_LOG: Final = PREFIX + "access-log"
+
 INJECT_ENABLED: Final = "enabled"
 INJECT_DISABLED: Final = "disabled"
 
@@ -76,6 +78,8 @@ PROXY_UID: Final = 65532
 # The proxy image has Python but no shell, so the startup hold is a Python subcommand.
 WAIT_READY_COMMAND: Final = ("python", "-m", "sidecar", "wait-ready", "--timeout", "120")
 LOG_LEVELS: Final = ("debug", "info", "warning", "error")
+# kuberpc.io/access-log values, passed to the proxy as KUBERPC_ACCESS_LOG (absent: off).
+ACCESS_LOG_FORMATS: Final = ("json", "off")
 DEFAULT_LOG_LEVEL: Final = "info"
 DEFAULT_CPU_REQUEST: Final = "50m"
 DEFAULT_MEMORY_REQUEST: Final = "64Mi"

@@ -255,6 +255,7 @@ class ProxySettings:
     app_container: str | None
     weight: str | None  # corrected `kuberpc.io/weight` to write back, or None to leave it
     discovery_scope: str = a.DEFAULT_DISCOVERY_SCOPE
+    access_log: str = "off"  # KUBERPC_ACCESS_LOG: "json" writes one line per call
 
 
 @dataclass(frozen=True, slots=True)
@@ -449,6 +450,14 @@ def _plan_injection(f: PodFacts, ann: Mapping[str, str], cfg: InjectorConfig, *,
                 f"{a.DISCOVERY_SCOPE}: {show(ann[a.DISCOVERY_SCOPE])} is not one of {', '.join(a.DISCOVERY_SCOPES)}; using {scope}"
             )
 
+    access_log = "off"
+    if a.ACCESS_LOG in ann:
+        text = ann[a.ACCESS_LOG].strip().lower()
+        if text in a.ACCESS_LOG_FORMATS:
+            access_log = text
+        else:
+            warnings.append(f"{a.ACCESS_LOG}: {show(ann[a.ACCESS_LOG])} is not json or off; using off")
+
     warnings.extend(unknown_annotations(ann))
 
     if problems:
@@ -468,6 +477,7 @@ def _plan_injection(f: PodFacts, ann: Mapping[str, str], cfg: InjectorConfig, *,
         app_container=f.app_container,
         weight=weight,
         discovery_scope=scope,
+        access_log=access_log,
     )
     return Plan(settings, tuple(warnings))
 
@@ -494,6 +504,8 @@ def proxy_container(cfg: InjectorConfig, s: ProxySettings) -> JsonObject:
         env.append({"name": "KUBERPC_INBOUND_ADDR", "value": "off"})
     if s.upstreams:
         env.append({"name": "KUBERPC_UPSTREAMS", "value": s.upstreams})
+    if s.access_log != "off":
+        env.append({"name": "KUBERPC_ACCESS_LOG", "value": s.access_log})
     env += [
         {"name": "KUBERPC_DISCOVERY", "value": "kubernetes"},
     ]

@@ -27,6 +27,7 @@ NOT_OBJECTS = {
     MANIFESTS / "monitoring" / "prometheus.yml",
     MANIFESTS / "monitoring" / "alerts.rules.yml",
     MANIFESTS / "monitoring" / "alerts.test.yml",
+    MANIFESTS / "monitoring" / "operator-alerts.test.yml",
 }
 # Custom resources: kubernetes_validate ships no schema for them (checked structurally below).
 CRD_GROUPS = ("monitoring.coreos.com/",)
@@ -297,7 +298,9 @@ def test_control_plane_kustomization_lists_only_its_own_directory() -> None:
 def test_dashboard_is_wrapped_in_a_configmap_grafana_discovers() -> None:
     spec = _load(MANIFESTS / "monitoring" / "kustomization.yaml")[0]
     (gen,) = spec["configMapGenerator"]
-    assert gen["files"] == ["dashboards/kuberpc-mesh.json"]
+    dashboards = sorted((MANIFESTS / "monitoring" / "dashboards").glob("*.json"))
+    assert sorted(gen["files"]) == [f"dashboards/{d.name}" for d in dashboards]
+    assert len(dashboards) == 3
     assert gen["options"]["labels"]["grafana_dashboard"] == "1"
     assert gen["options"]["disableNameSuffixHash"] is True
 

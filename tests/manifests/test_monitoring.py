@@ -17,7 +17,8 @@ REPO = Path(__file__).resolve().parents[2]
 MONITORING = REPO / "manifests" / "monitoring"
 RULES = MONITORING / "alerts.rules.yml"
 RULE_TESTS = MONITORING / "alerts.test.yml"
-DASHBOARD = MONITORING / "dashboards" / "kuberpc-mesh.json"
+OPERATOR_RULE_TESTS = MONITORING / "operator-alerts.test.yml"
+DASHBOARDS = sorted((MONITORING / "dashboards").glob("*.json"))
 
 # DESIGN.md §5, the metrics every proxy and the webhook export (checked against DESIGN.md below).
 DESIGN_METRICS = {
@@ -46,17 +47,17 @@ def _rules() -> dict[str, Any]:
     return loaded
 
 
-def _dashboard() -> dict[str, Any]:
-    loaded: dict[str, Any] = json.loads(DASHBOARD.read_text())
-    return loaded
+def _dashboards() -> list[dict[str, Any]]:
+    return [json.loads(path.read_text()) for path in DASHBOARDS]
 
 
 def _alerts() -> list[dict[str, Any]]:
     return [r for g in _rules()["groups"] for r in g["rules"] if "alert" in r]
 
 
-def _panels() -> list[dict[str, Any]]:
-    return [p for p in _dashboard()["panels"] if p["type"] != "row"]
+def _panels(dashboard: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    boards = _dashboards() if dashboard is None else [dashboard]
+    return [p for d in boards for p in d["panels"] if p["type"] != "row"]
 
 
 def _exprs() -> list[str]:
@@ -88,7 +89,12 @@ def test_every_alert_fires_in_the_promtool_unit_tests(require_tool: Callable[[st
 
 
 def test_unit_tests_cover_every_alert_firing_and_staying_quiet() -> None:
-    cases = [c for t in yaml.safe_load(RULE_TESTS.read_text())["tests"] for c in t["alert_rule_test"]]
+    cases = [
+        c
+        for path in (RULE_TESTS, OPERATOR_RULE_TESTS)
+        for t in yaml.safe_load(path.read_text())["tests"]
+        for c in t["alert_rule_test"]
+    ]
     for alert in (a["alert"] for a in _alerts()):
         mine = [c for c in cases if c["alertname"] == alert]
         assert any(c["exp_alerts"] for c in mine), f"{alert}: no test where it fires"
@@ -99,7 +105,7 @@ def test_dashboard_queries_parse_as_promql(require_tool: Callable[[str, str], st
     promtool = require_tool("promtool", "apt-get install prometheus")
     # promtool parses expressions inside rule files: wrap each query as a recording rule, with
     # Grafana's variables replaced by what Grafana would send.
-    substitutions = {"$__rate_interval": "5m", "$namespace": ".*", "$service": ".*", "$direction": ".*"}
+    substitutions = {"$__rate_interval": "5m", "$namespace": ".*", "$service": ".*", "$method": ".*"}
     rules = []
     for i, expr in enumerate(_exprs()):
         for var, value in substitutions.items():
@@ -205,18 +211,20 @@ def test_dashboard_shows_every_part_of_the_mesh() -> None:
     assert "histogram_quantile(0.50," in exprs and "histogram_quantile(0.99," in exprs
 
 
-def test_dashboard_panels_have_unique_ids_and_queries() -> None:
-    ids = [p["id"] for p in _dashboard()["panels"]]
+@pytest.mark.parametrize("dashboard", _dashboards(), ids=lambda d: d["uid"])
+def test_dashboard_panels_have_unique_ids_and_queries(dashboard: dict[str, Any]) -> None:
+    ids = [p["id"] for p in dashboard["panels"]]
     assert len(ids) == len(set(ids))
-    for p in _panels():
+    for p in _panels(dashboard):
         assert p["targets"], p["title"]
         assert all(t["expr"].strip() for t in p["targets"]), p["title"]
         assert len({t["refId"] for t in p["targets"]}) == len(p["targets"]), p["title"]
 
 
-def test_dashboard_panels_do_not_overlap_on_the_grid() -> None:
+@pytest.mark.parametrize("dashboard", _dashboards(), ids=lambda d: d["uid"])
+def test_dashboard_panels_do_not_overlap_on_the_grid(dashboard: dict[str, Any]) -> None:
     cells: dict[tuple[int, int], str] = {}
-    for p in _dashboard()["panels"]:
+    for p in dashboard["panels"]:
         g = p["gridPos"]
         assert 0 <= g["x"] and g["x"] + g["w"] <= 24, p["title"]
         for x in range(g["x"], g["x"] + g["w"]):
@@ -225,14 +233,17 @@ def test_dashboard_panels_do_not_overlap_on_the_grid() -> None:
                 cells[(x, y)] = p["title"]
 
 
-def test_dashboard_queries_a_selectable_prometheus_data_source() -> None:
-    variables = {v["name"]: v for v in _dashboard()["templating"]["list"]}
+@pytest.mark.parametrize("dashboard", _dashboards(), ids=lambda d: d["uid"])
+def test_dashboard_queries_a_selectable_prometheus_data_source(dashboard: dict[str, Any]) -> None:
+    variables = {v["name"]: v for v in dashboard["templating"]["list"]}
     assert (
         variables["datasource"]["type"] == "datasource" and variables["datasource"]["query"] == "prometheus"
     )
-    for p in _panels():
+    panels = _panels(dashboard)
+    for p in panels:
         assert p["datasource"]["uid"] == "${datasource}", p["title"]
-    used = {m for e in _exprs() for m in re.findall(r"\$([a-z_]+)", e)} - {"__rate_interval"}
+    exprs = [t["expr"] for p in panels for t in p["targets"]]
+    used = {m for e in exprs for m in re.findall(r"\$([a-z_]+)", e)} - {"__rate_interval"}
     assert used <= variables.keys()
 
 
@@ -372,3 +383,102 @@ def test_podmonitors_select_meshed_pods_and_name_the_webhook_job_as_the_alert_ex
     # The Operator sets job to the value of the pod label named by jobLabel.
     assert labels[webhook["jobLabel"]] == "kuberpc-webhook"
     assert webhook["podMetricsEndpoints"][0]["scheme"] == "https"
+
+
+# ---------------------------------------------------------------------------------------------
+# Operator alerts (group kuberpc-operator) and the three dashboards (issue 12)
+
+OPERATOR_GROUP = "kuberpc-operator"
+# Metrics counting calls or call latency: each query on them must say which proxy reports the call.
+CALL_METRICS = re.compile(
+    r"kuberpc_(requests_total|request_duration_seconds_bucket|request_bytes_total|response_bytes_total"
+    r"|inflight_requests)\{([^}]*)\}"
+)
+
+
+def test_operator_alerts_fire_and_stay_quiet_in_their_promtool_unit_tests(
+    require_tool: Callable[[str, str], str],
+) -> None:
+    promtool = require_tool("promtool", "apt-get install prometheus")
+    result = subprocess.run(
+        [promtool, "test", "rules", OPERATOR_RULE_TESTS.name],
+        cwd=MONITORING,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_operators_are_alerted_on_proxy_down_budget_burn_certificates_discovery_and_the_webhook() -> None:
+    alerts = {a["alert"] for a in _alerts()}
+    operator = {r["alert"] for g in _rules()["groups"] if g["name"] == OPERATOR_GROUP for r in g["rules"]}
+    assert operator == {
+        "KuberpcProxyDown",
+        "KuberpcErrorBudgetBurnFast",
+        "KuberpcErrorBudgetBurnSlow",
+        "KuberpcDiscoveryStale",
+        "KuberpcWebhookFailingOpen",
+    }
+    # Certificate expiry and the injector's own errors are alerted on by the kuberpc-mesh and
+    # kuberpc-injector groups.
+    assert {"KuberpcCertExpiringSoon", "KuberpcWebhookErrors", "KuberpcWebhookDown"} <= alerts
+
+
+def test_the_error_budget_counts_the_client_view_once_and_only_failures_a_service_answers_for() -> None:
+    for name in ("KuberpcErrorBudgetBurnFast", "KuberpcErrorBudgetBurnSlow"):
+        (alert,) = [a for a in _alerts() if a["alert"] == name]
+        selectors = re.findall(r"kuberpc_requests_total\{([^}]*)\}", alert["expr"])
+        assert selectors and all('direction="outbound"' in s for s in selectors), name
+        assert all('grpc_code=~"2|4|13|14|15"' in s for s in selectors[0::2]), name
+
+
+def test_the_proxy_down_alert_watches_the_proxy_admin_port_only() -> None:
+    (alert,) = [a for a in _alerts() if a["alert"] == "KuberpcProxyDown"]
+    assert 'up{instance=~".+:15090"} == 0' in alert["expr"]
+    assert "15090" in {str(p) for _, p in MESHED_POD_PORTS}
+
+
+def test_there_is_a_mesh_overview_a_per_service_and_a_control_plane_dashboard() -> None:
+    assert {d["uid"] for d in _dashboards()} == {"kuberpc-mesh", "kuberpc-service", "kuberpc-control-plane"}
+
+
+def test_kustomize_ships_every_dashboard_to_grafana() -> None:
+    kustomization = yaml.safe_load((MONITORING / "kustomization.yaml").read_text())
+    (generator,) = kustomization["configMapGenerator"]
+    assert sorted(generator["files"]) == sorted(f"dashboards/{p.name}" for p in DASHBOARDS)
+
+
+def test_every_call_counting_query_names_the_one_side_that_reports_the_call() -> None:
+    """Both proxies report every call: a query over both directions counts it twice."""
+    for p in _panels():
+        sides = set()
+        for target in p["targets"]:
+            for _, labels in CALL_METRICS.findall(target["expr"]):
+                (side,) = re.findall(r'direction="(outbound|inbound)"', labels) or [None]
+                assert side is not None, f"{p['title']}: {target['expr']}"
+                sides.add(side)
+        if sides:
+            assert len(sides) == 1, p["title"]
+            view = {"outbound": "client", "inbound": "server"}[sides.pop()]
+            assert view in p["title"].lower(), f"{p['title']} must say it shows the {view} view"
+
+
+def test_client_and_server_latency_are_separate_panels() -> None:
+    titles = {p["title"] for p in _panels(next(d for d in _dashboards() if d["uid"] == "kuberpc-mesh"))}
+    assert {"Client latency p50 / p95 / p99", "Server latency p50 / p95 / p99"} <= titles
+
+
+def test_the_service_dashboard_has_a_per_method_table_for_each_view() -> None:
+    service = next(d for d in _dashboards() if d["uid"] == "kuberpc-service")
+    tables = [p for p in _panels(service) if p["type"] == "table"]
+    assert sorted(p["title"] for p in tables) == ["Routes (client view)", "Routes (server view)"]
+    for table in tables:
+        assert all(t.get("instant") and "by (method" in t["expr"] for t in table["targets"]), table["title"]
+
+
+def test_a_success_rate_is_zero_not_missing_when_every_call_fails() -> None:
+    for p in _panels():
+        for target in p["targets"]:
+            if 'grpc_code="0"' in target["expr"]:
+                assert "\nor\n" in target["expr"] and "* 0" in target["expr"], p["title"]
