@@ -26,6 +26,7 @@ from webhook.cli import stat as stat_mod
 from webhook.cli.inject import inject_documents
 from webhook.cli.kube import CliError, Cluster, Pod
 from webhook.cli.output import FORMATS, duration, millis, percent, render
+from webhook.cli.prom import inbound_by_pod
 from webhook.cli.tap import aggregate, p50_ms, status_name
 from webhook.cli.tap import stream as tap_stream
 from webhook.config import ConfigError, InjectorConfig, load_config, parse_kubernetes_version
@@ -88,7 +89,14 @@ def _parser() -> argparse.ArgumentParser:
     stat.add_argument("kind", help="deploy | sts | ds | pod | svc")
     stat.add_argument("name", nargs="?", help="only this one")
     stat.add_argument(
-        "--window", type=float, default=10.0, help="seconds between the two scrapes (default 10)"
+        "--window",
+        type=float,
+        help="seconds to look at (default: 10 between two scrapes; 60 from Prometheus)",
+    )
+    stat.add_argument(
+        "--prometheus",
+        metavar="URL",
+        help="read the counts from this Prometheus instead of the pods' proxies",
     )
     sub.add_parser(
         "proxy-status",
@@ -159,6 +167,8 @@ def main(
             if kind is None:
                 err.write(f"kuberpc stat: unknown kind {args.kind!r} (deploy, sts, ds, pod or svc)\n")
                 return USAGE
+            if args.window is None:
+                args.window = 60.0 if args.prometheus else 10.0
             if args.window <= 0:
                 err.write("kuberpc stat: --window must be a positive number of seconds\n")
                 return USAGE
@@ -310,13 +320,21 @@ def _stat(
     pods = c.meshed_pods(namespace)
     if kind != "svc":
         pods = [p for p in pods if p.workload.split("/")[0] == kind]
-    before = _scrape_all(c, pods)
-    sleep(args.window)
-    after = _scrape_all(c, pods)
+    windows: dict[Pod, dict[str, stat_mod.Traffic] | None] = {}
+    if args.prometheus:
+        served = inbound_by_pod(args.prometheus, args.window)
+        # A pod Prometheus has no inbound series for served nothing in the window.
+        windows = {pod: served.get((pod.namespace, pod.name), {}) for pod in pods}
+    else:
+        before = _scrape_all(c, pods)
+        sleep(args.window)
+        after = _scrape_all(c, pods)
+        for pod in pods:
+            b, n = before[pod], after[pod]
+            windows[pod] = stat_mod.window(b, n) if b is not None and n is not None else None
     groups: dict[tuple[str, str], list[stat_mod.Traffic | None]] = {}
     for pod in pods:
-        b, n = before[pod], after[pod]
-        per_service = stat_mod.window(b, n) if b is not None and n is not None else None
+        per_service = windows[pod]
         if kind == "svc":
             for service, traffic in (per_service or {}).items():
                 name, _, ns = service.partition(".")
