@@ -78,6 +78,7 @@ class App:
     def __init__(self, routes: Routes, *, max_body_bytes: int = MAX_BODY_BYTES) -> None:
         self.routes = routes
         self.max_body_bytes = max_body_bytes
+        self._too_large = text(413, f"request body exceeds {max_body_bytes} bytes", headers=(("connection", "close"),))
 
     async def __call__(
         self, scope: Message, receive: Callable[[], Awaitable[Message]], send: Callable[[Message], Awaitable[None]]
@@ -127,9 +128,7 @@ class App:
 
     async def _body(self, scope: Message, receive: Callable[[], Awaitable[Message]]) -> bytes | Response | None:
         """The whole body, a 413 past the limit (declared or not), or None if the client left."""
-        too_large = text(
-            413, f"request body exceeds {self.max_body_bytes} bytes", headers=(("connection", "close"),)
-        )
+        too_large = self._too_large
         headers = scope["headers"]
         assert isinstance(headers, list)
         for name, value in headers:
