@@ -49,7 +49,8 @@ class IdentityServicer:
         is spiffe://<trust-domain>/ns/<token's namespace>/sa/<token's service account>, and signs the
         CSR's public key for that identity alone (ECDSA P-256, 24 h).
         Errors: INVALID_ARGUMENT (bad CSR or identity), UNAUTHENTICATED (token rejected),
-        PERMISSION_DENIED (identity is not the token's), UNAVAILABLE (TokenReview unreachable).
+        PERMISSION_DENIED (identity is not the token's), UNAVAILABLE (TokenReview unreachable),
+        RESOURCE_EXHAUSTED (too many requests from this pod for this identity, or TokenReviews in flight).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -18,8 +18,8 @@ from sidecar.accesslog import AccessLog, CallRecord, call_record
 from sidecar.h2 import frames as F
 from sidecar.h2.connection import Connection, Flusher, Headers, Limits, Stream
 from sidecar.metrics import Metrics
-from sidecar.status import Status
 from sidecar.retry import CODE_NAMES, MAX_REPLAY_BYTES, RetryPolicy, retry_headers
+from sidecar.status import Status
 from sidecar.tap import Tap
 
 log = logging.getLogger(__name__)
@@ -159,8 +159,8 @@ class Call:
         "closed",
         "deadline",
         "down",
-        "failure",
         "expires",
+        "failure",
         "method",
         "relay",
         "replay",

@@ -145,7 +145,7 @@ def test_example_pods_carry_the_proxy_and_get_certificates_through_tokenreview(e
 
 DEBUG_SCRIPT = r"""
 import json, urllib.request
-print(urllib.request.urlopen("http://127.0.0.1:15090/debug", timeout=5).read().decode())
+print(urllib.request.urlopen("http://127.0.0.1:15091/debug", timeout=5).read().decode())
 """
 
 

@@ -30,10 +30,9 @@ from prometheus_client import CollectorRegistry
 from tests.sidecar.harness import Backend, MeshCerts, backend, mesh_certs, run_pair
 from tests.sidecar.test_mesh import channel
 from webhook.config import InjectorConfig
-from webhook.http1 import serving
 from webhook.install import generate_ca, issue_serving_cert, service_dns_names
 from webhook.metrics import WebhookMetrics
-from webhook.server import CertReloader, create_app
+from webhook.server import CertReloader, create_app, serving
 
 __all__ = ["backend", "mesh_certs"]  # fixtures used below
 
