@@ -593,6 +593,7 @@ def test_arith_server_opts_in_with_a_weight_and_its_app_port() -> None:
     assert dep["spec"]["replicas"] == 3
     assert annotations == {
         "kuberpc.io/inject": "enabled",
+        "kuberpc.io/discovery-scope": "namespace",
         "kuberpc.io/weight": "100",
         "kuberpc.io/app-port": "50051",
     }
