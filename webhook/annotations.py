@@ -49,7 +49,7 @@ PROMETHEUS_PATH: Final = "prometheus.io/path"
 # Every kuberpc.io/ pod annotation: any other is a typo the injector warns about (naming it and its value).
 POD_ANNOTATIONS: Final = frozenset(
     {INJECT, APP_PORT, UPSTREAMS, WEIGHT, PROXY_CPU, PROXY_MEMORY, PROXY_LOG_LEVEL, PROXY_IMAGE}
-    | {NATIVE_SIDECAR, DRAIN_SECONDS, DISCOVERY_SCOPE, INJECTED}
+    | {NATIVE_SIDECAR, DRAIN_SECONDS, DISCOVERY_SCOPE, ACCESS_LOG, INJECTED}
 )
 
 # --- namespace label ---

@@ -182,6 +182,11 @@ class RunningProxy:
     def admin(self) -> str:
         return f"127.0.0.1:{self.proxy.bound_port('admin')}"
 
+    @property
+    def debug(self) -> str:
+        """The loopback-only listener of /debug and /tap."""
+        return f"127.0.0.1:{self.proxy.bound_port('debug')}"
+
 
 def endpoints_yaml(
     services: dict[str, list[dict[str, object]]],

@@ -1,4 +1,4 @@
-"""The tap: /tap on the admin port streams the calls a proxy finishes, bounded in count and time, to
+"""The tap: /tap on the loopback-only debug listener streams the calls a proxy finishes, bounded in count and time, to
 loopback peers only; the relays see the tap only while someone is subscribed.
 
 Real proxies and real gRPC on loopback; the admin's /tap read with aiohttp as `kuberpc tap` reads it.
@@ -36,7 +36,7 @@ async def tap_lines(admin: str, query: str) -> AsyncIterator[dict[str, object]]:
 async def test_a_tap_streams_each_finished_call_without_metadata_then_says_why_it_ended(pair: Pair) -> None:
     relay = pair.client_side.proxy.out_relay
     assert relay.tap is None
-    stream = tap_lines(pair.client_side.admin, "limit=3&seconds=30")
+    stream = tap_lines(pair.client_side.debug, "limit=3&seconds=30")
     # The request is sent and the subscription made while this waits for the first line.
     waiting = asyncio.ensure_future(anext(stream))
     await wait_for(lambda: relay.tap is not None, "the tap to subscribe")
@@ -56,7 +56,7 @@ async def test_a_tap_streams_each_finished_call_without_metadata_then_says_why_i
 
 
 async def test_a_tap_with_no_calls_ends_at_its_time_limit(pair: Pair) -> None:
-    lines = [line async for line in tap_lines(pair.client_side.admin, "limit=10&seconds=0.2")]
+    lines = [line async for line in tap_lines(pair.client_side.debug, "limit=10&seconds=0.2")]
 
     assert lines == [{"end": "time", "calls": 0, "dropped": 0}]
 
@@ -67,7 +67,7 @@ async def test_a_tap_with_no_calls_ends_at_its_time_limit(pair: Pair) -> None:
 async def test_a_tap_beyond_its_bounds_is_refused_with_400(pair: Pair, query: str) -> None:
     async with (
         aiohttp.ClientSession() as session,
-        session.get(f"http://{pair.client_side.admin}/tap?{query}") as r,
+        session.get(f"http://{pair.client_side.debug}/tap?{query}") as r,
     ):
         assert r.status == 400
 

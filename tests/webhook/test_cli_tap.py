@@ -32,7 +32,7 @@ async def run_while_calling(pair: Pair, args: list[str], codes: list[str | None]
 
 
 async def test_tap_prints_each_call_with_status_name_latency_and_peer_identity(pair: Pair) -> None:
-    args = ["tap", "--admin", pair.client_side.admin, "--limit", "2", "--seconds", "30"]
+    args = ["tap", "--admin", pair.client_side.debug, "--limit", "2", "--seconds", "30"]
 
     code, out, err = await run_while_calling(pair, args, [None, "NOT_FOUND"])
 
@@ -47,7 +47,7 @@ async def test_tap_prints_each_call_with_status_name_latency_and_peer_identity(p
 
 
 async def test_top_aggregates_the_calls_by_route_and_peer(pair: Pair) -> None:
-    args = ["top", "--admin", pair.client_side.admin, "--limit", "5", "--seconds", "30", "-o", "json"]
+    args = ["top", "--admin", pair.client_side.debug, "--limit", "5", "--seconds", "30", "-o", "json"]
 
     code, out, _ = await run_while_calling(pair, args, [None, None, None, "UNAVAILABLE", "NOT_FOUND"])
 

@@ -128,7 +128,7 @@ def _parser() -> argparse.ArgumentParser:
             parents=[common],
             help=text,
             description=f"{text[0].upper()}{text[1:]}. Reads the proxy's bounded /tap stream, served to "
-            "loopback only: first `kubectl port-forward -n NS POD 15090`, then --admin 127.0.0.1:15090. "
+            "loopback only: first `kubectl port-forward -n NS POD 15091`, then --admin 127.0.0.1:15091. "
             "Never shows metadata values or message bodies (the proxy does not send them).",
         )
         p.add_argument("--admin", required=True, help="HOST:PORT of the proxy's admin port")

@@ -1,5 +1,5 @@
 """`kuberpc tap` and `kuberpc top`: read a proxy's bounded /tap stream (loopback only: reach it with
-`kubectl port-forward POD 15090`) and show each call, or aggregate them. Never metadata or bodies:
+`kubectl port-forward POD 15091`, the debug listener) and show each call, or aggregate them. Never metadata or bodies:
 the stream carries none.
 """
 
