@@ -6,79 +6,13 @@ from __future__ import annotations
 import collections
 import json
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.cluster.conftest import PYTHON, REPO, Kube, is_ready
+from tests.cluster.conftest import CALLER, EXAMPLE, PYTHON, REPO, SERVER, Kube, call, client_pod, is_ready
 
 pytestmark = [pytest.mark.cluster, pytest.mark.timeout(600)]
-
-EXAMPLE = "mesh-example"
-SERVER = "app.kubernetes.io/name=arith"
-CLIENT = "app.kubernetes.io/name=arith-client"
-
-# Runs in the client pod (like `kubectl exec`): unary Adds through the proxy's upstream port, and one line of
-# JSON per finished batch with the replica (pod name) that answered each call or the status that failed it.
-CALLER = r"""
-import asyncio, json, sys, time
-import grpc
-from e2e.arith import client
-from e2e.arith.stubs import arith_pb2
-
-async def paced_stream(s, messages, gap):
-    # A long bidirectional stream, one message every `gap` seconds: it must outlive pods coming and going.
-    call = s.Accumulate(timeout=messages * gap + 10)
-    total = 0
-    for k in range(messages):
-        await call.write(arith_pb2.Args(a=k, b=0))
-        reply = await call.read()
-        total += k
-        if reply is grpc.aio.EOF or reply.c != total:
-            return f"stream broke at {k}"
-        await asyncio.sleep(gap)
-    await call.done_writing()
-    return "stream"
-
-async def main(calls, seconds, stream_every, stop_file):
-    import os
-    outcomes = []
-    deadline = time.monotonic() + seconds
-    async with client.channel("127.0.0.1:9001", None) as ch:
-        s = client.stub(ch)
-        i = 0
-        while i < calls and time.monotonic() < deadline and not (stop_file and os.path.exists(stop_file)):
-            try:
-                if stream_every and i % stream_every == 0:
-                    outcomes.append(await paced_stream(s, 40, 0.05))
-                else:
-                    answer = await client.add(s, i, 1, deadline=5)
-                    outcomes.append(answer.replica if answer.value == i + 1 else f"wrong sum {answer.value}")
-            except grpc.aio.AioRpcError as e:
-                outcomes.append(e.code().name)
-                print(f"call {i}: {e.code().name}: {e.details()}", file=sys.stderr, flush=True)
-            i += 1
-    print(json.dumps(outcomes), flush=True)
-
-print("calling", flush=True)
-asyncio.run(main(int(sys.argv[1]), float(sys.argv[2]), int(sys.argv[3]), sys.argv[4] if len(sys.argv) > 4 else ""))
-"""
-
-
-def client_pod(kube: Kube) -> str:
-    pods = kube.ready_pods(EXAMPLE, CLIENT)
-    assert pods, "no ready client pod"
-    return str(pods[0]["metadata"]["name"])
-
-
-def call(kube: Kube, calls: int, *, seconds: float = 60, stream_every: int = 0) -> list[str]:
-    done = kube.exec(EXAMPLE, client_pod(kube), [PYTHON, "-c", CALLER, str(calls), str(seconds), str(stream_every)],
-                     timeout=seconds + 60)
-    assert done.returncode == 0, done.stderr[-3000:]
-    out: list[str] = json.loads(done.stdout.strip().splitlines()[-1])
-    return out
-
 
 class Traffic:
     """A caller running in the client pod until stopped: unary Adds, and every 25th call a 2 s stream."""
@@ -99,18 +33,6 @@ class Traffic:
 
 def failures(outcomes: list[str], pods: set[str]) -> collections.Counter[str]:
     return collections.Counter(o for o in outcomes if o != "stream" and not o.startswith("arith-"))
-
-
-@pytest.fixture(scope="module")
-def example(mesh: Kube) -> Iterator[Kube]:
-    """`kubectl apply -k manifests/examples/arith -n <fresh namespace>` in a namespace enforcing Pod Security
-    `restricted`, then every pod ready."""
-    mesh.kubectl("create", "namespace", EXAMPLE)
-    mesh.kubectl("label", "namespace", EXAMPLE, "pod-security.kubernetes.io/enforce=restricted")
-    mesh.kubectl("apply", "-k", str(REPO / "manifests/examples/arith"), "-n", EXAMPLE)
-    mesh.wait("three ready server pods", lambda: len(mesh.ready_pods(EXAMPLE, SERVER)) == 3, timeout=180)
-    mesh.wait("a ready client pod", lambda: len(mesh.ready_pods(EXAMPLE, CLIENT)) == 1, timeout=120)
-    yield mesh
 
 
 def test_the_control_plane_installs_and_becomes_ready(mesh: Kube) -> None:
