@@ -44,6 +44,7 @@ ENV_DOC: dict[str, str] = {
     "KUBERPC_LOG_LEVEL": "debug | info | warning | error (default info)",
     "KUBERPC_CONNECTIONS_PER_ENDPOINT": "HTTP/2 connections kept to each peer endpoint (default 1)",
     "KUBERPC_ACCESS_LOG": "json: one JSON line per call on stdout (no metadata values, no bodies) | off (default)",
+    "KUBERPC_MAX_EJECTED_PERCENT": "at most this share of a Service's endpoints is ejected at once (default 50)",
     "POD_NAMESPACE": "namespace of this pod; resolves short service names (default 'default')",
     "POD_NAME": "name of this pod (logs, /debug; with kubernetes discovery and inbound on, required: its labels decide whose allow applies)",
     "POD_IP": "IP of this pod (logs and /debug only)",
@@ -108,6 +109,8 @@ class Config:
     log_level: str = "info"
     connections_per_endpoint: int = 1
     access_log: str = "off"  # "json": one line per call (sidecar/accesslog.py)
+    # At most this share of a Service's endpoints is ejected at once (balancer.FailureAccrual).
+    max_ejected_share: float = 0.5
     namespace: str = "default"
     pod_name: str = ""
     pod_ip: str = ""
@@ -292,6 +295,11 @@ def load(environ: Mapping[str, str]) -> Config:
         if al.lower() not in ACCESS_LOG_FORMATS:
             problems.append(f"KUBERPC_ACCESS_LOG: {al!r} is not one of {', '.join(ACCESS_LOG_FORMATS)}")
         values["access_log"] = al.lower()
+    if (mep := get("KUBERPC_MAX_EJECTED_PERCENT")) is not None:
+        if not mep.isdigit() or not 0 <= int(mep) <= 100:
+            problems.append(f"KUBERPC_MAX_EJECTED_PERCENT: {mep!r} is not a percentage from 0 to 100")
+        else:
+            values["max_ejected_share"] = int(mep) / 100
 
     values["pod_name"] = get("POD_NAME") or ""
     values["pod_ip"] = get("POD_IP") or ""

@@ -9,8 +9,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.cluster.conftest import PYTHON, Kube
-from tests.cluster.test_user_path import EXAMPLE, SERVER, call
+from tests.cluster.conftest import EXAMPLE, PYTHON, SERVER, Kube, call
 
 pytestmark = [pytest.mark.cluster, pytest.mark.timeout(600)]
 
