@@ -28,6 +28,8 @@ def allowed(policy_allow: tuple[str, ...] | None, peer: SpiffeId | None) -> bool
 
 class AppTarget:
     __slots__ = ("app", "pool", "service", "timeout")
+    # The caller's proxy retries, within its budget: a second layer of retries would multiply attempts.
+    retries = None
 
     def __init__(self, service: str, app: Endpoint, pool: Pool) -> None:
         self.service = service
@@ -43,7 +45,7 @@ class AppTarget:
                 return None
         return Reject(UNAVAILABLE, f"kuberpc: local app at {self.app} takes no new streams", self.service)
 
-    def done(self, latency_s: float, ok: bool) -> None:
+    def done(self, latency_s: float, failure: str) -> None:
         return None
 
 

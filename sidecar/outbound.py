@@ -10,46 +10,83 @@ import random
 import time
 from collections.abc import Callable
 
-from sidecar.balancer import Balancer, make_balancer
+from sidecar.balancer import MAX_EJECTED_SHARE, FailureAccrual, make_balancer
 from sidecar.h2.connection import Connection, Headers, Stream
 from sidecar.metrics import Metrics
 from sidecar.model import Catalog, Endpoint, EndpointSet, ServiceKey
 from sidecar.pool import Pool
 from sidecar.relay import UNAVAILABLE, Reject, Request, Target
+from sidecar.retry import RetryPolicy
 from sidecar.routing import RouteMiss, Router
 
 log = logging.getLogger(__name__)
 
 
 class ServiceState:
-    """One Service as the outbound side uses it: endpoints, balancer, default deadline."""
+    """One Service as the outbound side uses it: endpoints, balancer (with failure accrual), default deadline."""
 
-    __slots__ = ("balancer", "key", "label", "set", "timeout")
+    __slots__ = ("balancer", "clock", "key", "label", "metrics", "reported", "retries", "retry_key", "set", "timeout")
 
-    def __init__(self, es: EndpointSet, balancer: Balancer) -> None:
+    def __init__(
+        self, es: EndpointSet, balancer: FailureAccrual, metrics: Metrics, clock: Callable[[], float]
+    ) -> None:
         self.key = es.service
         self.label = str(es.service)
-        self.set = es
         self.balancer = balancer
+        self.metrics = metrics
+        self.clock = clock
+        self.reported = 0  # ejections already counted in kuberpc_ejections_total
+        self.retries: RetryPolicy | None = None
+        self.retry_key: tuple[frozenset[str], float] | None = None
+        self.set = es
         self.timeout = es.policy.timeout
+        self.apply(es)
+
+    def apply(self, es: EndpointSet) -> None:
+        """Take a new EndpointSet's policy; the retry budget carries over while its ratio stays."""
+        p = es.policy
+        self.set = es
+        self.timeout = p.timeout
+        if (p.retry_on, p.retry_budget) != self.retry_key:
+            self.retry_key = (p.retry_on, p.retry_budget)
+            self.retries = RetryPolicy.of(p.retry_on, p.retry_budget, clock=self.clock)
+
+    def report(self) -> None:
+        """Publish the balancer's ejections and endpoint states (only called when they changed)."""
+        b = self.balancer
+        for _ in range(b.ejections - self.reported):
+            self.metrics.ejection(self.label)
+        self.reported = b.ejections
+        self.metrics.set_endpoints(self.label, ready=b.listed - b.ejected, ejected=b.ejected)
 
 
 class Placement:
     """One call placed on one endpoint (Target of relay.py)."""
 
-    __slots__ = ("endpoint", "pool", "service", "state", "timeout")
+    __slots__ = ("endpoint", "pool", "retries", "service", "state", "timeout", "tried")
 
     def __init__(self, state: ServiceState, pool: Pool) -> None:
         self.state = state
         self.pool = pool
         self.service = state.label
         self.timeout = state.timeout
-        self.endpoint: Endpoint | None = None
+        self.retries = state.retries
+        self.endpoint: Endpoint | None = None  # where the current attempt is placed
+        self.tried: Endpoint | None = None  # where the previous attempt failed
 
     def open(self, up: Stream, headers: Headers, end: bool) -> Reject | None:
-        if self.endpoint is not None:
-            self.state.balancer.done(self.endpoint, 0.0)  # re-placed after a refusal: release the first pick
-        ep = self.state.balancer.pick()
+        balancer = self.state.balancer
+        previous = self.endpoint
+        if previous is not None:
+            # Placed again: the stream never left this proxy. A connection that failed counts against its
+            # endpoint; a GOAWAY (the peer draining) does not.
+            conn = up.conn
+            self._report(previous, 0.0, f"connect: {conn.extra.get('error', 'connection lost')}" if conn.closed else "")
+        else:
+            previous = self.tried  # a retry after an answer: done() reported that attempt
+        ep = balancer.pick()
+        if ep is not None and previous is not None and ep.key == previous.key:
+            ep = balancer.pick()  # prefer another endpoint when there is one
         if ep is None:
             return Reject(UNAVAILABLE, f"service {self.service} has no endpoint with weight > 0", self.service)
         self.endpoint = ep
@@ -60,9 +97,22 @@ class Placement:
                 return None
         return Reject(UNAVAILABLE, f"no usable connection to {ep} for {self.service}", self.service)
 
-    def done(self, latency_s: float, ok: bool) -> None:
-        if self.endpoint is not None:
-            self.state.balancer.done(self.endpoint, latency_s)
+    def done(self, latency_s: float, failure: str) -> None:
+        ep = self.endpoint
+        if ep is not None:
+            self.endpoint = None
+            self.tried = ep
+            self._report(ep, latency_s, failure)
+
+    def _report(self, ep: Endpoint, latency_s: float, failure: str) -> None:
+        st = self.state
+        if st.balancer.done(ep, latency_s, failure):
+            state = next((r for r in st.balancer.state() if (r["address"], r["port"]) == ep.key), {})
+            log.info(
+                "endpoint %s service=%s endpoint=%s why=%r",
+                state.get("state", "removed"), st.label, ep, state.get("why", failure or "answered"),
+            )
+            st.report()
 
 
 class Outbound:
@@ -77,8 +127,10 @@ class Outbound:
         metrics: Metrics,
         rng: random.Random,
         clock: Callable[[], float] = time.monotonic,
+        max_ejected_share: float = MAX_EJECTED_SHARE,
     ) -> None:
         self.namespace = namespace
+        self.max_ejected_share = max_ejected_share
         self.metrics = metrics
         self.rng = rng
         self.clock = clock
@@ -95,12 +147,15 @@ class Outbound:
             st = old.get(key)
             if st is not None and st.set.policy.lb == es.policy.lb:
                 st.balancer.update(usable)
-                st.set = es
-                st.timeout = es.policy.timeout
+                st.apply(es)
             else:
-                st = ServiceState(es, make_balancer(es.policy.lb, usable, rng=self.rng, clock=self.clock))
+                inner = make_balancer(es.policy.lb, usable, rng=self.rng, clock=self.clock)
+                accrual = FailureAccrual(
+                    inner, usable, rng=self.rng, clock=self.clock, max_ejected_share=self.max_ejected_share
+                )
+                st = ServiceState(es, accrual, self.metrics, self.clock)
             new[key] = st
-            self.metrics.set_endpoints(str(key), ready=len(usable), ejected=0)
+            st.report()
         for key in old.keys() - new.keys():
             self.metrics.forget_service(str(key))
         self.services = new

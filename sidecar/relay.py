@@ -17,6 +17,7 @@ from typing import Protocol
 from sidecar.h2 import frames as F
 from sidecar.h2.connection import Connection, Flusher, Headers, Limits, Stream
 from sidecar.metrics import Metrics
+from sidecar.retry import CODE_NAMES, MAX_REPLAY_BYTES, RetryPolicy, retry_headers
 
 log = logging.getLogger(__name__)
 
@@ -112,8 +113,15 @@ class Target(Protocol):
     service: str
     timeout: float | None  # the Service's default deadline when the caller set none
 
+    @property
+    def retries(self) -> RetryPolicy | None:
+        """What may be retried and within which budget; None: nothing is (and nothing is buffered)."""
+        ...
+
     def open(self, up: Stream, headers: Headers, end: bool) -> Reject | None: ...
-    def done(self, latency_s: float, ok: bool) -> None: ...
+    def done(self, latency_s: float, failure: str) -> None:
+        """The call ended; `failure` says how the endpoint failed it ("" when it did not)."""
+        ...
 
 
 class Router(Protocol):
@@ -130,13 +138,16 @@ class Call:
         "closed",
         "deadline",
         "down",
+        "failure",
         "method",
         "relay",
+        "replay",
         "req_bytes",
         "resp_bytes",
         "start",
         "status",
         "target",
+        "timeout",
         "up",
     )
 
@@ -153,12 +164,40 @@ class Call:
         self.closed = 0
         self.attempts = 0
         self.deadline: asyncio.TimerHandle | None = None
+        self.timeout: float | None = None
+        self.failure = ""  # why the endpoint failed the call, for failure accrual ("" when it did not)
+        self.replay: Replay | None = None
 
-    def on_data(self, s: Stream, n: int) -> None:
+    def on_data(self, s: Stream, data: bytes) -> None:
         if s is self.down:
-            self.req_bytes += n
+            self.req_bytes += len(data)
+            if self.replay is not None:
+                self.replay.add(data, s.remote_closed)
         else:
-            self.resp_bytes += n
+            self.resp_bytes += len(data)
+
+
+class Replay:
+    """A call's request kept for another attempt while it stays small: headers and DATA payloads."""
+
+    __slots__ = ("attempts", "chunks", "headers", "size", "too_large")
+
+    def __init__(self, headers: Headers) -> None:
+        self.headers = list(headers)
+        self.chunks: list[tuple[bytes, bool]] = []
+        self.size = 0
+        self.too_large = False
+        self.attempts = 1
+
+    def add(self, data: bytes, end: bool) -> None:
+        if self.too_large:
+            return
+        self.size += len(data)
+        if self.size > MAX_REPLAY_BYTES:
+            self.too_large = True
+            self.chunks = []
+        else:
+            self.chunks.append((data, end))
 
 
 class Relay:
@@ -244,6 +283,7 @@ class Relay:
             headers.append((b"grpc-timeout", format_grpc_timeout(timeout)))
         up = Stream(conn)  # re-homed by target.open onto the chosen upstream connection
         call = Call(self, s, up, target, spath)
+        call.timeout = timeout
         s.call = up.call = call
         s.peer = up
         up.peer = s
@@ -256,17 +296,25 @@ class Relay:
         if timeout is not None and timeout_at < 0:
             # We set this deadline, so we enforce it: the caller is not counting.
             call.deadline = asyncio.get_running_loop().call_later(timeout, self._expire, call)
+        retries = target.retries
+        if retries is not None and call.down is not None:
+            retries.budget.deposit()
+            call.replay = Replay(headers)
         return None
 
     def on_headers(self, s: Stream, headers: Headers, end: bool) -> None:
         call = s.call
         if call is None:
             return
-        if s is call.up and end:
+        if s is call.down:
+            call.replay = None  # request trailers: not kept for a replay (gRPC clients send none)
+        elif end:
             for name, value in headers:
                 if name == b"grpc-status":
                     call.status = int(value) if value.isdigit() and len(value) <= 3 else UNKNOWN
                     break
+            if call.replay is not None and call.status != OK and self._retry(call, call.status, ""):
+                return
         peer = s.peer
         if peer is not None and not peer.reset:
             peer.conn.send_headers(peer, headers, end)
@@ -281,6 +329,10 @@ class Relay:
         if s is call.down:
             if call.status < 0:
                 call.status = CANCELLED
+                timeout = call.timeout
+                if timeout is not None and not peer.got_headers and self.clock() - call.start >= timeout * 0.95:
+                    # The caller gave up at its deadline and the endpoint had not even started answering.
+                    call.failure = "no response before the deadline"
             peer.conn.reset_stream(peer, F.CANCEL)
             return
         if s.remote_closed:
@@ -290,7 +342,13 @@ class Relay:
         # Upstream side failed. A lost connection becomes UNAVAILABLE naming the peer; a reset from the peer
         # is passed on with its own code, which the caller's gRPC library maps to the matching status.
         if s.conn.closed:
+            call.failure = f"connection lost: {s.conn.extra.get('error', 'closed')}"
+            if call.replay is not None and self._retry(call, UNAVAILABLE, call.failure):
+                return
             self._answer(call, UNAVAILABLE, f"upstream {s.conn.name} failed: {s.conn.extra.get('error', 'connection lost')}")
+            return
+        call.failure = f"reset: code {code}"
+        if call.replay is not None and code == F.REFUSED_STREAM and self._retry(call, UNAVAILABLE, call.failure):
             return
         if call.status < 0:
             call.status = {F.REFUSED_STREAM: UNAVAILABLE, F.CANCEL: CANCELLED}.get(code, INTERNAL)
@@ -315,6 +373,8 @@ class Relay:
             return
         s.reset = True
         conn._release_pending(s)
+        if conn.closed:
+            call.failure = f"connect: {reason}"
         self._answer(call, UNAVAILABLE, f"upstream {conn.name}: {reason}")
         self._closed(call)
 
@@ -322,6 +382,60 @@ class Relay:
         call = s.call
         if call is not None:
             self._closed(call)
+
+    # ---- retries ------------------------------------------------------------------------------------
+
+    def _retry(self, call: Call, status: int, failure: str) -> bool:
+        """Send the call again from its replay buffer, if its Service's policy allows; True when it did.
+
+        Only before the caller has seen a response header, only with the whole request buffered, within
+        the budget, the attempt limit and the deadline; the new attempt goes to another endpoint if one exists.
+        """
+        replay, target, down, old = call.replay, call.target, call.down, call.up
+        if replay is None or target is None or down is None or old is None or down.sent_headers or down.pending:
+            return False
+        policy = target.retries
+        if policy is None:
+            return False
+        elapsed = self.clock() - call.start
+        remaining = call.timeout - elapsed if call.timeout is not None else None
+        why = policy.decide(
+            status,
+            attempts=replay.attempts,
+            remaining_s=remaining,
+            replayable="body_too_large" if replay.too_large else "" if down.remote_closed else "request_incomplete",
+        )
+        if why:
+            if why != "not_retryable":
+                self.metrics.retry(target.service, why)
+            return False
+        # Detach the failed attempt: its stream's last events must not reach this call.
+        old.call = old.peer = None
+        if not old.reset and not old.local_closed:
+            old.conn.reset_stream(old, F.CANCEL)
+        target.done(elapsed, failure or ("unavailable" if status == UNAVAILABLE else ""))
+        call.status = -1
+        call.failure = ""
+        up = Stream(down.conn)
+        call.up = up
+        up.call = call
+        up.peer = down
+        down.peer = up
+        headers = retry_headers(
+            replay.headers,
+            timeout=format_grpc_timeout(remaining) if remaining is not None else None,
+            previous=replay.attempts,
+        )
+        replay.attempts += 1
+        self.metrics.retry(target.service, CODE_NAMES.get(status, str(status)))
+        chunks = replay.chunks
+        refused = target.open(up, headers, not chunks)
+        if refused is not None:
+            self._fail(call, refused.status, refused.message)
+            return True
+        for data, end in chunks:
+            up.conn.send_data(up, data, end, None, 0)
+        return True
 
     # ---- helpers ------------------------------------------------------------------------------------
 
@@ -336,7 +450,7 @@ class Relay:
         status = call.status if call.status >= 0 else UNKNOWN
         target = call.target
         if target is not None:
-            target.done(latency, status == OK)
+            target.done(latency, call.failure or ("unavailable" if status == UNAVAILABLE else ""))
             self.metrics.call_finished(
                 self.direction,
                 target.service,
@@ -399,6 +513,8 @@ class Relay:
         if call.down is None:
             return
         up = call.up
+        if up is not None and not up.got_headers:
+            call.failure = "no response before the deadline"
         self._answer(call, DEADLINE_EXCEEDED, "deadline exceeded (kuberpc.io/timeout)")
         if up is not None and not up.reset:
             up.conn.reset_stream(up, F.CANCEL)

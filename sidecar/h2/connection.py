@@ -567,7 +567,7 @@ class Connection(asyncio.Protocol):
         peer = s.peer
         call = s.call
         if call is not None:
-            call.on_data(s, len(payload))
+            call.on_data(s, payload)
         if peer is None or peer.reset:
             self.credit(s, flen)
         else:

@@ -15,6 +15,7 @@ from collections import Counter
 import pytest
 
 from e2e import netns
+from sidecar.balancer import CONSECUTIVE_FAILURES
 
 pytestmark = [pytest.mark.netns]
 
@@ -67,15 +68,16 @@ def test_calls_picked_for_a_replica_whose_proxy_died_are_re_placed_on_the_live_r
     assert Counter(outcomes) == {"arith-2": 48, "arith-3": 72}
 
 
-def test_calls_picked_for_a_replica_whose_app_died_fail_unavailable_and_the_others_succeed(mesh):
+def test_a_replica_whose_app_died_fails_a_few_calls_then_is_ejected_and_the_others_serve_the_rest(mesh):
     mesh.kill_app("arith-1")
 
     outcomes = mesh.call(120)
 
-    # These calls did reach arith-1's proxy, so they are not placed again (no retry policy is set).
-    assert Counter(outcomes) == {"UNAVAILABLE": 20, "arith-2": 40, "arith-3": 60}
-    for start in range(0, 120 - WINDOW + 1):
-        assert outcomes[start : start + WINDOW].count("UNAVAILABLE") == 1, start
+    # These calls did reach arith-1's proxy, so they are not placed again (no retry policy is set); its
+    # consecutive UNAVAILABLE answers eject it (once each probe, a second or more later, may fail one more).
+    failed = outcomes.count("UNAVAILABLE")
+    assert 1 <= failed <= CONSECUTIVE_FAILURES + 2
+    assert set(outcomes) - {"UNAVAILABLE"} == {"arith-2", "arith-3"}
 
 
 def test_each_pods_metrics_count_the_calls_the_client_saw(mesh):

@@ -1,0 +1,211 @@
+"""Failure as the mesh's users see it: a replica whose app is down is ejected (metrics and /debug say so), and
+calls the Service's `kuberpc.io/retry` allows are retried on another replica within the deadline.
+
+Real proxies, real gRPC, real TLS on loopback; the failures are real (nothing listens on the dead app's port).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import socket
+import urllib.request
+from collections.abc import AsyncIterator, Iterator
+from concurrent import futures
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+import pytest
+
+from sidecar.balancer import CONSECUTIVE_FAILURES
+from sidecar.retry import MAX_ATTEMPTS, MAX_REPLAY_BYTES
+from tests.sidecar.harness import (
+    GRPC_OPTIONS,
+    MeshCerts,
+    RunningProxy,
+    endpoints_yaml,
+    run_proxy,
+    wait_for,
+    wait_for_endpoints,
+)
+from tests.sidecar.test_mesh import scrape
+
+SERVICE = "echo.default"
+Metrics = dict[tuple[str, tuple[tuple[str, str], ...]], float]
+
+
+@dataclass
+class App:
+    """A gRPC app answering trailers-only with the status named by a call's `x-fail` (as gRPC servers do for an
+    early failure), else echoing the request; it records each call's metadata."""
+
+    port: int = 0
+    seen: list[dict[str, str]] = field(default_factory=list)
+
+
+@pytest.fixture
+def app() -> Iterator[App]:
+    state = App()
+
+    def unary(req: bytes, ctx: grpc.ServicerContext) -> bytes:
+        md = {k: v for k, v in ctx.invocation_metadata() if isinstance(v, str)}
+        state.seen.append(md)
+        if "x-fail" in md:
+            ctx.abort(grpc.StatusCode[md["x-fail"]], "app says no")
+        return req
+
+    server = grpc.server(futures.ThreadPoolExecutor(8), options=GRPC_OPTIONS)
+    handler = grpc.method_handlers_generic_handler("test.Echo", {"Unary": grpc.unary_unary_rpc_method_handler(unary)})
+    server.add_generic_rpc_handlers((handler,))
+    state.port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        yield state
+    finally:
+        server.stop(0)
+
+
+def dead_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])  # closed when the block ends: nothing listens there
+
+
+@dataclass
+class TwoReplicas:
+    client: RunningProxy
+    healthy: RunningProxy
+    broken: RunningProxy  # its proxy is up, its app is not
+
+    async def unary(self, body: bytes = b"x", **metadata: str) -> grpc.StatusCode:
+        async with grpc.aio.insecure_channel(
+            self.client.outbound, options=[*GRPC_OPTIONS, ("grpc.default_authority", "echo.default:50051")]
+        ) as ch:
+            call = ch.unary_unary("/test.Echo/Unary")(body, timeout=10, metadata=tuple(metadata.items()))  # type: ignore[arg-type]
+            with contextlib.suppress(grpc.aio.AioRpcError):
+                await call
+            return await call.code()
+
+    def debug_endpoints(self) -> list[dict[str, object]]:
+        with urllib.request.urlopen(f"http://{self.client.admin}/debug", timeout=5) as resp:
+            doc = json.loads(resp.read())
+        endpoints: list[dict[str, object]] = doc["routes"]["services"][SERVICE]["endpoints"]
+        return endpoints
+
+
+@contextlib.asynccontextmanager
+async def two_replicas(
+    mesh_certs: MeshCerts, app: App, tmp_path: Path, annotations: dict[str, str] | None = None
+) -> AsyncIterator[TwoReplicas]:
+    disc = tmp_path / "endpoints.yaml"
+    disc.write_text(endpoints_yaml({SERVICE: []}))
+    inbound = {"KUBERPC_INBOUND_ADDR": "127.0.0.1:0"}
+    async with (
+        run_proxy(mesh_certs.server, disc, KUBERPC_APP_PORT=str(app.port), **inbound) as healthy,
+        run_proxy(mesh_certs.server, disc, KUBERPC_APP_PORT=str(dead_port()), **inbound) as broken,
+    ):
+        disc.write_text(
+            endpoints_yaml(
+                {SERVICE: [{"address": "127.0.0.1", "port": p.inbound_port, "tls": True} for p in (broken, healthy)]},
+                {SERVICE: {"kuberpc.io/grpc-services": "test.Echo", **(annotations or {})}},
+            )
+        )
+        async with run_proxy(mesh_certs.client, disc) as client:
+            await wait_for_endpoints(client, SERVICE, 2)
+            for p in (healthy, broken):
+                await wait_for(lambda p=p: bool(p.proxy.inbound and p.proxy.inbound.own), "the replicas to know their Service")
+            yield TwoReplicas(client, healthy, broken)
+
+
+def value(m: Metrics, name: str, **labels: str) -> float:
+    return m.get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+async def test_a_replica_whose_app_is_down_is_ejected_after_a_few_failures(
+    mesh_certs: MeshCerts, app: App, tmp_path: Path
+) -> None:
+    async with two_replicas(mesh_certs, app, tmp_path) as mesh:
+        codes = [await mesh.unary() for _ in range(40)]
+
+        failed = [c for c in codes if c != grpc.StatusCode.OK]
+        assert set(failed) <= {grpc.StatusCode.UNAVAILABLE}
+        assert 1 <= len(failed) <= CONSECUTIVE_FAILURES
+        assert codes[-20:] == [grpc.StatusCode.OK] * 20  # ejected: the rest all go to the healthy replica
+
+
+async def test_an_ejection_shows_in_metrics_and_in_debug_with_its_reason(
+    mesh_certs: MeshCerts, app: App, tmp_path: Path
+) -> None:
+    async with two_replicas(mesh_certs, app, tmp_path) as mesh:
+        for _ in range(3 * CONSECUTIVE_FAILURES):
+            await mesh.unary()
+
+        m = await scrape(mesh.client.admin)
+        endpoints = await asyncio.to_thread(mesh.debug_endpoints)
+
+        assert value(m, "kuberpc_ejections_total", service=SERVICE) == 1
+        assert value(m, "kuberpc_endpoints", service=SERVICE, state="ejected") == 1
+        assert value(m, "kuberpc_endpoints", service=SERVICE, state="ready") == 1
+        broken = next(e for e in endpoints if e["port"] == mesh.broken.inbound_port)
+        healthy = next(e for e in endpoints if e["port"] == mesh.healthy.inbound_port)
+        assert broken["state"] == "ejected"
+        assert "consecutive failures" in str(broken["why"]) and "unavailable" in str(broken["why"])
+        assert healthy["state"] == "ready"
+
+
+async def test_with_retry_on_unavailable_no_call_fails_while_a_replica_app_is_down(
+    mesh_certs: MeshCerts, app: App, tmp_path: Path
+) -> None:
+    async with two_replicas(mesh_certs, app, tmp_path, {"kuberpc.io/retry": "unavailable"}) as mesh:
+        codes = [await mesh.unary() for _ in range(40)]
+        m = await scrape(mesh.client.admin)
+
+        assert codes == [grpc.StatusCode.OK] * 40
+        assert 1 <= value(m, "kuberpc_retries_total", service=SERVICE, reason="unavailable") <= CONSECUTIVE_FAILURES
+        retried = [md for md in app.seen if "grpc-previous-rpc-attempts" in md]
+        assert retried and all(md["grpc-previous-rpc-attempts"] == "1" for md in retried)
+
+
+async def test_a_status_outside_the_retry_codes_is_not_retried(
+    mesh_certs: MeshCerts, app: App, tmp_path: Path
+) -> None:
+    async with two_replicas(mesh_certs, app, tmp_path, {"kuberpc.io/retry": "unavailable"}) as mesh:
+        for _ in range(3 * CONSECUTIVE_FAILURES):  # the broken replica gets ejected: only the app answers
+            await mesh.unary()
+        app.seen.clear()
+
+        code = await mesh.unary(**{"x-fail": "NOT_FOUND"})
+
+        assert code == grpc.StatusCode.NOT_FOUND
+        assert len(app.seen) == 1
+
+
+async def test_a_call_failing_every_attempt_stops_at_the_attempt_limit(
+    mesh_certs: MeshCerts, app: App, tmp_path: Path
+) -> None:
+    async with two_replicas(mesh_certs, app, tmp_path, {"kuberpc.io/retry": "unavailable"}) as mesh:
+        for _ in range(3 * CONSECUTIVE_FAILURES):  # the broken replica gets ejected: only the backend answers
+            await mesh.unary()
+        app.seen.clear()
+
+        code = await mesh.unary(**{"x-fail": "UNAVAILABLE"})
+        m = await scrape(mesh.client.admin)
+
+        assert code == grpc.StatusCode.UNAVAILABLE
+        attempts = [md.get("grpc-previous-rpc-attempts") for md in app.seen]
+        assert attempts == [None, "1", "2"][:MAX_ATTEMPTS]
+        assert value(m, "kuberpc_retries_total", service=SERVICE, reason="attempts_exhausted") == 1
+
+
+async def test_a_request_larger_than_the_replay_buffer_is_not_retried_and_counted(
+    mesh_certs: MeshCerts, app: App, tmp_path: Path
+) -> None:
+    async with two_replicas(mesh_certs, app, tmp_path, {"kuberpc.io/retry": "unavailable"}) as mesh:
+        big = b"x" * (MAX_REPLAY_BYTES + 1)
+        codes = [await mesh.unary(big, **{"x-fail": "UNAVAILABLE"}) for _ in range(2)]
+        m = await scrape(mesh.client.admin)
+
+        assert codes == [grpc.StatusCode.UNAVAILABLE] * 2
+        assert value(m, "kuberpc_retries_total", service=SERVICE, reason="body_too_large") == 2
