@@ -14,7 +14,7 @@ import random
 import ssl
 import time
 from collections.abc import Callable, Coroutine
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from prometheus_client import CollectorRegistry
@@ -29,7 +29,7 @@ from sidecar.inbound import Inbound
 from sidecar.metrics import Metrics
 from sidecar.model import Catalog, Endpoint
 from sidecar.outbound import Outbound
-from sidecar.pool import Pool, tls_failure_reason
+from sidecar.pool import PEER_KEEPALIVE_S, Pool, tls_failure_reason
 from sidecar.relay import Relay
 from sidecar.workload_cert import FileIdentity, GrpcCertifier, IssuedIdentity, WorkloadIdentity
 
@@ -164,11 +164,13 @@ async def serve(
     client_ctx, server_ctx, workload = _load_identity(cfg, metrics=metrics, rng=rng)
 
     outbound = Outbound(namespace=cfg.namespace, metrics=metrics, rng=rng)
-    def make_pool(relay: Relay, tls: ssl.SSLContext | None, name: str, per_endpoint: int = 1) -> Pool:
+    def make_pool(
+        relay: Relay, tls: ssl.SSLContext | None, name: str, per_endpoint: int = 1, pool_limits: Limits = limits
+    ) -> Pool:
         return Pool(
             relay,
             flusher=flusher,
-            limits=limits,
+            limits=pool_limits,
             metrics=metrics,
             ssl_context=lambda: tls,
             trust_domain=cfg.trust_domain,
@@ -182,7 +184,9 @@ async def serve(
             conn.close()
 
     out_relay = Relay(outbound, metrics=metrics, flusher=flusher, limits=limits, on_connection=on_out_connection)
-    out_pool = outbound.pool = make_pool(out_relay, client_ctx, "outbound", cfg.connections_per_endpoint)
+    out_pool = outbound.pool = make_pool(
+        out_relay, client_ctx, "outbound", cfg.connections_per_endpoint, replace(limits, keepalive_interval=PEER_KEEPALIVE_S)
+    )
 
     def on_in_connection(conn: Connection) -> None:
         if not conn.client and conn.transport is not None:

@@ -18,7 +18,15 @@ from sidecar.model import Endpoint
 
 log = logging.getLogger(__name__)
 
-CONNECT_TIMEOUT = 5.0
+# Dead-peer detection. A black-holed peer (packets dropped, no RST) is otherwise noticed only by TCP's
+# retransmission timeouts, minutes later. A connect (TCP and TLS) taking longer than this is given up and its
+# calls placed elsewhere; in-cluster connects take milliseconds (linkerd2-proxy gives up after 1 s).
+CONNECT_TIMEOUT = 2.0
+# Mesh peers' connections are PINGed after this long without a byte from them and closed when the PING goes
+# unanswered for as long again, so a peer that stopped (SIGSTOP, a frozen node, a black hole) fails its calls
+# within a few seconds instead of holding them to their deadlines. Peers are our own proxies, which permit
+# PINGs on idle connections (gRPC servers, like local apps, may not: they keep the default interval).
+PEER_KEEPALIVE_S = 2.0
 
 
 class Pool:

@@ -19,7 +19,9 @@ from pathlib import Path
 import grpc
 import pytest
 
+from sidecar import identity
 from sidecar.balancer import CONSECUTIVE_FAILURES
+from sidecar.pool import PEER_KEEPALIVE_S
 from sidecar.retry import MAX_ATTEMPTS, MAX_REPLAY_BYTES
 from tests.sidecar.harness import (
     GRPC_OPTIONS,
@@ -79,11 +81,11 @@ class TwoReplicas:
     healthy: RunningProxy
     broken: RunningProxy  # its proxy is up, its app is not
 
-    async def unary(self, body: bytes = b"x", **metadata: str) -> grpc.StatusCode:
+    async def unary(self, body: bytes = b"x", timeout: float = 10, **metadata: str) -> grpc.StatusCode:
         async with grpc.aio.insecure_channel(
             self.client.outbound, options=[*GRPC_OPTIONS, ("grpc.default_authority", "echo.default:50051")]
         ) as ch:
-            call = ch.unary_unary("/test.Echo/Unary")(body, timeout=10, metadata=tuple(metadata.items()))  # type: ignore[arg-type]
+            call = ch.unary_unary("/test.Echo/Unary")(body, timeout=timeout, metadata=tuple(metadata.items()))  # type: ignore[arg-type]
             with contextlib.suppress(grpc.aio.AioRpcError):
                 await call
             return await call.code()
@@ -209,3 +211,75 @@ async def test_a_request_larger_than_the_replay_buffer_is_not_retried_and_counte
 
         assert codes == [grpc.StatusCode.UNAVAILABLE] * 2
         assert value(m, "kuberpc_retries_total", service=SERVICE, reason="body_too_large") == 2
+
+
+# ---- dead peers: a peer that accepts connections and never answers (a stopped process, a black hole) ------
+
+
+@contextlib.asynccontextmanager
+async def silent_peer(mesh_certs: MeshCerts) -> AsyncIterator[int]:
+    """A mesh peer that completes TLS and then never sends a byte: the port it listens on."""
+    ctx = identity.server_context(mesh_certs.server.cert, mesh_certs.server.key, mesh_certs.server.ca)
+    held: list[asyncio.StreamWriter] = []
+
+    async def hold(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        held.append(writer)
+        with contextlib.suppress(OSError):
+            while await reader.read(65536):
+                pass
+
+    server = await asyncio.start_server(hold, "127.0.0.1", 0, ssl=ctx)
+    try:
+        yield int(server.sockets[0].getsockname()[1])
+    finally:
+        for w in held:
+            w.transport.abort()
+        server.close()
+        await server.wait_closed()
+
+
+@contextlib.asynccontextmanager
+async def silent_and_healthy(mesh_certs: MeshCerts, app: App, tmp_path: Path) -> AsyncIterator[tuple[TwoReplicas, int]]:
+    async with two_replicas(mesh_certs, app, tmp_path) as mesh, silent_peer(mesh_certs) as silent:
+        # The proxies already run: point the Service at the silent peer and the healthy replica.
+        disc = tmp_path / "endpoints.yaml"
+        disc.write_text(
+            endpoints_yaml(
+                {SERVICE: [{"address": "127.0.0.1", "port": p, "tls": True} for p in (silent, mesh.healthy.inbound_port)]},
+                {SERVICE: {"kuberpc.io/grpc-services": "test.Echo"}},
+            )
+        )
+        await wait_for(
+            lambda: any(
+                e.port == silent for st in mesh.client.proxy.outbound.services.values() for e in st.set.endpoints
+            ),
+            "the client proxy to load the silent peer",
+        )
+        yield mesh, silent
+
+
+async def test_a_call_held_by_a_peer_that_never_answers_fails_within_seconds_not_at_its_deadline(
+    mesh_certs: MeshCerts, app: App, tmp_path: Path
+) -> None:
+    async with silent_and_healthy(mesh_certs, app, tmp_path) as (mesh, silent_port):
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        codes = await asyncio.gather(mesh.unary(), mesh.unary())  # one each: round robin over the two
+        elapsed = loop.time() - started
+
+        assert sorted(codes, key=str) == sorted([grpc.StatusCode.OK, grpc.StatusCode.UNAVAILABLE], key=str)
+        assert elapsed < 3 * PEER_KEEPALIVE_S + 2  # the keepalive PING went unanswered; the deadline was 10 s
+
+
+async def test_a_peer_that_never_answers_is_ejected_after_calls_time_out_on_it(
+    mesh_certs: MeshCerts, app: App, tmp_path: Path
+) -> None:
+    async with silent_and_healthy(mesh_certs, app, tmp_path) as (mesh, silent_port):
+        codes = [await mesh.unary(timeout=0.3) for _ in range(3 * CONSECUTIVE_FAILURES)]
+        endpoints = await asyncio.to_thread(mesh.debug_endpoints)
+
+        assert 1 <= codes.count(grpc.StatusCode.DEADLINE_EXCEEDED) <= CONSECUTIVE_FAILURES
+        assert codes[-CONSECUTIVE_FAILURES:] == [grpc.StatusCode.OK] * CONSECUTIVE_FAILURES
+        silent = next(e for e in endpoints if e["port"] == silent_port)
+        assert silent["state"] == "ejected"
+        assert "no response before the deadline" in str(silent["why"])
