@@ -27,11 +27,17 @@ from sidecar.discovery.file import FileDiscovery
 from sidecar.h2.connection import Connection, Flusher, Limits
 from sidecar.inbound import Inbound
 from sidecar.metrics import Metrics
-from sidecar.model import Catalog, Endpoint
+from sidecar.model import Catalog, Endpoint, ServiceKey
 from sidecar.outbound import Outbound
 from sidecar.pool import PEER_KEEPALIVE_S, Pool, tls_failure_reason
 from sidecar.relay import Relay
-from sidecar.workload_cert import FileIdentity, GrpcCertifier, IssuedIdentity, WorkloadIdentity
+from sidecar.workload_cert import (
+    FileIdentity,
+    GrpcCertifier,
+    IssuedIdentity,
+    WorkloadIdentity,
+    certificate_problem,
+)
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +67,20 @@ class Proxy:
     admin: AdminServer | None = None
     started_at: float = field(default_factory=time.monotonic)
     workload: WorkloadIdentity | None = None
+    discovered: set[ServiceKey] = field(default_factory=set)  # Services ever seen with a usable endpoint
+    wall_clock: Callable[[], float] = time.time
+
+    def not_ready_because(self) -> list[str]:
+        """Why /ready says no (empty: ready): starting or draining, no valid certificate, an upstream unknown."""
+        why: list[str] = []
+        if not self.ready:
+            why.append("starting or draining")
+        if self.workload is not None and (problem := certificate_problem(self.workload.current, self.wall_clock())):
+            why.append(problem)
+        for up in self.config.upstreams:
+            if up.service not in self.discovered:
+                why.append(f"upstream {up.service} (kuberpc.io/upstreams) has never been discovered with an endpoint")
+        return why
 
     def bound_port(self, what: str) -> int:
         """The port a listener bound (tests bind port 0): 'outbound', 'inbound' or 'admin'."""
@@ -73,7 +93,8 @@ class Proxy:
         cfg = self.config
         return {
             "pod": {"name": cfg.pod_name, "namespace": cfg.namespace, "ip": cfg.pod_ip},
-            "ready": self.ready,
+            "ready": not self.not_ready_because(),
+            "not_ready_because": self.not_ready_because(),
             "listeners": dict(self.ports),
             "routes": {
                 "upstreams": {str(u.local_port): f"{u.service}:{u.port}" for u in cfg.upstreams},
@@ -219,6 +240,7 @@ async def serve(
             if published[0].get(key) != es:
                 metrics.discovery_update(str(key))
         published[0] = catalog
+        proxy.discovered.update(key for key, es in catalog.services.items() if es.usable())
         proxy.catalog_seen.set()
         log.info("catalog updated services=%d", len(catalog))
 
@@ -282,7 +304,7 @@ async def serve(
     try:
         # The admin server first: probes and scrapes get answers (/ready: 503) while the certificate is awaited.
         if cfg.admin is not None:
-            admin = AdminServer(registry=registry, ready=lambda: proxy.ready, debug=proxy.debug, shutdown=stop.set)
+            admin = AdminServer(registry=registry, ready=lambda: not proxy.not_ready_because(), debug=proxy.debug, shutdown=stop.set)
             try:
                 await admin.start(cfg.admin.host, cfg.admin.port)
             except OSError as e:

@@ -70,6 +70,19 @@ class WorkloadIdentity(Protocol):
     def debug(self) -> dict[str, object]: ...
 
 
+def certificate_problem(cert: WorkloadCertificate | None, now: float) -> str | None:
+    """Why the proxy cannot serve mTLS with `cert` at wall-clock time `now`, or None when it can.
+
+    An expired certificate is refused by every peer: a proxy whose renewals kept failing must say so on
+    /ready rather than take calls it can only fail.
+    """
+    if cert is None:
+        return "no workload certificate yet"
+    if now >= cert.not_after:
+        return f"the workload certificate expired at {_iso(cert.not_after)} (renewal failing?)"
+    return None
+
+
 def retry_delay(failures: int, rng: random.Random, *, base: float = RETRY_BASE, cap: float = RETRY_CAP) -> float:
     """Seconds to wait after `failures` (>= 1) consecutive failures: exponential, capped, with jitter.
 
