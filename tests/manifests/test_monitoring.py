@@ -162,6 +162,9 @@ def test_the_contracted_alerts_exist_with_a_severity_and_a_summary() -> None:
         "KuberpcWebhookErrors",
         "KuberpcWebhookDenialsSpike",
         "KuberpcTLSHandshakeFailures",
+        "KuberpcProxyDown",
+        "KuberpcEndpointEjections",
+        "KuberpcRetryBudgetExhausted",
     } <= alerts.keys()
     for a in alerts.values():
         assert a["labels"]["severity"] in ("warning", "critical"), a["alert"]
