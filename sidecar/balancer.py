@@ -475,7 +475,8 @@ class FailureAccrual:
     passed: success returns it, failure ejects it again for twice as long. When every endpoint with a
     weight would be ejected, the inner balancer gets them all back ("panic mode").
 
-    The healthy path costs one truth test per pick and per done: nothing is tracked while nothing fails.
+    The healthy path costs one truth test per done and nothing per pick (`pick` is the inner balancer's own
+    while nothing is ejected): nothing is tracked while nothing fails.
     """
 
     def __init__(
@@ -508,6 +509,8 @@ class FailureAccrual:
         self._wake = math.inf  # earliest end of a backoff not yet probed
         self.panic = False
         self.ejections = 0  # ejections so far (kuberpc_ejections_total)
+        # The next endpoint; bound to the inner balancer's pick while nothing is ejected (the per-call path).
+        self.pick: Callable[[], Endpoint | None] = inner.pick
 
     @property
     def ejected(self) -> int:
@@ -518,8 +521,11 @@ class FailureAccrual:
     def listed(self) -> int:
         return len(self._listed)
 
-    def pick(self) -> Endpoint | None:
-        if self._ejected and self._clock() >= self._wake:
+    def is_ejected(self, ep: Endpoint) -> bool:
+        return ep.key in self._ejected
+
+    def _pick_probing(self) -> Endpoint | None:
+        if self._clock() >= self._wake:
             probe = self._start_probe()
             if probe is not None:
                 return probe
@@ -628,3 +634,4 @@ class FailureAccrual:
             self.panic = False
             self._inner.update([replace(e, weight=0) if e.key in ejected else e for e in self._listed])
         self._reset_wake()
+        self.pick = self._pick_probing if ejected else self._inner.pick

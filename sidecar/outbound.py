@@ -15,7 +15,7 @@ from sidecar.h2.connection import Connection, Headers, Stream
 from sidecar.metrics import Metrics
 from sidecar.model import Catalog, Endpoint, EndpointSet, ServiceKey
 from sidecar.pool import Pool
-from sidecar.relay import UNAVAILABLE, Reject, Request, Target
+from sidecar.relay import NO_RESPONSE, UNAVAILABLE, Reject, Request, Target
 from sidecar.retry import RetryPolicy
 from sidecar.routing import RouteMiss, Router
 
@@ -102,17 +102,26 @@ class Placement:
         if ep is not None:
             self.endpoint = None
             self.tried = ep
-            self._report(ep, latency_s, failure)
+            if self.state.balancer.done(ep, latency_s, failure):
+                self._changed(ep, failure)
 
     def _report(self, ep: Endpoint, latency_s: float, failure: str) -> None:
+        if self.state.balancer.done(ep, latency_s, failure):
+            self._changed(ep, failure)
+
+    def _changed(self, ep: Endpoint, failure: str) -> None:
+        """`ep` was ejected or came back: log it, publish the metrics, drop a silent peer's connections."""
         st = self.state
-        if st.balancer.done(ep, latency_s, failure):
-            state = next((r for r in st.balancer.state() if (r["address"], r["port"]) == ep.key), {})
-            log.info(
-                "endpoint %s service=%s endpoint=%s why=%r",
-                state.get("state", "removed"), st.label, ep, state.get("why", failure or "answered"),
-            )
-            st.report()
+        state = next((r for r in st.balancer.state() if (r["address"], r["port"]) == ep.key), {})
+        log.info(
+            "endpoint %s service=%s endpoint=%s why=%r",
+            state.get("state", "removed"), st.label, ep, state.get("why", failure or "answered"),
+        )
+        st.report()
+        if failure == NO_RESPONSE and st.balancer.is_ejected(ep):
+            # A peer that stopped answering holds every call on its connections until their deadlines:
+            # closing them fails those calls now, as UNAVAILABLE, which the retry policy may place elsewhere.
+            self.pool.close_endpoint(ep)
 
 
 class Outbound:

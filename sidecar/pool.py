@@ -21,7 +21,7 @@ log = logging.getLogger(__name__)
 # Dead-peer detection. A black-holed peer (packets dropped, no RST) is otherwise noticed only by TCP's
 # retransmission timeouts, minutes later. A connect (TCP and TLS) taking longer than this is given up and its
 # calls placed elsewhere; in-cluster connects take milliseconds (linkerd2-proxy gives up after 1 s).
-CONNECT_TIMEOUT = 2.0
+CONNECT_TIMEOUT = 1.0
 # Mesh peers' connections are PINGed after this long without a byte from them and closed when the PING goes
 # unanswered for as long again, so a peer that stopped (SIGSTOP, a frozen node, a black hole) fails its calls
 # within a few seconds instead of holding them to their deadlines. Peers are our own proxies, which permit
@@ -127,6 +127,14 @@ class Pool:
             conns.remove(conn)
             if not conns:
                 del self._conns[ep.key]
+
+    def close_endpoint(self, ep: Endpoint) -> None:
+        """Close every connection to `ep` now (its calls fail as lost); the next call dials afresh."""
+        for c in list(self._conns.get(ep.key, ())):
+            c.extra.setdefault("error", "closed: the endpoint stopped answering")
+            c.close()
+            if c.transport is not None:
+                c.transport.abort()  # what is queued for a peer that reads nothing would never drain
 
     def retain(self, keys: Iterable[tuple[str, int]]) -> None:
         """Drain connections to endpoints that are no longer known."""

@@ -32,6 +32,10 @@ RESOURCE_EXHAUSTED = 8
 INTERNAL = 13
 UNAVAILABLE = 14
 
+# Why a call failed when its endpoint never started answering before the deadline: the sign of a peer that
+# stopped (SIGSTOP, a black hole), as opposed to one that answers with errors.
+NO_RESPONSE = "no response before the deadline"
+
 # A call whose request never left this proxy is placed again at most this often (then UNAVAILABLE).
 MAX_PLACEMENTS = 3
 
@@ -332,7 +336,7 @@ class Relay:
                 timeout = call.timeout
                 if timeout is not None and not peer.got_headers and self.clock() - call.start >= timeout * 0.95:
                     # The caller gave up at its deadline and the endpoint had not even started answering.
-                    call.failure = "no response before the deadline"
+                    call.failure = NO_RESPONSE
             peer.conn.reset_stream(peer, F.CANCEL)
             return
         if s.remote_closed:
@@ -514,7 +518,7 @@ class Relay:
             return
         up = call.up
         if up is not None and not up.got_headers:
-            call.failure = "no response before the deadline"
+            call.failure = NO_RESPONSE
         self._answer(call, DEADLINE_EXCEEDED, "deadline exceeded (kuberpc.io/timeout)")
         if up is not None and not up.reset:
             up.conn.reset_stream(up, F.CANCEL)
