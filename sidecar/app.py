@@ -184,7 +184,7 @@ async def serve(
 
     client_ctx, server_ctx, workload = _load_identity(cfg, metrics=metrics, rng=rng)
 
-    outbound = Outbound(namespace=cfg.namespace, metrics=metrics, rng=rng)
+    outbound = Outbound(namespace=cfg.namespace, metrics=metrics, rng=rng, max_ejected_share=cfg.max_ejected_share)
     def make_pool(
         relay: Relay, tls: ssl.SSLContext | None, name: str, per_endpoint: int = 1, pool_limits: Limits = limits
     ) -> Pool:

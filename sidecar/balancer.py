@@ -443,11 +443,6 @@ CONSECUTIVE_FAILURES = 5
 EJECT_BASE_S = 1.0
 EJECT_MAX_S = 60.0
 EJECT_JITTER = 0.2
-# At most this share of a Service's endpoints is ejected at once (Envoy's max_ejection_percent): with
-# more failing than that, the failing ones beyond the cap keep their share, so that a wide outage
-# does not pile every call onto the few survivors. 1.0 lets all be ejected, and then "panic mode"
-# balances over all of them again: a call has a chance anywhere rather than none.
-MAX_EJECTED_SHARE = 0.5
 
 
 def eject_delay(ejections: int, rng: random.Random, *, base: float = EJECT_BASE_S, cap: float = EJECT_MAX_S) -> float:
@@ -472,8 +467,12 @@ class FailureAccrual:
     `done(ep, latency, failure)` with a non-empty `failure` (why the call failed because of the endpoint)
     counts towards ejection; any success resets the count. An ejected endpoint is given weight 0 in the
     inner balancer, which every policy skips, and comes back through one probe call once its backoff has
-    passed: success returns it, failure ejects it again for twice as long. When every endpoint with a
-    weight would be ejected, the inner balancer gets them all back ("panic mode").
+    passed: success returns it, failure ejects it again for twice as long.
+
+    At most `max_ejected_share` of the endpoints is ejected at once (Envoy's max_ejection_percent): the
+    failing ones beyond the cap keep their share, so that a wide outage does not pile every call onto the
+    few survivors. With 1.0 all may be ejected, and then the inner balancer gets them all back ("panic
+    mode"): a call has a chance anywhere rather than none.
 
     The healthy path costs one truth test per done and nothing per pick (`pick` is the inner balancer's own
     while nothing is ejected): nothing is tracked while nothing fails.
@@ -487,7 +486,7 @@ class FailureAccrual:
         rng: random.Random,
         clock: Callable[[], float],
         threshold: int = CONSECUTIVE_FAILURES,
-        max_ejected_share: float = MAX_EJECTED_SHARE,
+        max_ejected_share: float,
         base_s: float = EJECT_BASE_S,
         max_s: float = EJECT_MAX_S,
     ) -> None:

@@ -39,6 +39,7 @@ ENV_DOC: dict[str, str] = {
     "KUBERPC_DRAIN_SECONDS": "seconds in-flight calls may take after SIGTERM (default 10)",
     "KUBERPC_LOG_LEVEL": "debug | info | warning | error (default info)",
     "KUBERPC_CONNECTIONS_PER_ENDPOINT": "HTTP/2 connections kept to each peer endpoint (default 1)",
+    "KUBERPC_MAX_EJECTED_PERCENT": "at most this share of a Service's endpoints is ejected at once (default 50)",
     "POD_NAMESPACE": "namespace of this pod; resolves short service names (default 'default')",
     "POD_NAME": "name of this pod (logs and /debug only)",
     "POD_IP": "IP of this pod (logs and /debug only)",
@@ -99,6 +100,8 @@ class Config:
     drain_seconds: float = 10.0
     log_level: str = "info"
     connections_per_endpoint: int = 1
+    # At most this share of a Service's endpoints is ejected at once (balancer.FailureAccrual).
+    max_ejected_share: float = 0.5
     namespace: str = "default"
     pod_name: str = ""
     pod_ip: str = ""
@@ -265,6 +268,12 @@ def load(environ: Mapping[str, str]) -> Config:
             problems.append(f"KUBERPC_CONNECTIONS_PER_ENDPOINT: {cpe!r} is not a number from 1 to 16")
         else:
             values["connections_per_endpoint"] = int(cpe)
+
+    if (mep := get("KUBERPC_MAX_EJECTED_PERCENT")) is not None:
+        if not mep.isdigit() or not 0 <= int(mep) <= 100:
+            problems.append(f"KUBERPC_MAX_EJECTED_PERCENT: {mep!r} is not a percentage from 0 to 100")
+        else:
+            values["max_ejected_share"] = int(mep) / 100
 
     values["pod_name"] = get("POD_NAME") or ""
     values["pod_ip"] = get("POD_IP") or ""

@@ -10,7 +10,7 @@ import random
 import time
 from collections.abc import Callable
 
-from sidecar.balancer import MAX_EJECTED_SHARE, FailureAccrual, make_balancer
+from sidecar.balancer import FailureAccrual, make_balancer
 from sidecar.h2.connection import Connection, Headers, Stream
 from sidecar.metrics import Metrics
 from sidecar.model import Catalog, Endpoint, EndpointSet, ServiceKey
@@ -135,8 +135,8 @@ class Outbound:
         namespace: str,
         metrics: Metrics,
         rng: random.Random,
+        max_ejected_share: float,
         clock: Callable[[], float] = time.monotonic,
-        max_ejected_share: float = MAX_EJECTED_SHARE,
     ) -> None:
         self.namespace = namespace
         self.max_ejected_share = max_ejected_share

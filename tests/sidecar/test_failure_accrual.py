@@ -7,12 +7,14 @@ Time is a fake clock and randomness a seeded rng: no test sleeps.
 from __future__ import annotations
 
 import random
+import re
 from collections import Counter
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from sidecar import config
 from sidecar.balancer import (
     CONSECUTIVE_FAILURES,
     EJECT_JITTER,
@@ -327,3 +329,24 @@ def test_invalid_settings_are_refused(threshold: int, share: float) -> None:
     endpoints = eps(100)
     with pytest.raises(ValueError):
         accrual("round-robin", endpoints, clock, threshold=threshold, share=share)
+
+
+# ---- configuration --------------------------------------------------------------------------------------
+
+BASE_ENV = {
+    "KUBERPC_INBOUND_ADDR": "off",
+    "KUBERPC_TLS_CERT": "cert.pem",
+    "KUBERPC_TLS_KEY": "key.pem",
+    "KUBERPC_TRUST_ANCHORS": "ca.pem",
+}
+
+
+def test_the_ejection_cap_is_half_by_default_and_set_in_percent() -> None:
+    assert config.load(BASE_ENV).max_ejected_share == 0.5
+    assert config.load({**BASE_ENV, "KUBERPC_MAX_EJECTED_PERCENT": "100"}).max_ejected_share == 1.0
+
+
+@pytest.mark.parametrize("bad", ["101", "-1", "half", "0.5"])
+def test_a_bad_ejection_cap_is_refused_naming_the_variable(bad: str) -> None:
+    with pytest.raises(config.ConfigError, match=f"KUBERPC_MAX_EJECTED_PERCENT: '{re.escape(bad)}'"):
+        config.load({**BASE_ENV, "KUBERPC_MAX_EJECTED_PERCENT": bad})
