@@ -283,3 +283,18 @@ async def test_a_peer_that_never_answers_is_ejected_after_calls_time_out_on_it(
         silent = next(e for e in endpoints if e["port"] == silent_port)
         assert silent["state"] == "ejected"
         assert "no response before the deadline" in str(silent["why"])
+
+
+async def test_once_the_retry_budget_is_spent_retryable_calls_fail_and_are_counted(
+    mesh_certs: MeshCerts, app: App, tmp_path: Path
+) -> None:
+    # A ratio of 0 leaves the reserve alone: 10 retries a second over the 10 s window, 100 in all.
+    annotations = {"kuberpc.io/retry": "unavailable", "kuberpc.io/retry-budget": "0"}
+    async with two_replicas(mesh_certs, app, tmp_path, annotations) as mesh:
+        calls = 100 // (MAX_ATTEMPTS - 1) + 5  # each failing call spends MAX_ATTEMPTS - 1 retries
+        codes = [await mesh.unary(**{"x-fail": "UNAVAILABLE"}) for _ in range(calls)]
+        m = await scrape(mesh.client.admin)
+
+        assert set(codes) == {grpc.StatusCode.UNAVAILABLE}
+        assert value(m, "kuberpc_retries_total", service=SERVICE, reason="unavailable") <= 100
+        assert value(m, "kuberpc_retries_total", service=SERVICE, reason="budget_exhausted") >= 5
