@@ -520,6 +520,10 @@ class FailureAccrual:
     def listed(self) -> int:
         return len(self._listed)
 
+    def release(self, ep: Endpoint) -> None:
+        """A pick not used after all (another was preferred): undo what picking it counted, nothing else."""
+        self._inner.done(ep, 0.0)
+
     def is_ejected(self, ep: Endpoint) -> bool:
         return ep.key in self._ejected
 

@@ -86,6 +86,7 @@ class Placement:
             previous = self.tried  # a retry after an answer: done() reported that attempt
         ep = balancer.pick()
         if ep is not None and previous is not None and ep.key == previous.key:
+            balancer.release(ep)
             ep = balancer.pick()  # prefer another endpoint when there is one
         if ep is None:
             return Reject(UNAVAILABLE, f"service {self.service} has no endpoint with weight > 0", self.service)

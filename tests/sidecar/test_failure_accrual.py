@@ -350,3 +350,18 @@ def test_the_ejection_cap_is_half_by_default_and_set_in_percent() -> None:
 def test_a_bad_ejection_cap_is_refused_naming_the_variable(bad: str) -> None:
     with pytest.raises(config.ConfigError, match=f"KUBERPC_MAX_EJECTED_PERCENT: '{re.escape(bad)}'"):
         config.load({**BASE_ENV, "KUBERPC_MAX_EJECTED_PERCENT": bad})
+
+
+def test_a_released_pick_leaves_no_call_in_flight_and_no_failure_counted() -> None:
+    clock = FakeClock()
+    a, b = eps(100, 100)
+    lb = accrual("p2c-ewma", [a, b], clock)
+    fail(lb, a, CONSECUTIVE_FAILURES - 1)
+
+    for _ in range(10):
+        ep = lb.pick()
+        assert ep is not None
+        lb.release(ep)
+
+    assert [row["inflight"] for row in lb.state()] == [0, 0]
+    assert state_of(lb, a)["consecutive_failures"] == CONSECUTIVE_FAILURES - 1
