@@ -370,10 +370,11 @@ def _flap(mesh: ChaosMesh) -> None:
 
 
 def _rotate(mesh: ChaosMesh) -> None:
-    """New certificates for every proxy, written in place; returns once every proxy has reloaded its own
-    (they poll the files every 10 s), bounded, while the load goes on."""
+    """New certificates for every proxy, written in place; returns once every proxy has reloaded its own,
+    bounded, while the load goes on. Proxies poll the files every 10 s, and one that reads the new key
+    before the new certificate is written retries at its next poll: up to two polls."""
     mesh.issue_certs()
-    deadline = time.monotonic() + 20.0
+    deadline = time.monotonic() + 25.0
     while mesh.reloaded() != set(mesh.proxies):
         if time.monotonic() > deadline:
             break  # the test says which proxies did not reload
