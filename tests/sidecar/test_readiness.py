@@ -12,7 +12,7 @@ import urllib.request
 from pathlib import Path
 
 from sidecar import identity
-from tests.sidecar.harness import MeshCerts, Workload, endpoints_yaml, run_proxy, wait_for
+from tests.sidecar.harness import MeshCerts, RunningProxy, Workload, endpoints_yaml, run_proxy, wait_for
 
 
 def free_port() -> int:
@@ -29,10 +29,10 @@ def get(url: str) -> tuple[int, str]:
         return e.code, e.read().decode()
 
 
-async def readiness(admin: str) -> tuple[int, list[str]]:
+async def readiness(p: RunningProxy) -> tuple[int, list[str]]:
     """/ready's status and /debug's reasons (the proxy runs in this event loop: fetch from a thread)."""
-    status, _ = await asyncio.to_thread(get, f"http://{admin}/ready")
-    _, body = await asyncio.to_thread(get, f"http://{admin}/debug")
+    status, _ = await asyncio.to_thread(get, f"http://{p.admin}/ready")
+    _, body = await asyncio.to_thread(get, f"http://{p.debug}/debug")
     why: list[str] = json.loads(body)["not_ready_because"]
     return status, why
 
@@ -53,7 +53,7 @@ async def test_a_proxy_whose_certificate_has_expired_is_not_ready_and_says_why(t
     disc.write_text(endpoints_yaml({"echo.default": []}))
 
     async with run_proxy(expired_workload(tmp_path), disc) as p:
-        status, why = await readiness(p.admin)
+        status, why = await readiness(p)
 
     assert status == 503
     assert len(why) == 1 and "expired" in why[0]
@@ -66,7 +66,7 @@ async def test_a_proxy_with_a_valid_certificate_and_nothing_declared_is_ready(
     disc.write_text(endpoints_yaml({"echo.default": []}))
 
     async with run_proxy(mesh_certs.client, disc) as p:
-        assert await readiness(p.admin) == (200, [])
+        assert await readiness(p) == (200, [])
 
 
 async def test_a_declared_upstream_never_discovered_keeps_the_proxy_unready_until_it_appears(
@@ -76,10 +76,10 @@ async def test_a_declared_upstream_never_discovered_keeps_the_proxy_unready_unti
     disc.write_text(endpoints_yaml({"echo.default": []}))
 
     async with run_proxy(mesh_certs.client, disc, KUBERPC_UPSTREAMS=f"ledger.default:7000={free_port()}") as p:
-        before = await readiness(p.admin)
+        before = await readiness(p)
         disc.write_text(endpoints_yaml({"ledger.default": [{"address": "127.0.0.1", "port": 7000, "tls": True}]}))
         await wait_for(lambda: not p.proxy.not_ready_because(), "the upstream to be discovered")
-        after = await readiness(p.admin)
+        after = await readiness(p)
 
     assert before[0] == 503
     assert len(before[1]) == 1 and "ledger.default" in before[1][0] and "never been discovered" in before[1][0]
@@ -98,4 +98,4 @@ async def test_an_upstream_once_discovered_does_not_unready_the_proxy_when_its_e
             lambda: all(not st.set.usable() for st in p.proxy.outbound.services.values()), "the endpoints to go"
         )
         # Readiness gates startup: a Service scaled to zero later is the callers' UNAVAILABLE, not a restart.
-        assert await readiness(p.admin) == (200, [])
+        assert await readiness(p) == (200, [])

@@ -91,7 +91,7 @@ class TwoReplicas:
             return await call.code()
 
     def debug_endpoints(self) -> list[dict[str, object]]:
-        with urllib.request.urlopen(f"http://{self.client.admin}/debug", timeout=5) as resp:
+        with urllib.request.urlopen(f"http://{self.client.debug}/debug", timeout=5) as resp:
             doc = json.loads(resp.read())
         endpoints: list[dict[str, object]] = doc["routes"]["services"][SERVICE]["endpoints"]
         return endpoints
@@ -103,7 +103,8 @@ async def two_replicas(
 ) -> AsyncIterator[TwoReplicas]:
     disc = tmp_path / "endpoints.yaml"
     disc.write_text(endpoints_yaml({SERVICE: []}))
-    inbound = {"KUBERPC_INBOUND_ADDR": "127.0.0.1:0"}
+    # The replicas are selected by SERVICE (the harness' selector app=<name>): inbound opens once they know it.
+    inbound = {"KUBERPC_INBOUND_ADDR": "127.0.0.1:0", "KUBERPC_POD_LABELS": f"app={SERVICE.split('.')[0]}"}
     async with (
         run_proxy(mesh_certs.server, disc, KUBERPC_APP_PORT=str(app.port), **inbound) as healthy,
         run_proxy(mesh_certs.server, disc, KUBERPC_APP_PORT=str(dead_port()), **inbound) as broken,
@@ -117,7 +118,7 @@ async def two_replicas(
         async with run_proxy(mesh_certs.client, disc) as client:
             await wait_for_endpoints(client, SERVICE, 2)
             for p in (healthy, broken):
-                await wait_for(lambda p=p: bool(p.proxy.inbound and p.proxy.inbound.own), "the replicas to know their Service")
+                await wait_for(lambda p=p: bool(p.proxy.inbound and p.proxy.inbound.catalog.selecting), "the replicas to know their Service")
             yield TwoReplicas(client, healthy, broken)
 
 
