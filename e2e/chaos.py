@@ -176,6 +176,7 @@ class ChaosMesh:
                     "name": SERVICE,
                     "namespace": NAMESPACE,
                     "ports": [SERVICE_PORT],
+                    "selector": {"app": SERVICE},  # the replicas' proxies run with KUBERPC_POD_LABELS=app=arith
                     "annotations": annotations,
                     "endpoints": [
                         {
@@ -229,6 +230,7 @@ class ChaosMesh:
         else:
             env["KUBERPC_INBOUND_ADDR"] = f"0.0.0.0:{INBOUND_PORT}"
             env["KUBERPC_APP_PORT"] = str(APP_PORT)
+            env["KUBERPC_POD_LABELS"] = f"app={SERVICE}"  # selected by the Service, so inbound authorizes
         self.proxies[name] = self._spawn(name, [PYTHON, "-m", "sidecar", "run"], "proxy", child_env(env))
 
     def wait_ready(self, names: list[str]) -> None:
