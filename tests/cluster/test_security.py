@@ -41,10 +41,13 @@ def pod(name: str, namespace: str, sa: str, annotations: dict[str, str], args: l
                      "annotations": {"kuberpc.io/inject": "enabled", **annotations}},
         "spec": {
             "serviceAccountName": sa,
+            # Pod Security `restricted`, which the example's namespace enforces.
+            "securityContext": {"runAsNonRoot": True, "runAsUser": 65532, "seccompProfile": {"type": "RuntimeDefault"}},
             "containers": [{
                 "name": "app", "image": "ghcr.io/kuberpc/arith-example:0.1.0",
                 "command": ["python"], "args": args,
                 "ports": [{"name": "grpc", "containerPort": 50051}],
+                "securityContext": {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}},
             }],
         },
     }

@@ -17,9 +17,9 @@ pytestmark = [pytest.mark.cluster, pytest.mark.timeout(600)]
 class Traffic:
     """A caller running in the client pod until stopped: unary Adds, and every 25th call a 2 s stream."""
 
-    def __init__(self, kube: Kube, tmp: Path, *, limit_s: float = 240) -> None:
+    def __init__(self, kube: Kube, tmp: Path, *, limit_s: float = 240, stream_every: int = 25) -> None:
         self.stop_file = tmp / "stop-traffic"
-        self.proc = kube.spawn(EXAMPLE, client_pod(kube), [PYTHON, "-c", CALLER, "100000", str(limit_s), "25",
+        self.proc = kube.spawn(EXAMPLE, client_pod(kube), [PYTHON, "-c", CALLER, "100000", str(limit_s), str(stream_every),
                                str(self.stop_file)], name="traffic", log_dir=tmp)
         self.proc.wait_for_line("calling", timeout=30)
 
