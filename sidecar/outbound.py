@@ -191,6 +191,7 @@ class Outbound:
             str(k): {
                 "policy": st.set.policy.lb,
                 "timeout": st.timeout,
+                "retry_on": sorted(st.set.policy.retry_on),
                 "endpoints": _with_tls(st),
             }
             for k, st in self.services.items()

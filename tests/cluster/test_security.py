@@ -89,7 +89,8 @@ def attacker(example: Kube) -> Iterator[Kube]:
         {"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
          "metadata": {"name": "evil-1", "namespace": ATTACKER, "labels": {"kubernetes.io/service-name": "evil"}},
          "addressType": "IPv4", "ports": [{"name": "grpc", "port": 50051}],
-         "endpoints": [{"addresses": [victim["status"]["podIP"]], "conditions": {"ready": True}}]},
+         "endpoints": [{"addresses": [victim["status"]["podIP"]], "conditions": {"ready": True},
+                        "targetRef": {"kind": "Pod", "namespace": EXAMPLE, "name": victim["metadata"]["name"]}}]},
         # The intruder calls by naming `evil`; a second client in the victim's namespace sees the whole cluster.
         pod("intruder", ATTACKER, "intruder", {"kuberpc.io/upstreams": "evil:50051=9001"},
             ["-c", "import time; time.sleep(3600)"], {"app": "intruder"}),
@@ -121,11 +122,12 @@ def test_a_service_of_another_namespace_claiming_the_grpc_service_gets_no_call(a
 
 
 def test_naming_another_service_does_not_get_past_the_victims_allow(attacker: Kube) -> None:
-    # evil.attacker's hand-written slice lists the victim's address; the victim's proxy authorizes against the
-    # Services that select its pod (arith, allowing only the example's client), not the one the caller names.
-    for authority in ("", "evil.attacker:50051"):
-        target = "127.0.0.1:9001" if not authority else "127.0.0.1:15001"
+    # evil.attacker's hand-written slice lists the victim's address (and even names the victim pod). Neither
+    # the intruder's upstream port nor its :authority gets the call to the victim's app: a pod of another
+    # namespace is not taken for a meshed peer, and the app listens on the pod's loopback only.
+    for target, authority in (("127.0.0.1:9001", ""), ("127.0.0.1:15001", "evil.attacker:50051")):
         answer = probe(attacker, ATTACKER, "intruder", target, authority)
-        assert answer.startswith("PERMISSION_DENIED"), answer
+        assert answer.split()[0] in {"PERMISSION_DENIED", "UNAVAILABLE"} and not answer.startswith("arith-"), answer
+    # Called by its own name, over mTLS, the victim's proxy refuses the intruder under the Service's allow.
     direct = probe(attacker, ATTACKER, "intruder", "127.0.0.1:15001", f"arith.{EXAMPLE}:50051")
     assert direct.startswith("PERMISSION_DENIED"), direct

@@ -7,6 +7,7 @@ import collections
 import json
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -71,12 +72,18 @@ print(urllib.request.urlopen("http://127.0.0.1:15091/debug", timeout=5).read().d
 """
 
 
-def proxy_weights(kube: Kube, pod: str) -> dict[str, int]:
-    """pod name -> weight, as the client pod's proxy balances the example Service right now (its /debug)."""
+def debug_services(kube: Kube, pod: str) -> dict[str, Any]:
+    """The Services a pod's proxy balances, as its /debug shows them (read on the pod's loopback)."""
     done = kube.exec(EXAMPLE, pod, [PYTHON, "-c", DEBUG_SCRIPT], timeout=20)
     if done.returncode != 0:
         return {}
-    services = json.loads(done.stdout)["routes"]["services"]
+    services: dict[str, Any] = json.loads(done.stdout)["routes"]["services"]
+    return services
+
+
+def proxy_weights(kube: Kube, pod: str) -> dict[str, int]:
+    """pod name -> weight, as the client pod's proxy balances the example Service right now (its /debug)."""
+    services = debug_services(kube, pod)
     endpoints = (services.get(f"arith.{EXAMPLE}") or {}).get("endpoints") or []
     return {str(e["pod"]).rsplit("/", 1)[-1]: int(e["weight"]) for e in endpoints}
 
