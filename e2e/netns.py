@@ -14,6 +14,7 @@ import selectors
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -42,6 +43,17 @@ def find_ip() -> str | None:
     for candidate in ("/usr/sbin/ip", "/sbin/ip"):
         if os.access(candidate, os.X_OK):
             return candidate
+    return None
+
+
+def unavailable_reason() -> str | None:
+    """Why network namespaces cannot be used here (for a test's skip or failure), or None."""
+    if not sys.platform.startswith("linux"):
+        return "network namespaces need Linux"
+    if os.geteuid() != 0:
+        return "needs root to create network namespaces (ip netns)"
+    if find_ip() is None:
+        return "needs iproute2's `ip` (Debian: apt-get install iproute2; `make tools` installs it)"
     return None
 
 

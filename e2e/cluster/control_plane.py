@@ -150,6 +150,8 @@ class ControlPlane:
                 "--listen-client-urls", "http://127.0.0.1:2379", "--advertise-client-urls", "http://127.0.0.1:2379",
                 "--listen-peer-urls", "http://127.0.0.1:2380", "--initial-advertise-peer-urls", "http://127.0.0.1:2380",
                 "--initial-cluster", "test=http://127.0.0.1:2380", "--log-level", "warn",
+                # As kubeadm runs it: progress notifications let the API server's watch cache move on.
+                "--experimental-watch-progress-notify-interval=5s",
             ],
         )
 

@@ -498,7 +498,8 @@ class PodWorker(threading.Thread):
         workdir = c.get("workingDir") or str(REPO)
         return netns.exec_argv(
             self.netns,
-            [sys.executable, "-m", "e2e.cluster.container", *mounts, "--workdir", workdir, "--", *argv],
+            [sys.executable, "-m", "e2e.cluster.container", *mounts, "--workdir", workdir,
+             "--keep", str(REPO), "--keep", sys.prefix, "--keep", sys.base_prefix, "--", *argv],
         )
 
     def start_container(self, c: Container) -> None:

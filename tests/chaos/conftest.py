@@ -6,7 +6,6 @@ Outside CI it skips (never fails) where root or `ip` is missing; it leaves no na
 from __future__ import annotations
 
 import os
-import sys
 from collections.abc import Iterator
 
 import pytest
@@ -15,19 +14,9 @@ from e2e import netns
 from e2e.chaos import ChaosMesh
 
 
-def _unavailable() -> str | None:
-    if not sys.platform.startswith("linux"):
-        return "network namespaces need Linux"
-    if os.geteuid() != 0:
-        return "needs root to create network namespaces (ip netns)"
-    if netns.find_ip() is None:
-        return "needs iproute2's `ip` (Debian: apt-get install iproute2; `make tools` installs it)"
-    return None
-
-
 @pytest.fixture(scope="module")
 def chaos(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ChaosMesh]:
-    reason = _unavailable()
+    reason = netns.unavailable_reason()
     if reason is not None:
         if os.environ.get("CI", "").lower() == "true":
             pytest.fail(f"CI=true but the chaos tests cannot run: {reason}", pytrace=False)

@@ -104,14 +104,7 @@ def tail(path: Path, lines: int = LOG_TAIL) -> str:
     return "\n".join(text) or "(empty)"
 
 
-def unavailable_reason() -> str | None:
-    if not sys.platform.startswith("linux"):
-        return "network namespaces need Linux"
-    if os.geteuid() != 0:
-        return "needs root to create network namespaces (ip netns)"
-    if netns.find_ip() is None:
-        return "needs iproute2's `ip` (Debian: apt-get install iproute2; `make tools` installs it)"
-    return None
+unavailable_reason = netns.unavailable_reason
 
 
 def skip_or_fail(reason: str) -> None:
