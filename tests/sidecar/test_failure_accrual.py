@@ -24,18 +24,7 @@ from sidecar.balancer import (
     make_balancer,
 )
 from sidecar.model import LB_POLICIES, Endpoint
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
-def eps(*weights: int) -> list[Endpoint]:
-    return [Endpoint(f"10.0.0.{i + 1}", 15443, weight=w, pod=f"pod-{i}") for i, w in enumerate(weights)]
+from tests.sidecar.test_balancer import FakeClock, eps
 
 
 def accrual(
