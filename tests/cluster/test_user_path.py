@@ -191,6 +191,10 @@ def test_trust_anchors_reach_namespaces_created_after_install_and_survive_an_api
 
 def test_a_bad_annotation_is_denied_with_the_documented_message(mesh: Kube) -> None:
     mesh.kubectl("create", "namespace", "denied")
+    # The ServiceAccount admission plugin refuses pods until the controller manager made the namespace's
+    # default ServiceAccount: wait for it, so that the denial seen is the webhook's.
+    mesh.wait("the default ServiceAccount of the new namespace",
+              lambda: mesh.kubectl("get", "serviceaccount", "default", "-n", "denied", check=False).returncode == 0)
     pod = {
         "apiVersion": "v1", "kind": "Pod",
         "metadata": {"name": "bad", "annotations": {"kuberpc.io/inject": "enabled", "kuberpc.io/app-port": "99999"}},
