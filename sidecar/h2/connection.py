@@ -846,7 +846,9 @@ class Connection(asyncio.Protocol):
                     self._drop(s)
                 s.reset = True
                 self.handler.on_refused(s)
-        self._close_if_idle()
+            self._close_if_idle()
+        # A server leaves the closing to the client that said GOAWAY: closing first, with the client's next
+        # frames (a PING, say) unread, makes the kernel answer them with a RST instead of an orderly close.
 
     def _on_priority(self, sid: int, payload: bytes) -> None:
         if sid == 0:
