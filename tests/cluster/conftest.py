@@ -149,7 +149,15 @@ def kube(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Kube]:
             except subprocess.TimeoutExpired:
                 runner.kill()
                 runner.wait()
-            netns.remove_leftovers(cpm.PREFIX)
+            # Pods the runner had no time to tear down: their namespaces carry this run's id.
+            for name in netns.list_netns():
+                if name.startswith(cpm.PREFIX) and name.endswith(f"-{cp.net.run_id}") and name not in (cp.net.node, cp.node.netns):
+                    netns.delete_netns(name)
+            # Memory-backed volumes (workload keys among them) of pods the runner had no time to tear down.
+            for record in (state / "where").glob("*/*"):
+                uid = json.loads(record.read_text())["uid"]
+                for leftover in Path("/dev/shm").glob(f"kuberpc-{uid}-*"):
+                    shutil.rmtree(leftover, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
