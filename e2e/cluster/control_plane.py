@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import ipaddress
 import json
 import os
 import ssl
@@ -110,7 +111,7 @@ class ControlPlane:
             "kube-apiserver",
             server=True,
             dns=["kubernetes", "kubernetes.default", "kubernetes.default.svc", "kubernetes.default.svc.cluster.local"],
-            ips=["127.0.0.1", API_ADDRESS, SERVICE_RANGE.split("/")[0][:-1] + "1"],
+            ips=["127.0.0.1", API_ADDRESS, str(next(ipaddress.ip_network(SERVICE_RANGE).hosts()))],  # the kubernetes Service
         )
         self.admin = admin
         netns.remove_leftovers(PREFIX)

@@ -908,6 +908,7 @@ class Runner:
     def service_hosts(self) -> None:
         """Keep every pod's /etc/hosts mapping Service names to a ready endpoint (there is no kube-proxy here)."""
         last = ""
+        last_pods: Any = set()
         while not self.stopping.is_set():
             try:
                 slices = self.api.discovery.list_endpoint_slice_for_all_namespaces(_request_timeout=5)
@@ -925,10 +926,10 @@ class Runner:
                 )
                 with self._lock:
                     pods = dict(self._netns)
-                if text != last or len(pods) != getattr(self, "_hosts_pods", -1):
+                # A pod whose namespace was made while the text changed may hold the old one: rewrite on either.
+                if text != last or pods.keys() != last_pods:
                     self.network.set_service_hosts(text, pods)
-                    last = text
-                    self._hosts_pods = len(pods)
+                    last, last_pods = text, pods.keys()
             except Exception as e:
                 log.debug("service hosts not refreshed: %r", e)
             self.stopping.wait(0.5)

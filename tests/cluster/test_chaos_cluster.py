@@ -52,7 +52,7 @@ def replaced(example: Kube, tmp_path: Path, container: str) -> None:
     example.wait(f"{victim} ready again", lambda: victim in {p["metadata"]["name"] for p in example.ready_pods(EXAMPLE, SERVER)},
                  timeout=90)
     outcomes = traffic.finish()
-    failed = failures(outcomes, set())
+    failed = failures(outcomes)
     counts = collections.Counter(outcomes)
     if container == "arith":
         # The app's proxy answers UNAVAILABLE for the dead app: retried on another replica, nothing is lost.
