@@ -69,7 +69,7 @@ typecheck: lint
 # The control-plane API's generated modules are committed (images carry no protoc); a test checks
 # they match proto/identity.proto, so run this after changing it.
 proto: setup
-	$(PY) -m grpc_tools.protoc -I. --python_out=. --pyi_out=. --grpc_python_out=. proto/identity.proto
+	$(PY) -m grpc_tools.protoc -I. --python_out=. --pyi_out=. --grpc_python_out=. proto/identity.proto proto/discovery.proto
 
 clean:
 	rm -rf $(VENV) $(NODE_DIR)/node_modules .pytest_cache .mypy_cache .ruff_cache

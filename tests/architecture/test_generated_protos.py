@@ -1,4 +1,4 @@
-"""The committed protobuf modules are exactly what protoc makes of proto/identity.proto today."""
+"""The committed protobuf modules are exactly what protoc makes of proto/*.proto today."""
 
 from __future__ import annotations
 
@@ -8,15 +8,17 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
-GENERATED = ("identity_pb2.py", "identity_pb2.pyi", "identity_pb2_grpc.py")
+PROTOS = ("identity", "discovery")
+GENERATED = tuple(f"{p}{suffix}" for p in PROTOS for suffix in ("_pb2.py", "_pb2.pyi", "_pb2_grpc.py"))
 
 
-def test_generated_identity_modules_match_the_proto(tmp_path: Path) -> None:
+def test_generated_modules_match_the_protos(tmp_path: Path) -> None:
     (tmp_path / "proto").mkdir()
-    shutil.copy(REPO / "proto" / "identity.proto", tmp_path / "proto" / "identity.proto")
+    for p in PROTOS:
+        shutil.copy(REPO / "proto" / f"{p}.proto", tmp_path / "proto" / f"{p}.proto")
     subprocess.run(
         [sys.executable, "-m", "grpc_tools.protoc", "-I.", "--python_out=.", "--pyi_out=.",
-         "--grpc_python_out=.", "proto/identity.proto"],
+         "--grpc_python_out=.", *(f"proto/{p}.proto" for p in PROTOS)],
         cwd=tmp_path, check=True, capture_output=True,
     )
     for name in GENERATED:
