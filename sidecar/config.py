@@ -13,12 +13,13 @@ from dataclasses import dataclass, field
 
 from sidecar.model import ServiceKey, Upstream
 
-# The proxy's fixed ports (DESIGN.md §1); the webhook and manifests use the same numbers.
-OUTBOUND_PORT = 15001
-INBOUND_PORT = 15443
-ADMIN_PORT = 15090
-DEBUG_PORT = 15091  # /debug, on loopback only
-PROXY_PORTS = frozenset({OUTBOUND_PORT, INBOUND_PORT, ADMIN_PORT, DEBUG_PORT})
+# Re-exported for the proxy's modules that take their defaults from the config; defined in sidecar/ports.py.
+from sidecar.ports import ADMIN_PORT as ADMIN_PORT
+from sidecar.ports import DEBUG_PORT as DEBUG_PORT
+from sidecar.ports import INBOUND_PORT as INBOUND_PORT
+from sidecar.ports import OUTBOUND_PORT as OUTBOUND_PORT
+from sidecar.ports import PROXY_PORTS as PROXY_PORTS
+from sidecar.spiffe import DEFAULT_TRUST_DOMAIN, is_dns_label, is_service_account, is_trust_domain
 
 # Every variable the proxy reads, with its meaning; `python -m sidecar run --help` prints this table.
 ENV_DOC: dict[str, str] = {
@@ -104,7 +105,7 @@ class Config:
     kubeconfig: str | None = None
     tls: TLSFiles | None = None
     identity_service: IdentityService | None = None
-    trust_domain: str = "cluster.local"
+    trust_domain: str = DEFAULT_TRUST_DOMAIN
     drain_seconds: float = 10.0
     log_level: str = "info"
     connections_per_endpoint: int = 1
@@ -147,7 +148,6 @@ def parse_address(text: str) -> Address:
 
 
 _HOSTNAME = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9]([-A-Za-z0-9]{0,61}[A-Za-z0-9])?(\.[A-Za-z0-9]([-A-Za-z0-9]{0,61}[A-Za-z0-9])?)*$")
-_SERVICE_ACCOUNT = re.compile(r"^(?=.{1,253}$)[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?(\.[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?)*$")
 
 
 def parse_dial_address(text: str) -> Address:
@@ -250,7 +250,7 @@ def load(environ: Mapping[str, str]) -> Config:
         problems.append(f"KUBERPC_DISCOVERY: {disc!r} is not 'kubernetes' or 'file:/path'")
     if (nss := get("KUBERPC_DISCOVERY_NAMESPACES")) is not None:
         names = tuple(dict.fromkeys(n.strip() for n in nss.split(",") if n.strip()))
-        bad = [n for n in names if not _DNS_LABEL.match(n)]
+        bad = [n for n in names if not is_dns_label(n)]
         if bad:
             problems.append(f"KUBERPC_DISCOVERY_NAMESPACES: not namespace names: {', '.join(map(repr, bad))}")
         values["discovery_namespaces"] = names
@@ -267,7 +267,7 @@ def load(environ: Mapping[str, str]) -> Config:
         problems.append(f"{', '.join(missing)}: required (mTLS is always on between proxies)")
 
     if (td := get("KUBERPC_TRUST_DOMAIN")) is not None:
-        if not re.match(r"^[a-z0-9.\-_]+$", td):
+        if not is_trust_domain(td):
             problems.append(f"KUBERPC_TRUST_DOMAIN: {td!r} is not a SPIFFE trust domain")
         values["trust_domain"] = td
 
@@ -325,9 +325,9 @@ def load(environ: Mapping[str, str]) -> Config:
         if needed:
             problems.append(f"{', '.join(needed)}: required with KUBERPC_IDENTITY_ADDR (they make the identity)")
         sa = get("SERVICE_ACCOUNT")
-        if sa is not None and not _SERVICE_ACCOUNT.match(sa):
+        if sa is not None and not is_service_account(sa):
             problems.append(f"SERVICE_ACCOUNT: {sa!r} is not a Kubernetes service account name")
-        if get("POD_NAMESPACE") is not None and not _DNS_LABEL.match(namespace):
+        if get("POD_NAMESPACE") is not None and not is_dns_label(namespace):
             problems.append(f"POD_NAMESPACE: {namespace!r} is not a Kubernetes namespace name")
         token = get("KUBERPC_IDENTITY_TOKEN")
         if address is not None and token is not None:

@@ -1,11 +1,14 @@
 """Every annotation, label, port, path, name and default the injector writes or reads, in one place.
 
-Only constants: no parsing and no decisions (those live in patch.py and config.py).
+Only constants: no parsing and no decisions (those live in patch.py and config.py). What the proxy reads too is
+defined once in the data plane's contract modules and named here (sidecar/ports.py, spiffe.py, model.py).
 """
 
 from __future__ import annotations
 
 from typing import Final
+
+from sidecar import model, ports, spiffe
 
 PREFIX: Final = "kuberpc.io/"
 
@@ -56,15 +59,16 @@ POD_ANNOTATIONS: Final = frozenset(
 NAMESPACE_INJECT_LABEL: Final = INJECT
 
 # --- weight (read by discovery from the Pod; the injector only corrects it) ---
-DEFAULT_WEIGHT: Final = 100
-MAX_WEIGHT: Final = 10_000
+DEFAULT_WEIGHT: Final = model.DEFAULT_WEIGHT
+MAX_WEIGHT: Final = model.MAX_WEIGHT
 
 # --- the proxy's fixed ports (DESIGN.md §1) ---
-OUTBOUND_PORT: Final = 15001
-INBOUND_PORT: Final = 15443
-ADMIN_PORT: Final = 15090
-DEBUG_PORT: Final = 15091  # /debug, on the pod's loopback only: no containerPort, but taken all the same
-PROXY_PORTS: Final = frozenset({OUTBOUND_PORT, INBOUND_PORT, ADMIN_PORT, DEBUG_PORT})
+OUTBOUND_PORT: Final = ports.OUTBOUND_PORT
+INBOUND_PORT: Final = ports.INBOUND_PORT
+ADMIN_PORT: Final = ports.ADMIN_PORT
+DEBUG_PORT: Final = ports.DEBUG_PORT
+PROXY_PORTS: Final = ports.PROXY_PORTS
+IDENTITY_PORT: Final = ports.IDENTITY_PORT
 PORT_NAMES: Final = {OUTBOUND_PORT: "proxy-outbound", INBOUND_PORT: "proxy-inbound", ADMIN_PORT: "proxy-admin"}
 READY_PATH: Final = "/ready"
 LIVE_PATH: Final = "/live"
@@ -117,8 +121,8 @@ TRUST_ANCHORS_PATH: Final = TRUST_ANCHORS_DIR + "/" + TRUST_ANCHORS_KEY
 TOKEN_PATH: Final = TOKEN_DIR + "/" + TOKEN_FILE
 
 # --- injector config defaults (config.yaml) ---
-DEFAULT_TRUST_DOMAIN: Final = "cluster.local"
-DEFAULT_IDENTITY_ADDR: Final = "kuberpc-webhook.kuberpc-system.svc:8081"
+DEFAULT_TRUST_DOMAIN: Final = spiffe.DEFAULT_TRUST_DOMAIN
+DEFAULT_IDENTITY_ADDR: Final = f"kuberpc-webhook.kuberpc-system.svc:{IDENTITY_PORT}"
 DEFAULT_CONTROL_PLANE_NAMESPACE: Final = "kuberpc-system"
 DEFAULT_IMAGE_PULL_POLICY: Final = "IfNotPresent"
 NATIVE_SIDECAR_MIN_VERSION: Final = (1, 29)
