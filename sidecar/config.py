@@ -11,14 +11,14 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from sidecar.model import ServiceKey, Upstream
+from sidecar.model import Upstream
+from sidecar.policy import UpstreamsError, parse_upstreams
 
 # Re-exported for the proxy's modules that take their defaults from the config; defined in sidecar/ports.py.
 from sidecar.ports import ADMIN_PORT as ADMIN_PORT
 from sidecar.ports import DEBUG_PORT as DEBUG_PORT
 from sidecar.ports import INBOUND_PORT as INBOUND_PORT
 from sidecar.ports import OUTBOUND_PORT as OUTBOUND_PORT
-from sidecar.ports import PROXY_PORTS as PROXY_PORTS
 from sidecar.spiffe import DEFAULT_TRUST_DOMAIN, is_dns_label, is_service_account, is_trust_domain
 
 # Every variable the proxy reads, with its meaning; `python -m sidecar run --help` prints this table.
@@ -121,7 +121,6 @@ class Config:
 
 
 _HOSTPORT = re.compile(r"^(?:\[(?P<v6>[0-9a-fA-F:.]+)\]|(?P<host>[^:\s]*)):(?P<port>\d{1,5})$")
-_DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
 
 
 def _is_loopback(host: str) -> bool:
@@ -162,35 +161,6 @@ def parse_dial_address(text: str) -> Address:
         return Address(host, parse_port(m.group("port")))
     except ValueError as e:
         raise ValueError(f"{text!r}: {e}") from e
-
-
-def parse_upstreams(text: str, default_namespace: str) -> tuple[Upstream, ...]:
-    """`svc.ns:port=localport,...` (the value of `kuberpc.io/upstreams`). Raises ValueError naming the entry."""
-    out: list[Upstream] = []
-    seen_local: set[int] = set()
-    for raw in text.split(","):
-        entry = raw.strip()
-        if not entry:
-            continue
-        target, sep, local = entry.partition("=")
-        name, colon, port = target.strip().rpartition(":")
-        if not sep or not colon:
-            raise ValueError(f"upstream {entry!r} is not svc.ns:port=localport")
-        key = ServiceKey.parse(name.strip(), default_namespace)
-        for label in (key.name, key.namespace):
-            if not _DNS_LABEL.match(label):
-                raise ValueError(f"upstream {entry!r}: {label!r} is not a DNS label")
-        try:
-            up = Upstream(key, parse_port(port.strip()), parse_port(local.strip()))
-        except ValueError as e:
-            raise ValueError(f"upstream {entry!r}: {e}") from e
-        if up.local_port in PROXY_PORTS:
-            raise ValueError(f"upstream {entry!r}: local port {up.local_port} is one of the proxy's own ports")
-        if up.local_port in seen_local:
-            raise ValueError(f"upstream {entry!r}: local port {up.local_port} is used twice")
-        seen_local.add(up.local_port)
-        out.append(up)
-    return tuple(out)
 
 
 def load(environ: Mapping[str, str]) -> Config:
@@ -238,8 +208,8 @@ def load(environ: Mapping[str, str]) -> Config:
     if (ups := get("KUBERPC_UPSTREAMS")) is not None:
         try:
             values["upstreams"] = parse_upstreams(ups, namespace)
-        except ValueError as e:
-            problems.append(f"KUBERPC_UPSTREAMS: {e}")
+        except UpstreamsError as e:
+            problems += [f"KUBERPC_UPSTREAMS: {p}" for p in e.problems]
 
     disc = get("KUBERPC_DISCOVERY") or "kubernetes"
     if disc.startswith("file:") and len(disc) > 5:

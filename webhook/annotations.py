@@ -1,22 +1,22 @@
 """Every annotation, label, port, path, name and default the injector writes or reads, in one place.
 
 Only constants: no parsing and no decisions (those live in patch.py and config.py). What the proxy reads too is
-defined once in the data plane's contract modules and named here (sidecar/ports.py, spiffe.py, model.py).
+defined once in the data plane's contract modules and named here (sidecar/policy.py, ports.py, spiffe.py, model.py).
 """
 
 from __future__ import annotations
 
 from typing import Final
 
-from sidecar import model, ports, spiffe
+from sidecar import model, policy, ports, spiffe
 
-PREFIX: Final = "kuberpc.io/"
+PREFIX: Final = policy.PREFIX
 
 # --- pod annotations read by the injector (DESIGN.md §2) ---
 INJECT: Final = PREFIX + "inject"
 APP_PORT: Final = PREFIX + "app-port"
-UPSTREAMS: Final = PREFIX + "upstreams"
-WEIGHT: Final = PREFIX + "weight"
+UPSTREAMS: Final = policy.UPSTREAMS
+WEIGHT: Final = policy.WEIGHT
 PROXY_CPU: Final = PREFIX + "proxy-cpu"
 PROXY_MEMORY: Final = PREFIX + "proxy-memory"
 PROXY_LOG_LEVEL: Final = PREFIX + "proxy-log-level"
@@ -29,12 +29,8 @@ DISCOVERY_SCOPE: Final = PREFIX + "discovery-scope"
 DISCOVERY_SCOPES: Final = ("cluster", "namespace")
 DEFAULT_DISCOVERY_SCOPE: Final = "cluster"
 
-# Service annotations (read by the proxies from the Service, sidecar/policy.py SERVICE_KEYS): on a pod they do
-# nothing, and the injector says so.
-SERVICE_ANNOTATIONS: Final = frozenset(
-    PREFIX + key
-    for key in ("lb", "grpc-services", "allow", "timeout", "retry", "retry-budget", "export-grpc-services")
-)
+# Service annotations (read by the proxies from the Service): on a pod they do nothing, and the injector says so.
+SERVICE_ANNOTATIONS: Final = frozenset(policy.SERVICE_KEYS)
 
 ACCESS_LOG: Final = PREFIX + "access-log"
 

@@ -16,7 +16,7 @@ import pytest
 import yaml
 from kubernetes_validate.utils import latest_version
 
-from sidecar.config import parse_upstreams
+from sidecar.policy import parse_upstreams
 from sidecar.ports import PROXY_PORTS
 
 REPO = Path(__file__).resolve().parents[2]
