@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from sidecar.model import Upstream
-from sidecar.policy import UpstreamsError, parse_upstreams
+from sidecar.policy import ACCESS_LOG_FORMATS, LOG_LEVELS, MAX_DRAIN_SECONDS, UpstreamsError, parse_upstreams
 
 # Re-exported for the proxy's modules that take their defaults from the config; defined in sidecar/ports.py.
 from sidecar.ports import ADMIN_PORT as ADMIN_PORT
@@ -53,8 +53,6 @@ ENV_DOC: dict[str, str] = {
     "SERVICE_ACCOUNT": "service account of this pod (expected identity)",
 }
 
-LOG_LEVELS = ("debug", "info", "warning", "error")
-ACCESS_LOG_FORMATS = ("json", "off")
 
 
 class ConfigError(ValueError):
@@ -244,11 +242,11 @@ def load(environ: Mapping[str, str]) -> Config:
     if (ds := get("KUBERPC_DRAIN_SECONDS")) is not None:
         try:
             d = float(ds)
-            if not 0 <= d <= 3600:
+            if not 0 <= d <= MAX_DRAIN_SECONDS:
                 raise ValueError
             values["drain_seconds"] = d
         except ValueError:
-            problems.append(f"KUBERPC_DRAIN_SECONDS: {ds!r} is not a number of seconds (0-3600)")
+            problems.append(f"KUBERPC_DRAIN_SECONDS: {ds!r} is not a number of seconds (0-{MAX_DRAIN_SECONDS})")
 
     if (lvl := get("KUBERPC_LOG_LEVEL")) is not None:
         if lvl.lower() not in LOG_LEVELS:

@@ -19,6 +19,11 @@ PREFIX = "kuberpc.io/"
 # Pod annotations read by the proxy as well as the injector (the injector's own keys are in webhook/annotations.py).
 UPSTREAMS = PREFIX + "upstreams"
 WEIGHT = PREFIX + "weight"
+# Values of pod annotations the injector hands to the proxy as they are (KUBERPC_LOG_LEVEL, KUBERPC_ACCESS_LOG,
+# KUBERPC_DRAIN_SECONDS): the proxy refuses anything else, so the injector checks against the same.
+LOG_LEVELS = ("debug", "info", "warning", "error")
+ACCESS_LOG_FORMATS = ("json", "off")
+MAX_DRAIN_SECONDS = 3600
 # Service annotations.
 LB = PREFIX + "lb"
 GRPC_SERVICES = PREFIX + "grpc-services"

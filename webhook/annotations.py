@@ -66,9 +66,9 @@ DEBUG_PORT: Final = ports.DEBUG_PORT
 PROXY_PORTS: Final = ports.PROXY_PORTS
 IDENTITY_PORT: Final = ports.IDENTITY_PORT
 PORT_NAMES: Final = {OUTBOUND_PORT: "proxy-outbound", INBOUND_PORT: "proxy-inbound", ADMIN_PORT: "proxy-admin"}
-READY_PATH: Final = "/ready"
-LIVE_PATH: Final = "/live"
-METRICS_PATH: Final = "/metrics"
+READY_PATH: Final = ports.READY_PATH
+LIVE_PATH: Final = ports.LIVE_PATH
+METRICS_PATH: Final = ports.METRICS_PATH
 
 # --- the injected container ---
 PROXY_CONTAINER: Final = "kuberpc-proxy"
@@ -77,9 +77,9 @@ PROXY_ARGS: Final = ("run",)
 PROXY_UID: Final = 65532
 # The proxy image has Python but no shell, so the startup hold is a Python subcommand.
 WAIT_READY_COMMAND: Final = ("python", "-m", "sidecar", "wait-ready", "--timeout", "120")
-LOG_LEVELS: Final = ("debug", "info", "warning", "error")
+LOG_LEVELS: Final = policy.LOG_LEVELS
 # kuberpc.io/access-log values, passed to the proxy as KUBERPC_ACCESS_LOG (absent: off).
-ACCESS_LOG_FORMATS: Final = ("json", "off")
+ACCESS_LOG_FORMATS: Final = policy.ACCESS_LOG_FORMATS
 DEFAULT_LOG_LEVEL: Final = "info"
 DEFAULT_CPU_REQUEST: Final = "50m"
 DEFAULT_MEMORY_REQUEST: Final = "64Mi"
@@ -88,7 +88,7 @@ DEFAULT_MEMORY_LIMIT: Final = "256Mi"
 DEFAULT_GRACE_SECONDS: Final = 30
 DRAIN_MARGIN_SECONDS: Final = 5  # leave the kubelet this much of the grace period after the drain
 MIN_DRAIN_SECONDS: Final = 1
-MAX_DRAIN_SECONDS: Final = 3600  # the proxy rejects more (sidecar/config.py)
+MAX_DRAIN_SECONDS: Final = policy.MAX_DRAIN_SECONDS  # the proxy rejects more
 
 # --- volumes and the paths the proxy reads (sidecar/config.py ENV_DOC) ---
 IDENTITY_VOLUME: Final = "kuberpc-identity"
