@@ -20,3 +20,4 @@ LIVE_PATH: Final = "/live"
 METRICS_PATH: Final = "/metrics"
 
 IDENTITY_PORT: Final = 8081  # the control plane's identity service (Certify, gRPC over TLS)
+DISCOVERY_PORT: Final = 8082  # the control plane's discovery stream (proto/discovery.proto), mTLS
