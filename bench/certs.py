@@ -5,17 +5,13 @@ Produces files only; it must not configure any proxy (configs.py does).
 
 from __future__ import annotations
 
-import datetime
 import subprocess
 import sys
 from pathlib import Path
 
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-
-from bench.configs import NAMESPACE, Identity, spiffe_id
+from bench.configs import NAMESPACE, TRUST_DOMAIN, Identity, spiffe_id
+from sidecar import pki
+from sidecar.spiffe import SpiffeId
 
 
 def _identity(directory: Path) -> Identity:
@@ -48,63 +44,15 @@ def issue(directory: Path, service_accounts: list[str], *, python: str = sys.exe
     return {sa: _identity(directory / sa) for sa in service_accounts}
 
 
-def _pem(cert: x509.Certificate) -> bytes:
-    return cert.public_bytes(serialization.Encoding.PEM)
-
-
 def _issue_in_process(directory: Path, service_accounts: list[str]) -> None:
-    now = datetime.datetime.now(datetime.UTC)
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "kuberpc bench CA")])
-    ca = (
-        x509.CertificateBuilder()
-        .subject_name(ca_name)
-        .issuer_name(ca_name)
-        .public_key(ca_key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .add_extension(
-            x509.KeyUsage(False, False, False, False, False, True, True, False, False), critical=True
-        )
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False)
-        .sign(ca_key, hashes.SHA256())
-    )
+    # The same builders as `sidecar certs`, in this process: the other tree's CLI is what is missing.
+    ca = pki.create_ca(trust_domain=TRUST_DOMAIN, common_name="kuberpc bench CA")
     directory.mkdir(parents=True, exist_ok=True)
-    (directory / "ca.pem").write_bytes(_pem(ca))
+    (directory / "ca.pem").write_bytes(ca.cert_pem)
     for sa in service_accounts:
-        key = ec.generate_private_key(ec.SECP256R1())
-        cert = (
-            x509.CertificateBuilder()
-            .subject_name(x509.Name([]))
-            .issuer_name(ca_name)
-            .public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(minutes=5))
-            .not_valid_after(now + datetime.timedelta(hours=24))
-            .add_extension(
-                x509.SubjectAlternativeName([x509.UniformResourceIdentifier(spiffe_id(sa))]), critical=True
-            )
-            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .add_extension(
-                x509.KeyUsage(True, False, True, False, False, False, False, False, False), critical=True
-            )
-            .add_extension(
-                x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]),
-                critical=False,
-            )
-            .add_extension(
-                x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False
-            )
-            .sign(ca_key, hashes.SHA256())
-        )
+        issued = pki.issue_workload(ca, identity=SpiffeId.parse(spiffe_id(sa)))
         out = directory / sa
         out.mkdir(parents=True, exist_ok=True)
-        (out / "cert.pem").write_bytes(_pem(cert) + _pem(ca))
-        (out / "key.pem").write_bytes(
-            key.private_bytes(
-                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-            )
-        )
-        (out / "ca.pem").write_bytes(_pem(ca))
+        (out / "cert.pem").write_bytes(issued.cert_pem)
+        (out / "key.pem").write_bytes(issued.key_pem)
+        (out / "ca.pem").write_bytes(ca.cert_pem)

@@ -41,7 +41,8 @@ from typing import Any
 
 import uvloop
 
-from webhook.install import generate_ca, issue_serving_cert, service_dns_names
+from sidecar import pki
+from webhook.install import service_dns_names
 
 ROOT = Path(__file__).resolve().parents[1]
 REVIEW = ROOT / "tests" / "webhook" / "fixtures" / "deployment-pod-review.json"
@@ -294,8 +295,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     body = json.loads(REVIEW.read_text())
     with tempfile.TemporaryDirectory() as tmp:
         now = dt.datetime.now(dt.UTC)
-        ca = generate_ca("bench CA", now=now)
-        pair = issue_serving_cert(ca, service_dns_names(), now=now)
+        ca = pki.create_ca(trust_domain=None, common_name="bench CA", now=now)
+        pair = pki.issue_serving(ca, service_dns_names(), now=now)
         (Path(tmp) / "tls.crt").write_bytes(pair.cert_pem)
         (Path(tmp) / "tls.key").write_bytes(pair.key_pem)
         (Path(tmp) / "config.yaml").write_text('kubernetesVersion: "1.30"\nlogLevel: info\n')

@@ -21,10 +21,12 @@ from prometheus_client.exposition import choose_encoder
 from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import CollectorRegistry
 
+from sidecar.ports import LIVE_PATH, METRICS_PATH, READY_PATH
+
 log = logging.getLogger(__name__)
 
 # Scraped and probed every few seconds: an access line for each would drown the log.
-_UNLOGGED_PATHS = frozenset({"/metrics", "/ready", "/live"})
+_UNLOGGED_PATHS = frozenset({METRICS_PATH, READY_PATH, LIVE_PATH})
 
 # /tap streams at most this many calls, for at most this long: a forgotten tap ends by itself.
 TAP_MAX_CALLS = 1000
@@ -139,9 +141,9 @@ class AdminServer:
         if self._runner is not None:
             raise RuntimeError("admin server already started")
         app = web.Application()
-        app.router.add_get("/metrics", self._metrics)
-        app.router.add_get("/ready", self._readiness)
-        app.router.add_get("/live", self._liveness)
+        app.router.add_get(METRICS_PATH, self._metrics)
+        app.router.add_get(READY_PATH, self._readiness)
+        app.router.add_get(LIVE_PATH, self._liveness)
         app.router.add_get("/debug", self._debug_elsewhere)
         app.router.add_post("/shutdown", self._shutdown_request)
         self._runner = await self._serve(app, host, port)

@@ -10,15 +10,9 @@ import datetime
 import sys
 from pathlib import Path
 
-from sidecar.identity import (
-    DEFAULT_TRUST_DOMAIN,
-    IdentityError,
-    SpiffeId,
-    cert_expiry_timestamp,
-    create_ca,
-    issue_workload,
-    write_atomically,
-)
+from sidecar.identity import cert_expiry_timestamp, write_atomically
+from sidecar.pki import KeyPair, create_ca, issue_workload
+from sidecar.spiffe import DEFAULT_TRUST_DOMAIN, IdentityError, SpiffeId
 
 CA_CERT = "ca.pem"
 CA_KEY = "ca-key.pem"
@@ -62,12 +56,12 @@ def _cmd_ca(args: argparse.Namespace) -> None:
         raise CertsError(
             f"refusing to overwrite existing CA {', '.join(existing)} (use --force to replace it)"
         )
-    key_pem, cert_pem = create_ca(trust_domain=args.trust_domain)
+    ca = create_ca(trust_domain=args.trust_domain)
     _mkdir(directory)
-    write_atomically(key_path, key_pem, 0o600)
-    write_atomically(cert_path, cert_pem, 0o644)
+    write_atomically(key_path, ca.key_pem, 0o600)
+    write_atomically(cert_path, ca.cert_pem, 0o644)
     print(f"trust domain  spiffe://{args.trust_domain}")
-    print(f"ca cert       {cert_path} (expires {_expiry(cert_pem)})")
+    print(f"ca cert       {cert_path} (expires {_expiry(ca.cert_pem)})")
     print(f"ca key        {key_path}")
 
 
@@ -80,20 +74,19 @@ def _cmd_issue(args: argparse.Namespace) -> None:
     if args.hours <= 0:
         raise CertsError(f"--hours must be positive, got {args.hours:g}")
     identity = SpiffeId(args.trust_domain, args.namespace, args.service_account)
-    key_pem, chain_pem = issue_workload(
-        ca_key,
-        ca_cert,
+    issued = issue_workload(
+        KeyPair(ca_cert, ca_key),
         identity=identity,
         lifetime=datetime.timedelta(hours=args.hours),
         dns_names=tuple(args.dns),
     )
     _mkdir(out)
     cert_path, key_path, anchors_path = out / WORKLOAD_CERT, out / WORKLOAD_KEY, out / TRUST_ANCHORS
-    write_atomically(key_path, key_pem, 0o600)
-    write_atomically(cert_path, chain_pem, 0o644)
+    write_atomically(key_path, issued.key_pem, 0o600)
+    write_atomically(cert_path, issued.cert_pem, 0o644)
     write_atomically(anchors_path, ca_cert, 0o644)
     print(f"identity      {identity}")
-    print(f"cert chain    {cert_path} (expires {_expiry(chain_pem)})")
+    print(f"cert chain    {cert_path} (expires {_expiry(issued.cert_pem)})")
     print(f"key           {key_path}")
     print(f"trust anchors {anchors_path}")
 

@@ -11,14 +11,15 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from sidecar.model import ServiceKey, Upstream
+from sidecar.model import Upstream
+from sidecar.policy import ACCESS_LOG_FORMATS, LOG_LEVELS, MAX_DRAIN_SECONDS, UpstreamsError, parse_upstreams
 
-# The proxy's fixed ports (DESIGN.md §1); the webhook and manifests use the same numbers.
-OUTBOUND_PORT = 15001
-INBOUND_PORT = 15443
-ADMIN_PORT = 15090
-DEBUG_PORT = 15091  # /debug, on loopback only
-PROXY_PORTS = frozenset({OUTBOUND_PORT, INBOUND_PORT, ADMIN_PORT, DEBUG_PORT})
+# Re-exported for the proxy's modules that take their defaults from the config; defined in sidecar/ports.py.
+from sidecar.ports import ADMIN_PORT as ADMIN_PORT
+from sidecar.ports import DEBUG_PORT as DEBUG_PORT
+from sidecar.ports import INBOUND_PORT as INBOUND_PORT
+from sidecar.ports import OUTBOUND_PORT as OUTBOUND_PORT
+from sidecar.spiffe import DEFAULT_TRUST_DOMAIN, is_dns_label, is_service_account, is_trust_domain
 
 # Every variable the proxy reads, with its meaning; `python -m sidecar run --help` prints this table.
 ENV_DOC: dict[str, str] = {
@@ -52,8 +53,6 @@ ENV_DOC: dict[str, str] = {
     "SERVICE_ACCOUNT": "service account of this pod (expected identity)",
 }
 
-LOG_LEVELS = ("debug", "info", "warning", "error")
-ACCESS_LOG_FORMATS = ("json", "off")
 
 
 class ConfigError(ValueError):
@@ -104,7 +103,7 @@ class Config:
     kubeconfig: str | None = None
     tls: TLSFiles | None = None
     identity_service: IdentityService | None = None
-    trust_domain: str = "cluster.local"
+    trust_domain: str = DEFAULT_TRUST_DOMAIN
     drain_seconds: float = 10.0
     log_level: str = "info"
     connections_per_endpoint: int = 1
@@ -120,7 +119,6 @@ class Config:
 
 
 _HOSTPORT = re.compile(r"^(?:\[(?P<v6>[0-9a-fA-F:.]+)\]|(?P<host>[^:\s]*)):(?P<port>\d{1,5})$")
-_DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
 
 
 def _is_loopback(host: str) -> bool:
@@ -147,7 +145,6 @@ def parse_address(text: str) -> Address:
 
 
 _HOSTNAME = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9]([-A-Za-z0-9]{0,61}[A-Za-z0-9])?(\.[A-Za-z0-9]([-A-Za-z0-9]{0,61}[A-Za-z0-9])?)*$")
-_SERVICE_ACCOUNT = re.compile(r"^(?=.{1,253}$)[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?(\.[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?)*$")
 
 
 def parse_dial_address(text: str) -> Address:
@@ -162,35 +159,6 @@ def parse_dial_address(text: str) -> Address:
         return Address(host, parse_port(m.group("port")))
     except ValueError as e:
         raise ValueError(f"{text!r}: {e}") from e
-
-
-def parse_upstreams(text: str, default_namespace: str) -> tuple[Upstream, ...]:
-    """`svc.ns:port=localport,...` (the value of `kuberpc.io/upstreams`). Raises ValueError naming the entry."""
-    out: list[Upstream] = []
-    seen_local: set[int] = set()
-    for raw in text.split(","):
-        entry = raw.strip()
-        if not entry:
-            continue
-        target, sep, local = entry.partition("=")
-        name, colon, port = target.strip().rpartition(":")
-        if not sep or not colon:
-            raise ValueError(f"upstream {entry!r} is not svc.ns:port=localport")
-        key = ServiceKey.parse(name.strip(), default_namespace)
-        for label in (key.name, key.namespace):
-            if not _DNS_LABEL.match(label):
-                raise ValueError(f"upstream {entry!r}: {label!r} is not a DNS label")
-        try:
-            up = Upstream(key, parse_port(port.strip()), parse_port(local.strip()))
-        except ValueError as e:
-            raise ValueError(f"upstream {entry!r}: {e}") from e
-        if up.local_port in PROXY_PORTS:
-            raise ValueError(f"upstream {entry!r}: local port {up.local_port} is one of the proxy's own ports")
-        if up.local_port in seen_local:
-            raise ValueError(f"upstream {entry!r}: local port {up.local_port} is used twice")
-        seen_local.add(up.local_port)
-        out.append(up)
-    return tuple(out)
 
 
 def load(environ: Mapping[str, str]) -> Config:
@@ -238,8 +206,8 @@ def load(environ: Mapping[str, str]) -> Config:
     if (ups := get("KUBERPC_UPSTREAMS")) is not None:
         try:
             values["upstreams"] = parse_upstreams(ups, namespace)
-        except ValueError as e:
-            problems.append(f"KUBERPC_UPSTREAMS: {e}")
+        except UpstreamsError as e:
+            problems += [f"KUBERPC_UPSTREAMS: {p}" for p in e.problems]
 
     disc = get("KUBERPC_DISCOVERY") or "kubernetes"
     if disc.startswith("file:") and len(disc) > 5:
@@ -250,7 +218,7 @@ def load(environ: Mapping[str, str]) -> Config:
         problems.append(f"KUBERPC_DISCOVERY: {disc!r} is not 'kubernetes' or 'file:/path'")
     if (nss := get("KUBERPC_DISCOVERY_NAMESPACES")) is not None:
         names = tuple(dict.fromkeys(n.strip() for n in nss.split(",") if n.strip()))
-        bad = [n for n in names if not _DNS_LABEL.match(n)]
+        bad = [n for n in names if not is_dns_label(n)]
         if bad:
             problems.append(f"KUBERPC_DISCOVERY_NAMESPACES: not namespace names: {', '.join(map(repr, bad))}")
         values["discovery_namespaces"] = names
@@ -267,18 +235,18 @@ def load(environ: Mapping[str, str]) -> Config:
         problems.append(f"{', '.join(missing)}: required (mTLS is always on between proxies)")
 
     if (td := get("KUBERPC_TRUST_DOMAIN")) is not None:
-        if not re.match(r"^[a-z0-9.\-_]+$", td):
+        if not is_trust_domain(td):
             problems.append(f"KUBERPC_TRUST_DOMAIN: {td!r} is not a SPIFFE trust domain")
         values["trust_domain"] = td
 
     if (ds := get("KUBERPC_DRAIN_SECONDS")) is not None:
         try:
             d = float(ds)
-            if not 0 <= d <= 3600:
+            if not 0 <= d <= MAX_DRAIN_SECONDS:
                 raise ValueError
             values["drain_seconds"] = d
         except ValueError:
-            problems.append(f"KUBERPC_DRAIN_SECONDS: {ds!r} is not a number of seconds (0-3600)")
+            problems.append(f"KUBERPC_DRAIN_SECONDS: {ds!r} is not a number of seconds (0-{MAX_DRAIN_SECONDS})")
 
     if (lvl := get("KUBERPC_LOG_LEVEL")) is not None:
         if lvl.lower() not in LOG_LEVELS:
@@ -325,9 +293,9 @@ def load(environ: Mapping[str, str]) -> Config:
         if needed:
             problems.append(f"{', '.join(needed)}: required with KUBERPC_IDENTITY_ADDR (they make the identity)")
         sa = get("SERVICE_ACCOUNT")
-        if sa is not None and not _SERVICE_ACCOUNT.match(sa):
+        if sa is not None and not is_service_account(sa):
             problems.append(f"SERVICE_ACCOUNT: {sa!r} is not a Kubernetes service account name")
-        if get("POD_NAMESPACE") is not None and not _DNS_LABEL.match(namespace):
+        if get("POD_NAMESPACE") is not None and not is_dns_label(namespace):
             problems.append(f"POD_NAMESPACE: {namespace!r} is not a Kubernetes namespace name")
         token = get("KUBERPC_IDENTITY_TOKEN")
         if address is not None and token is not None:

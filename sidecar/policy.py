@@ -1,18 +1,30 @@
-"""Parsing the `kuberpc.io/*` values of a Service (and a pod's weight) into a ServicePolicy.
+"""Parsing `kuberpc.io/*` values: a Service's policy, a pod's weight and upstreams; every key of both, in one place.
 
-Pure: never raises for a bad annotation (it reports a problem and uses the default); does no I/O or logging.
+Pure, shared by the proxy and the injector (webhook/ imports it): no I/O, no logging. A Service's policy never
+raises for a bad annotation (it reports a problem and uses the default); upstreams raise, naming every bad entry.
 """
 
 from __future__ import annotations
 
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 
-from sidecar.model import LB_POLICIES, MAX_WEIGHT, ServicePolicy
+from sidecar.model import LB_POLICIES, MAX_WEIGHT, ServiceKey, ServicePolicy, Upstream
+from sidecar.ports import PROXY_PORTS
+from sidecar.spiffe import is_dns_label, is_service_account
 from sidecar.status import Status
 
 PREFIX = "kuberpc.io/"
+# Pod annotations read by the proxy as well as the injector (the injector's own keys are in webhook/annotations.py).
+UPSTREAMS = PREFIX + "upstreams"
+WEIGHT = PREFIX + "weight"
+# Values of pod annotations the injector hands to the proxy as they are (KUBERPC_LOG_LEVEL, KUBERPC_ACCESS_LOG,
+# KUBERPC_DRAIN_SECONDS): the proxy refuses anything else, so the injector checks against the same.
+LOG_LEVELS = ("debug", "info", "warning", "error")
+ACCESS_LOG_FORMATS = ("json", "off")
+MAX_DRAIN_SECONDS = 3600
+# Service annotations.
 LB = PREFIX + "lb"
 GRPC_SERVICES = PREFIX + "grpc-services"
 ALLOW = PREFIX + "allow"
@@ -30,8 +42,9 @@ _UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, 
 _TERM = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|ms|s|m|h)")
 _DURATION = re.compile(rf"(?:{_TERM.pattern})+")
 _DOTTED = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)*")
-_DNS_LABEL = re.compile(r"[a-z0-9](?:[-a-z0-9]{0,61}[a-z0-9])?")
-_DNS_SUBDOMAIN = re.compile(r"(?=.{1,253}$)[a-z0-9](?:[-a-z0-9.]*[a-z0-9])?")
+# What may follow `svc.ns` in an upstream: the names cluster DNS gives a Service.
+_SERVICE_SUFFIXES = ((), ("svc",), ("svc", "cluster", "local"))
+_SHOWN_CHARS = 40  # API servers truncate admission warnings past 120 characters: keep echoed values short
 
 
 def parse_duration(text: str) -> float:
@@ -56,7 +69,82 @@ def _items(text: str) -> list[str]:
 
 def _allow_entry_ok(entry: str) -> bool:
     ns, sep, sa = entry.partition("/")
-    return bool(sep) and bool(_DNS_LABEL.fullmatch(ns)) and (sa == "*" or bool(_DNS_SUBDOMAIN.fullmatch(sa)))
+    return bool(sep) and is_dns_label(ns) and (sa == "*" or is_service_account(sa))
+
+
+def _shown(text: str) -> str:
+    """A value as it may appear in a message: quoted, escaped to ASCII, truncated."""
+    return ascii(text if len(text) <= _SHOWN_CHARS else text[:_SHOWN_CHARS] + "...")
+
+
+def _port(text: str) -> int:
+    # ASCII digits only: str.isdigit() also accepts other scripts' digits, which int() reads as numbers.
+    if not (1 <= len(text) <= 5 and text.isascii() and text.isdigit() and 1 <= int(text) <= 65535):
+        raise ValueError(f"{_shown(text)} is not a port (1-65535)")
+    return int(text)
+
+
+class UpstreamsError(ValueError):
+    """Every bad entry of an upstreams value, one problem each (quoted and bounded: safe for a warning)."""
+
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = problems
+        super().__init__("; ".join(problems))
+
+
+def _upstream(entry: str, default_namespace: str) -> Upstream:
+    target, sep, local = entry.partition("=")
+    host, colon, port = target.rpartition(":")
+    if not sep or not colon:
+        raise ValueError(f"{_shown(entry)} is not svc.ns:port=localport")
+    parts = host.strip().split(".")
+    name, namespace, suffix = parts[0], parts[1] if len(parts) > 1 else default_namespace, tuple(parts[2:])
+    if suffix not in _SERVICE_SUFFIXES:
+        raise ValueError(f"{_shown(entry)}: {_shown(host.strip())} is not svc.ns[.svc[.cluster.local]]")
+    for label in (name, namespace):
+        if not is_dns_label(label):
+            raise ValueError(f"{_shown(entry)}: {_shown(label)} is not a DNS label")
+    try:
+        return Upstream(ServiceKey(name, namespace), _port(port.strip()), _port(local.strip()))
+    except ValueError as e:
+        raise ValueError(f"{_shown(entry)}: {e}") from None
+
+
+def parse_upstreams(text: str, default_namespace: str) -> tuple[Upstream, ...]:
+    """`svc[.ns[.svc[.cluster.local]]]:port=localport,...`: the value of `kuberpc.io/upstreams` (DESIGN.md §2),
+    which the injector passes to the proxy as KUBERPC_UPSTREAMS.
+
+    A name without a namespace is in `default_namespace` (the pod's). Blanks around an entry, its name and its
+    two ports, and empty entries, are ignored; a name is RFC 1123 labels and ports are ASCII digits. UpstreamsError lists every entry that is malformed, names no Service, has a
+    port outside 1-65535, or a local port that is one of the proxy's own or already taken by an earlier entry.
+    """
+    out: list[Upstream] = []
+    problems: list[str] = []
+    taken: dict[int, str] = {}
+    for raw in text.split(","):
+        entry = raw.strip()
+        if not entry:
+            continue
+        try:
+            up = _upstream(entry, default_namespace)
+        except ValueError as e:
+            problems.append(str(e))
+            continue
+        if up.local_port in PROXY_PORTS:
+            problems.append(f"{_shown(entry)}: local port {up.local_port} is a proxy port")
+        elif up.local_port in taken:
+            problems.append(f"{_shown(entry)}: local port {up.local_port} is used twice")
+        else:
+            taken[up.local_port] = entry
+            out.append(up)
+    if problems:
+        raise UpstreamsError(problems)
+    return tuple(out)
+
+
+def format_upstreams(upstreams: Iterable[Upstream]) -> str:
+    """The normal form `svc.ns:port=localport,...` that parse_upstreams reads back to the same upstreams."""
+    return ",".join(f"{u.service}:{u.port}={u.local_port}" for u in upstreams)
 
 
 def parse_service_annotations(annotations: Mapping[str, str]) -> tuple[ServicePolicy, list[str]]:

@@ -11,7 +11,6 @@ import datetime as dt
 import gc
 import logging
 import os
-import re
 import signal
 import sys
 from collections.abc import Mapping, Sequence
@@ -22,6 +21,7 @@ from pathlib import Path
 
 from prometheus_client import CollectorRegistry
 
+from sidecar.spiffe import is_dns_label
 from webhook import __version__
 from webhook import annotations as a
 from webhook.config import ConfigError, InjectorConfig, load_config
@@ -29,7 +29,6 @@ from webhook.identity import CAError, CertificateAuthority
 from webhook.install import InstallError, default_manifests_dir, render, write_yaml
 
 log = logging.getLogger("webhook")
-_NAMESPACE = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
 
 JOB_NOTE = """\
 Injected pods:
@@ -64,7 +63,8 @@ def _parser() -> argparse.ArgumentParser:
         "(skipped when the file is absent)",
     )
     s.add_argument(
-        "--identity-port", type=int, default=8081, help="identity service (gRPC over TLS) listen port (default 8081)"
+        "--identity-port", type=int, default=a.IDENTITY_PORT,
+        help=f"identity service (gRPC over TLS) listen port (default {a.IDENTITY_PORT})"
     )
     s.add_argument(
         "--identity-ca-key",
@@ -200,7 +200,7 @@ async def _serve(
 
 def _install(args: argparse.Namespace) -> int:
     namespaces = [n.strip() for n in args.namespaces.split(",") if n.strip()]
-    bad = [n for n in namespaces if not _NAMESPACE.match(n)]
+    bad = [n for n in namespaces if not is_dns_label(n)]
     if bad:
         print(f"install: not namespace names: {', '.join(bad)}", file=sys.stderr)
         return 2

@@ -1,19 +1,22 @@
 """Every annotation, label, port, path, name and default the injector writes or reads, in one place.
 
-Only constants: no parsing and no decisions (those live in patch.py and config.py).
+Only constants: no parsing and no decisions (those live in patch.py and config.py). What the proxy reads too is
+defined once in the data plane's contract modules and named here (sidecar/policy.py, ports.py, spiffe.py, model.py).
 """
 
 from __future__ import annotations
 
 from typing import Final
 
-PREFIX: Final = "kuberpc.io/"
+from sidecar import model, policy, ports, spiffe
+
+PREFIX: Final = policy.PREFIX
 
 # --- pod annotations read by the injector (DESIGN.md §2) ---
 INJECT: Final = PREFIX + "inject"
 APP_PORT: Final = PREFIX + "app-port"
-UPSTREAMS: Final = PREFIX + "upstreams"
-WEIGHT: Final = PREFIX + "weight"
+UPSTREAMS: Final = policy.UPSTREAMS
+WEIGHT: Final = policy.WEIGHT
 PROXY_CPU: Final = PREFIX + "proxy-cpu"
 PROXY_MEMORY: Final = PREFIX + "proxy-memory"
 PROXY_LOG_LEVEL: Final = PREFIX + "proxy-log-level"
@@ -26,12 +29,8 @@ DISCOVERY_SCOPE: Final = PREFIX + "discovery-scope"
 DISCOVERY_SCOPES: Final = ("cluster", "namespace")
 DEFAULT_DISCOVERY_SCOPE: Final = "cluster"
 
-# Service annotations (read by the proxies from the Service, sidecar/policy.py SERVICE_KEYS): on a pod they do
-# nothing, and the injector says so.
-SERVICE_ANNOTATIONS: Final = frozenset(
-    PREFIX + key
-    for key in ("lb", "grpc-services", "allow", "timeout", "retry", "retry-budget", "export-grpc-services")
-)
+# Service annotations (read by the proxies from the Service): on a pod they do nothing, and the injector says so.
+SERVICE_ANNOTATIONS: Final = frozenset(policy.SERVICE_KEYS)
 
 ACCESS_LOG: Final = PREFIX + "access-log"
 
@@ -56,19 +55,20 @@ POD_ANNOTATIONS: Final = frozenset(
 NAMESPACE_INJECT_LABEL: Final = INJECT
 
 # --- weight (read by discovery from the Pod; the injector only corrects it) ---
-DEFAULT_WEIGHT: Final = 100
-MAX_WEIGHT: Final = 10_000
+DEFAULT_WEIGHT: Final = model.DEFAULT_WEIGHT
+MAX_WEIGHT: Final = model.MAX_WEIGHT
 
 # --- the proxy's fixed ports (DESIGN.md §1) ---
-OUTBOUND_PORT: Final = 15001
-INBOUND_PORT: Final = 15443
-ADMIN_PORT: Final = 15090
-DEBUG_PORT: Final = 15091  # /debug, on the pod's loopback only: no containerPort, but taken all the same
-PROXY_PORTS: Final = frozenset({OUTBOUND_PORT, INBOUND_PORT, ADMIN_PORT, DEBUG_PORT})
+OUTBOUND_PORT: Final = ports.OUTBOUND_PORT
+INBOUND_PORT: Final = ports.INBOUND_PORT
+ADMIN_PORT: Final = ports.ADMIN_PORT
+DEBUG_PORT: Final = ports.DEBUG_PORT
+PROXY_PORTS: Final = ports.PROXY_PORTS
+IDENTITY_PORT: Final = ports.IDENTITY_PORT
 PORT_NAMES: Final = {OUTBOUND_PORT: "proxy-outbound", INBOUND_PORT: "proxy-inbound", ADMIN_PORT: "proxy-admin"}
-READY_PATH: Final = "/ready"
-LIVE_PATH: Final = "/live"
-METRICS_PATH: Final = "/metrics"
+READY_PATH: Final = ports.READY_PATH
+LIVE_PATH: Final = ports.LIVE_PATH
+METRICS_PATH: Final = ports.METRICS_PATH
 
 # --- the injected container ---
 PROXY_CONTAINER: Final = "kuberpc-proxy"
@@ -77,9 +77,9 @@ PROXY_ARGS: Final = ("run",)
 PROXY_UID: Final = 65532
 # The proxy image has Python but no shell, so the startup hold is a Python subcommand.
 WAIT_READY_COMMAND: Final = ("python", "-m", "sidecar", "wait-ready", "--timeout", "120")
-LOG_LEVELS: Final = ("debug", "info", "warning", "error")
+LOG_LEVELS: Final = policy.LOG_LEVELS
 # kuberpc.io/access-log values, passed to the proxy as KUBERPC_ACCESS_LOG (absent: off).
-ACCESS_LOG_FORMATS: Final = ("json", "off")
+ACCESS_LOG_FORMATS: Final = policy.ACCESS_LOG_FORMATS
 DEFAULT_LOG_LEVEL: Final = "info"
 DEFAULT_CPU_REQUEST: Final = "50m"
 DEFAULT_MEMORY_REQUEST: Final = "64Mi"
@@ -88,7 +88,7 @@ DEFAULT_MEMORY_LIMIT: Final = "256Mi"
 DEFAULT_GRACE_SECONDS: Final = 30
 DRAIN_MARGIN_SECONDS: Final = 5  # leave the kubelet this much of the grace period after the drain
 MIN_DRAIN_SECONDS: Final = 1
-MAX_DRAIN_SECONDS: Final = 3600  # the proxy rejects more (sidecar/config.py)
+MAX_DRAIN_SECONDS: Final = policy.MAX_DRAIN_SECONDS  # the proxy rejects more
 
 # --- volumes and the paths the proxy reads (sidecar/config.py ENV_DOC) ---
 IDENTITY_VOLUME: Final = "kuberpc-identity"
@@ -117,8 +117,8 @@ TRUST_ANCHORS_PATH: Final = TRUST_ANCHORS_DIR + "/" + TRUST_ANCHORS_KEY
 TOKEN_PATH: Final = TOKEN_DIR + "/" + TOKEN_FILE
 
 # --- injector config defaults (config.yaml) ---
-DEFAULT_TRUST_DOMAIN: Final = "cluster.local"
-DEFAULT_IDENTITY_ADDR: Final = "kuberpc-webhook.kuberpc-system.svc:8081"
+DEFAULT_TRUST_DOMAIN: Final = spiffe.DEFAULT_TRUST_DOMAIN
+DEFAULT_IDENTITY_ADDR: Final = f"kuberpc-webhook.kuberpc-system.svc:{IDENTITY_PORT}"
 DEFAULT_CONTROL_PLANE_NAMESPACE: Final = "kuberpc-system"
 DEFAULT_IMAGE_PULL_POLICY: Final = "IfNotPresent"
 NATIVE_SIDECAR_MIN_VERSION: Final = (1, 29)

@@ -14,6 +14,7 @@ from typing import Literal
 import yaml
 from kubernetes.utils.quantity import parse_quantity
 
+from sidecar.spiffe import is_dns_label, is_trust_domain
 from webhook import __version__
 from webhook import annotations as a
 
@@ -35,8 +36,6 @@ KEYS = (
 # The apimachinery quantity grammar; kubernetes.utils.parse_quantity alone is too lenient
 # (it hands the number to Decimal, which accepts "NaN", "1_0" and surrounding spaces).
 _QUANTITY = re.compile(r"^[+]?(?:\d+(?:\.\d*)?|\.\d+)(?:[KMGTPE]i|[numkMGTPE]|[eE][+-]?\d+)?$")
-_DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
-_TRUST_DOMAIN = re.compile(r"^[a-z0-9.\-_]+$")
 _HOSTPORT = re.compile(r"^[A-Za-z0-9.\-]+:(\d{1,5})$")
 _VERSION = re.compile(r"^v?(\d+)\.(\d+)")
 
@@ -175,7 +174,7 @@ def load_config(text: str, *, base: InjectorConfig | None = None) -> InjectorCon
             problems.append(f"imagePullPolicy: {policy!r} is not one of {', '.join(PULL_POLICIES)}")
         values["image_pull_policy"] = policy
     if (td := _string(data, "trustDomain", problems)) is not None:
-        if not _TRUST_DOMAIN.match(td):
+        if not is_trust_domain(td):
             problems.append(f"trustDomain: {td!r} is not a SPIFFE trust domain")
         values["trust_domain"] = td
     if (addr := _string(data, "identityAddr", problems)) is not None:
@@ -184,7 +183,7 @@ def load_config(text: str, *, base: InjectorConfig | None = None) -> InjectorCon
             problems.append(f"identityAddr: {addr!r} is not host:port")
         values["identity_addr"] = addr
     if (ns := _string(data, "controlPlaneNamespace", problems)) is not None:
-        if not _DNS_LABEL.match(ns):
+        if not is_dns_label(ns):
             problems.append(f"controlPlaneNamespace: {ns!r} is not a namespace name")
         values["control_plane_namespace"] = ns
 

@@ -8,16 +8,13 @@ from __future__ import annotations
 import base64
 import datetime as dt
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
 
 import yaml
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from sidecar import pki
+from sidecar.pki import KeyPair
 from webhook import annotations as a
 
 Document = dict[str, object]
@@ -25,83 +22,11 @@ KUSTOMIZATION_NAMES = ("kustomization.yaml", "kustomization.yml", "Kustomization
 # Keys of a Kustomization this reader understands; anything that would transform documents is refused
 # rather than silently ignored (use `kubectl kustomize` and a real kustomize for those).
 KUSTOMIZATION_KEYS = frozenset({"apiVersion", "kind", "metadata", "resources"})
-CA_DAYS = 3650
-SERVING_DAYS = 730
+CA_LIFETIME = dt.timedelta(days=3650)
 
 
 class InstallError(RuntimeError):
     """The manifests cannot be read or completed; the message says which file and why."""
-
-
-@dataclass(frozen=True, slots=True)
-class KeyPair:
-    cert_pem: bytes
-    key_pem: bytes
-
-
-def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
-    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
-
-
-def generate_ca(common_name: str, *, now: dt.datetime, days: int = CA_DAYS, uri: str | None = None) -> KeyPair:
-    """A self-signed ECDSA P-256 CA that may sign leaf certificates only (path length 0)."""
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "kuberpc"), x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
-    builder = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(minutes=5))  # tolerate clock skew between nodes
-        .not_valid_after(now + dt.timedelta(days=days))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=True, content_commitment=False, key_encipherment=False, data_encipherment=False,
-                key_agreement=False, key_cert_sign=True, crl_sign=True, encipher_only=False, decipher_only=False,
-            ),
-            critical=True,
-        )
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
-    )
-    if uri is not None:
-        builder = builder.add_extension(x509.SubjectAlternativeName([x509.UniformResourceIdentifier(uri)]), critical=False)
-    cert = builder.sign(key, hashes.SHA256())
-    return KeyPair(cert.public_bytes(serialization.Encoding.PEM), _key_pem(key))
-
-
-def issue_serving_cert(ca: KeyPair, dns_names: Sequence[str], *, now: dt.datetime, days: int = SERVING_DAYS) -> KeyPair:
-    """A TLS server certificate for `dns_names` signed by `ca` (ECDSA P-256)."""
-    ca_cert = x509.load_pem_x509_certificate(ca.cert_pem)
-    ca_key = serialization.load_pem_private_key(ca.key_pem, password=None)
-    if not isinstance(ca_key, ec.EllipticCurvePrivateKey):
-        raise InstallError("the CA key is not an EC key")
-    key = ec.generate_private_key(ec.SECP256R1())
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, dns_names[0])]))
-        .issuer_name(ca_cert.subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(minutes=5))
-        .not_valid_after(now + dt.timedelta(days=days))
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=True, content_commitment=False, key_encipherment=False, data_encipherment=False,
-                key_agreement=False, key_cert_sign=False, crl_sign=False, encipher_only=False, decipher_only=False,
-            ),
-            critical=True,
-        )
-        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-        .add_extension(x509.SubjectAlternativeName([x509.DNSName(n) for n in dns_names]), critical=False)
-        .add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False
-        )
-        .sign(ca_key, hashes.SHA256())
-    )
-    return KeyPair(cert.public_bytes(serialization.Encoding.PEM), _key_pem(key))
 
 
 def service_dns_names(service: str = a.WEBHOOK_NAME, namespace: str = a.DEFAULT_CONTROL_PLANE_NAMESPACE) -> list[str]:
@@ -223,9 +148,11 @@ def render(
 ) -> list[Document]:
     """Everything `kubectl apply -f -` needs, with freshly generated certificates and keys."""
     docs = load_kustomization(manifests)
-    webhook_ca = generate_ca("kuberpc webhook CA", now=now)
-    serving = issue_serving_cert(webhook_ca, service_dns_names(), now=now)
-    identity_ca = generate_ca("kuberpc identity CA", now=now, uri=f"spiffe://{trust_domain}")
+    webhook_ca = pki.create_ca(trust_domain=None, common_name="kuberpc webhook CA", lifetime=CA_LIFETIME, now=now)
+    serving = pki.issue_serving(webhook_ca, service_dns_names(), now=now)
+    identity_ca = pki.create_ca(
+        trust_domain=trust_domain, common_name="kuberpc identity CA", lifetime=CA_LIFETIME, now=now
+    )
     set_ca_bundle(docs, webhook_ca.cert_pem)
     return docs + generated_documents(serving=serving, identity_ca=identity_ca, namespaces=namespaces)
 

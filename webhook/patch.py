@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from decimal import Decimal
 from typing import Literal, NamedTuple, NotRequired, TypedDict
 
+from sidecar.policy import UpstreamsError, format_upstreams, parse_upstreams, parse_weight
 from webhook import annotations as a
 from webhook.config import InjectorConfig, parse_positive_quantity, quantity_value
 
@@ -27,7 +28,6 @@ class JsonPatchOp(TypedDict):
 
 Result = Literal["injected", "skipped", "denied"]
 
-_DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
 _INTEGER = re.compile(r"^[+-]?\d{1,12}$")
 _SECONDS = re.compile(r"^\d{1,7}(?:\.\d{1,6})?$")
 _SHOWN_CHARS = 40  # API servers truncate warnings past 120 characters: keep echoed values short
@@ -289,32 +289,6 @@ def _container_ports(containers: Sequence[object]) -> list[tuple[str, int]]:
     return out
 
 
-def parse_upstreams(text: str, namespace: str) -> list[tuple[str, int, int]]:
-    """`svc[.ns[.svc[.cluster.local]]]:port=localport,...` -> [(`svc.ns`, port, localport)]; ValueError names the entry."""
-    out: list[tuple[str, int, int]] = []
-    for raw in text.split(","):
-        entry = raw.strip()
-        if not entry:
-            continue
-        target, sep, local = entry.partition("=")
-        host, colon, port = target.strip().rpartition(":")
-        if not sep or not colon:
-            raise ValueError(f"{show(entry)} is not svc.ns:port=localport")
-        parts = host.split(".")
-        name, ns = parts[0], parts[1] if len(parts) > 1 else namespace
-        rest = parts[2:]
-        if rest not in ([], ["svc"], ["svc", "cluster", "local"]):
-            raise ValueError(f"{show(entry)}: {show(host)} is not svc.ns[.svc[.cluster.local]]")
-        for label in (name, ns):
-            if not _DNS_LABEL.match(label):
-                raise ValueError(f"{show(entry)}: {show(label)} is not a DNS label")
-        try:
-            out.append((f"{name}.{ns}", _port(port.strip()), _port(local.strip())))
-        except ValueError:
-            raise ValueError(f"{show(entry)}: port and local port must be 1-65535") from None
-    return out
-
-
 def _max_quantity(x: str, y: str) -> str:
     return x if quantity_value(x) >= quantity_value(y) else y
 
@@ -363,18 +337,22 @@ def _plan_injection(f: PodFacts, ann: Mapping[str, str], cfg: InjectorConfig, *,
     if a.UPSTREAMS in ann:
         try:
             parsed = parse_upstreams(ann[a.UPSTREAMS], ns)
-            taken: dict[int, str] = {p: "a proxy port" for p in a.PROXY_PORTS}
+        except UpstreamsError as e:
+            problems += [f"{a.UPSTREAMS}: {p}" for p in e.problems]
+        else:
+            # The parser refused the proxy's ports and repeats; what else this pod listens on is known only here.
+            taken: dict[int, str] = {}
             for cname, port in app_ports:
                 taken.setdefault(port, f"a port of container {show(cname)}")
             if app_port is not None:
                 taken.setdefault(app_port, "the app port")
-            for svc, port, local in parsed:
-                if local in taken:
-                    problems.append(f"{a.UPSTREAMS}: {svc}:{port}={local}: local port {local} is {taken[local]}")
-                taken[local] = "used twice"
-            upstreams = ",".join(f"{svc}:{port}={local}" for svc, port, local in parsed)
-        except ValueError as e:
-            problems.append(f"{a.UPSTREAMS}: {e}")
+            for up in parsed:
+                if up.local_port in taken:
+                    problems.append(
+                        f"{a.UPSTREAMS}: {up.service}:{up.port}={up.local_port}: "
+                        f"local port {up.local_port} is {taken[up.local_port]}"
+                    )
+            upstreams = format_upstreams(parsed)
 
     res = cfg.resources
     cpu_req, mem_req, cpu_lim, mem_lim = res.cpu_request, res.memory_request, res.cpu_limit, res.memory_limit
@@ -415,12 +393,19 @@ def _plan_injection(f: PodFacts, ann: Mapping[str, str], cfg: InjectorConfig, *,
     weight: str | None = None
     if a.WEIGHT in ann:
         text = ann[a.WEIGHT].strip()
-        if not _INTEGER.match(text):
-            weight = str(a.DEFAULT_WEIGHT)
-            warnings.append(f"{a.WEIGHT}: {show(ann[a.WEIGHT])} is not an integer; using {weight}")
-        elif not 0 <= int(text) <= a.MAX_WEIGHT:
-            weight = str(min(a.MAX_WEIGHT, max(0, int(text))))
-            warnings.append(f"{a.WEIGHT}: {show(text)} is outside 0-{a.MAX_WEIGHT}; using {weight}")
+        try:
+            parse_weight(text)  # the proxies' reading: what it takes is left as it is
+        except ValueError:
+            # Rewritten to a value the proxies read as meant (else they would fall back to the default).
+            if not _INTEGER.match(text):
+                weight = str(a.DEFAULT_WEIGHT)
+                warnings.append(f"{a.WEIGHT}: {show(ann[a.WEIGHT])} is not an integer; using {weight}")
+            else:
+                weight = str(min(a.MAX_WEIGHT, max(0, int(text))))
+                if 0 <= int(text) <= a.MAX_WEIGHT:  # "+5", "-0": in range, but not as the proxies spell it
+                    warnings.append(f"{a.WEIGHT}: {show(text)} is written {weight}")
+                else:
+                    warnings.append(f"{a.WEIGHT}: {show(text)} is outside 0-{a.MAX_WEIGHT}; using {weight}")
 
     native = cfg.native_by_default
     if a.NATIVE_SIDECAR in ann:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import shutil
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -16,3 +17,24 @@ def test_imports_flow_one_way_and_sidecar_and_webhook_stay_independent() -> None
     result = subprocess.run([lint], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "0 broken" in result.stdout
+
+
+CONTRACT_MODULES = {"model", "status", "ports", "spiffe", "policy", "pki"}
+
+
+def _contract(name_start: str) -> dict[str, object]:
+    contracts = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["importlinter"]["contracts"]
+    (found,) = [c for c in contracts if c["name"].startswith(name_start)]
+    return found
+
+
+def test_every_sidecar_module_is_either_a_contract_module_or_forbidden_to_the_control_plane() -> None:
+    # The forbidden contract lists modules by name: a new sidecar module missing from it would be open to webhook/.
+    top_level = {p.stem for p in (ROOT / "sidecar").glob("*.py") if p.stem != "__init__"}
+    top_level |= {p.parent.name for p in (ROOT / "sidecar").glob("*/__init__.py")}
+    forbidden = _contract("the control plane imports only")["forbidden_modules"]
+    assert isinstance(forbidden, list)
+    assert {m.removeprefix("sidecar.") for m in forbidden} == top_level - CONTRACT_MODULES
+    pure = _contract("the contract modules are pure")["source_modules"]
+    assert isinstance(pure, list)
+    assert {m.removeprefix("sidecar.") for m in pure} == CONTRACT_MODULES

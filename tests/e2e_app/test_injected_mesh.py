@@ -32,6 +32,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from e2e.arith import client as arith_client
 from e2e.arith import server as arith_server
 from sidecar import config as config_mod
+from sidecar import pki
 from sidecar.app import Proxy, serve
 from tests.kubefake import API_AUDIENCE, FakeCluster, Obj, cluster, free_loopback_addresses, kubeconfig
 from tests.sidecar.harness import wait_for
@@ -45,7 +46,7 @@ from webhook.identity_service import (
     identity_dns_names,
     serving,
 )
-from webhook.install import generate_ca, render
+from webhook.install import render
 from webhook.kube import review_token
 from webhook.patch import mutate
 
@@ -426,7 +427,7 @@ async def test_injected_proxies_are_certified_by_the_control_plane_then_carry_an
         "apiVersion": "v1",
         "kind": "ConfigMap",
         "metadata": {"name": a.API_CA_CONFIGMAP, "namespace": NS},
-        "data": {"ca.crt": generate_ca("kubernetes", now=dt.datetime.now(dt.UTC)).cert_pem.decode()},
+        "data": {"ca.crt": pki.create_ca(trust_domain=None, common_name="kubernetes", now=dt.datetime.now(dt.UTC)).cert_pem.decode()},
     }
     cluster.put(plane.trust_anchors, root_ca, service, endpoint_slice(service, pods[SERVER_POD]), *pods.values())
 

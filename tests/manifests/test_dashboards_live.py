@@ -27,10 +27,11 @@ import pytest
 import yaml
 from prometheus_client import CollectorRegistry
 
+from sidecar import pki
 from tests.sidecar.harness import Backend, MeshCerts, backend, mesh_certs, run_pair
 from tests.sidecar.test_mesh import channel
 from webhook.config import InjectorConfig
-from webhook.install import generate_ca, issue_serving_cert, service_dns_names
+from webhook.install import service_dns_names
 from webhook.metrics import WebhookMetrics
 from webhook.server import CertReloader, create_app, serving
 
@@ -89,7 +90,7 @@ async def make_load(target: str) -> Load:
 async def webhook_server(tmp_path: Path) -> AsyncIterator[int]:
     """The injector's real HTTPS app on 127.0.0.1 (its /metrics feeds the control-plane dashboard)."""
     now = dt.datetime.now(dt.UTC)
-    pair = issue_serving_cert(generate_ca("dashboard test CA", now=now), service_dns_names(), now=now)
+    pair = pki.issue_serving(pki.create_ca(trust_domain=None, common_name="dashboard test CA", now=now), service_dns_names(), now=now)
     cert, key = tmp_path / "webhook.crt", tmp_path / "webhook.key"
     cert.write_bytes(pair.cert_pem)
     key.write_bytes(pair.key_pem)

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from sidecar.config import ADMIN_PORT, INBOUND_PORT, OUTBOUND_PORT
+from sidecar.ports import ADMIN_PORT, INBOUND_PORT, OUTBOUND_PORT
 
 REPO = Path(__file__).resolve().parents[2]
 IMAGES = {"sidecar": REPO / "Dockerfile.sidecar", "webhook": REPO / "Dockerfile.webhook"}

@@ -16,7 +16,8 @@ import pytest
 import yaml
 from kubernetes_validate.utils import latest_version
 
-from sidecar.config import PROXY_PORTS, parse_upstreams
+from sidecar.policy import parse_upstreams
+from sidecar.ports import PROXY_PORTS
 
 REPO = Path(__file__).resolve().parents[2]
 MANIFESTS = REPO / "manifests"

@@ -15,7 +15,7 @@ import grpc
 import pytest
 
 from sidecar import config as config_mod
-from sidecar import identity
+from sidecar import identity, pki
 from sidecar.app import Proxy, serve
 
 BIG = 64 << 20
@@ -41,7 +41,8 @@ class MeshCerts:
 def _issue(ca_key: bytes, ca_cert: bytes, out: Path, ns: str, sa: str) -> Workload:
     out.mkdir(parents=True, exist_ok=True)
     ident = identity.SpiffeId("cluster.local", ns, sa)
-    key, chain = identity.issue_workload(ca_key, ca_cert, identity=ident)
+    issued = pki.issue_workload(pki.KeyPair(ca_cert, ca_key), identity=ident)
+    key, chain = issued.key_pem, issued.cert_pem
     (out / "key.pem").write_bytes(key)
     (out / "cert.pem").write_bytes(chain)
     (out / "ca.pem").write_bytes(ca_cert)
@@ -51,8 +52,9 @@ def _issue(ca_key: bytes, ca_cert: bytes, out: Path, ns: str, sa: str) -> Worklo
 @pytest.fixture(scope="session")
 def mesh_certs(tmp_path_factory: pytest.TempPathFactory) -> MeshCerts:
     root = tmp_path_factory.mktemp("mesh")
-    ca_key, ca_cert = identity.create_ca(trust_domain="cluster.local")
-    rogue_key, rogue_cert = identity.create_ca(trust_domain="cluster.local")
+    ca = pki.create_ca(trust_domain="cluster.local")
+    rogue = pki.create_ca(trust_domain="cluster.local")
+    ca_key, ca_cert, rogue_key, rogue_cert = ca.key_pem, ca.cert_pem, rogue.key_pem, rogue.cert_pem
     return MeshCerts(
         client=_issue(ca_key, ca_cert, root / "client", "default", "client"),
         server=_issue(ca_key, ca_cert, root / "server", "default", "arith"),

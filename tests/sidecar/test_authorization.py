@@ -17,7 +17,7 @@ import grpc
 import pytest
 import yaml
 
-from sidecar import identity
+from sidecar import identity, pki
 from tests.sidecar.harness import (
     GRPC_OPTIONS,
     Backend,
@@ -299,9 +299,11 @@ async def test_a_pod_no_service_selects_refuses_every_caller(mesh_certs: MeshCer
 def second_trust_domain(mesh_certs: MeshCerts, tmp_path: Path) -> tuple[Workload, Workload]:
     """Rotation or federation: anchors holding a second CA, whose workload has the same ns/sa as the mesh's
     client. Returns (the foreign client, the mesh's server trusting both CAs)."""
-    other_key, other_cert = identity.create_ca(trust_domain="other.cluster")
+    other = pki.create_ca(trust_domain="other.cluster")
+    other_cert = other.cert_pem
     foreign_id = identity.SpiffeId("other.cluster", "default", "client")
-    key, chain = identity.issue_workload(other_key, other_cert, identity=foreign_id)
+    issued = pki.issue_workload(other, identity=foreign_id)
+    key, chain = issued.key_pem, issued.cert_pem
     bundle = tmp_path / "anchors.pem"
     bundle.write_bytes(Path(mesh_certs.server.ca).read_bytes() + other_cert)
     (tmp_path / "foreign.key").write_bytes(key)

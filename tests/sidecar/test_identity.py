@@ -21,12 +21,11 @@ from sidecar.identity import (
     SpiffeId,
     cert_expiry_timestamp,
     client_context,
-    create_ca,
-    issue_workload,
     peer_identity,
     require_mesh_identity,
     server_context,
 )
+from sidecar.pki import KeyPair, create_ca, issue_workload
 
 NOW = datetime.datetime(2025, 3, 1, 12, 0, tzinfo=datetime.UTC)
 SERVER_ID = SpiffeId("cluster.local", "default", "arith")
@@ -116,7 +115,7 @@ def test_spiffe_id_refuses_invalid_fields_at_construction(
 
 
 @pytest.fixture(scope="module")
-def ca() -> tuple[bytes, bytes]:
+def ca() -> KeyPair:
     return create_ca(now=NOW)
 
 
@@ -124,8 +123,8 @@ def _certs(chain_pem: bytes) -> list[x509.Certificate]:
     return x509.load_pem_x509_certificates(chain_pem)
 
 
-def test_ca_is_a_self_signed_p256_ca_naming_its_trust_domain(ca: tuple[bytes, bytes]) -> None:
-    cert = x509.load_pem_x509_certificate(ca[1])
+def test_ca_is_a_self_signed_p256_ca_naming_its_trust_domain(ca: KeyPair) -> None:
+    cert = x509.load_pem_x509_certificate(ca.cert_pem)
     cert.verify_directly_issued_by(cert)
     assert isinstance(cert.public_key(), ec.EllipticCurvePublicKey)
     assert isinstance(cert.public_key().curve, ec.SECP256R1)  # type: ignore[union-attr]
@@ -134,33 +133,34 @@ def test_ca_is_a_self_signed_p256_ca_naming_its_trust_domain(ca: tuple[bytes, by
     assert san.get_values_for_type(x509.UniformResourceIdentifier) == ["spiffe://cluster.local"]
 
 
-def test_workload_key_is_ecdsa_p256(ca: tuple[bytes, bytes]) -> None:
-    key_pem, chain_pem = issue_workload(*ca, identity=SERVER_ID, now=NOW)
+def test_workload_key_is_ecdsa_p256(ca: KeyPair) -> None:
+    issued = issue_workload(ca, identity=SERVER_ID, now=NOW)
+    key_pem, chain_pem = issued.key_pem, issued.cert_pem
     key = load_pem_private_key(key_pem, password=None)
     assert isinstance(key, ec.EllipticCurvePrivateKey)
     assert isinstance(key.curve, ec.SECP256R1)
     assert _certs(chain_pem)[0].public_key() == key.public_key()
 
 
-def test_workload_cert_expires_24_hours_after_issue(ca: tuple[bytes, bytes]) -> None:
-    _, chain_pem = issue_workload(*ca, identity=SERVER_ID, now=NOW)
+def test_workload_cert_expires_24_hours_after_issue(ca: KeyPair) -> None:
+    chain_pem = issue_workload(ca, identity=SERVER_ID, now=NOW).cert_pem
     leaf = _certs(chain_pem)[0]
     assert leaf.not_valid_after_utc == NOW + datetime.timedelta(hours=24)
     # Backdated a little for peers whose clocks lag, never more than a few minutes.
     assert NOW - datetime.timedelta(minutes=5) <= leaf.not_valid_before_utc <= NOW
 
 
-def test_workload_cert_carries_the_spiffe_id_as_its_only_uri_san(ca: tuple[bytes, bytes]) -> None:
-    _, chain_pem = issue_workload(*ca, identity=SERVER_ID, dns_names=["arith.default.svc"], now=NOW)
+def test_workload_cert_carries_the_spiffe_id_as_its_only_uri_san(ca: KeyPair) -> None:
+    chain_pem = issue_workload(ca, identity=SERVER_ID, dns_names=["arith.default.svc"], now=NOW).cert_pem
     ext = _certs(chain_pem)[0].extensions.get_extension_for_class(x509.SubjectAlternativeName)
     assert ext.value.get_values_for_type(x509.UniformResourceIdentifier) == [str(SERVER_ID)]
     assert ext.value.get_values_for_type(x509.DNSName) == ["arith.default.svc"]
 
 
-def test_workload_chain_is_leaf_then_ca_and_verifies_against_the_ca(ca: tuple[bytes, bytes]) -> None:
-    _, chain_pem = issue_workload(*ca, identity=SERVER_ID, now=NOW)
+def test_workload_chain_is_leaf_then_ca_and_verifies_against_the_ca(ca: KeyPair) -> None:
+    chain_pem = issue_workload(ca, identity=SERVER_ID, now=NOW).cert_pem
     leaf, issuer = _certs(chain_pem)
-    ca_cert = x509.load_pem_x509_certificate(ca[1])
+    ca_cert = x509.load_pem_x509_certificate(ca.cert_pem)
     assert issuer == ca_cert
     # cryptography's RFC 5280 path builder is strict: it also checks key usages and extensions.
     verifier = PolicyBuilder().store(Store([ca_cert])).time(NOW).build_client_verifier()
@@ -168,8 +168,8 @@ def test_workload_chain_is_leaf_then_ca_and_verifies_against_the_ca(ca: tuple[by
     assert x509.UniformResourceIdentifier(str(SERVER_ID)) in (verified.subjects or [])
 
 
-def test_workload_cert_cannot_act_as_a_ca(ca: tuple[bytes, bytes]) -> None:
-    _, chain_pem = issue_workload(*ca, identity=SERVER_ID, now=NOW)
+def test_workload_cert_cannot_act_as_a_ca(ca: KeyPair) -> None:
+    chain_pem = issue_workload(ca, identity=SERVER_ID, now=NOW).cert_pem
     leaf = _certs(chain_pem)[0]
     assert not leaf.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
     assert not leaf.extensions.get_extension_for_class(x509.KeyUsage).value.key_cert_sign
@@ -177,33 +177,33 @@ def test_workload_cert_cannot_act_as_a_ca(ca: tuple[bytes, bytes]) -> None:
 
 def test_workload_cert_never_outlives_its_ca() -> None:
     ca = create_ca(lifetime=datetime.timedelta(hours=2), now=NOW)
-    _, chain_pem = issue_workload(*ca, identity=SERVER_ID, now=NOW)
+    chain_pem = issue_workload(ca, identity=SERVER_ID, now=NOW).cert_pem
     assert _certs(chain_pem)[0].not_valid_after_utc == NOW + datetime.timedelta(hours=2)
 
 
-def test_issue_refuses_an_expired_ca(ca: tuple[bytes, bytes]) -> None:
+def test_issue_refuses_an_expired_ca(ca: KeyPair) -> None:
     with pytest.raises(IdentityError, match="not valid at"):
-        issue_workload(*ca, identity=SERVER_ID, now=NOW + datetime.timedelta(days=400))
+        issue_workload(ca, identity=SERVER_ID, now=NOW + datetime.timedelta(days=400))
 
 
-def test_issue_refuses_an_identity_from_another_trust_domain(ca: tuple[bytes, bytes]) -> None:
+def test_issue_refuses_an_identity_from_another_trust_domain(ca: KeyPair) -> None:
     with pytest.raises(IdentityError, match=r"spiffe://example\.org/ns/default/sa/arith"):
-        issue_workload(*ca, identity=SpiffeId("example.org", "default", "arith"), now=NOW)
+        issue_workload(ca, identity=SpiffeId("example.org", "default", "arith"), now=NOW)
 
 
-def test_issue_refuses_a_ca_key_that_does_not_match_the_ca_cert(ca: tuple[bytes, bytes]) -> None:
-    other_key, _ = create_ca(now=NOW)
+def test_issue_refuses_a_ca_key_that_does_not_match_the_ca_cert(ca: KeyPair) -> None:
+    other = create_ca(now=NOW)
     with pytest.raises(IdentityError, match="does not belong"):
-        issue_workload(other_key, ca[1], identity=SERVER_ID, now=NOW)
+        issue_workload(KeyPair(ca.cert_pem, other.key_pem), identity=SERVER_ID, now=NOW)
 
 
-def test_issue_refuses_a_naive_clock(ca: tuple[bytes, bytes]) -> None:
+def test_issue_refuses_a_naive_clock(ca: KeyPair) -> None:
     with pytest.raises(IdentityError, match="timezone"):
-        issue_workload(*ca, identity=SERVER_ID, now=datetime.datetime(2025, 3, 1, 12, 0))
+        issue_workload(ca, identity=SERVER_ID, now=datetime.datetime(2025, 3, 1, 12, 0))
 
 
-def test_cert_expiry_timestamp_is_the_leaf_not_after(ca: tuple[bytes, bytes]) -> None:
-    _, chain_pem = issue_workload(*ca, identity=SERVER_ID, lifetime=datetime.timedelta(hours=3), now=NOW)
+def test_cert_expiry_timestamp_is_the_leaf_not_after(ca: KeyPair) -> None:
+    chain_pem = issue_workload(ca, identity=SERVER_ID, lifetime=datetime.timedelta(hours=3), now=NOW).cert_pem
     assert cert_expiry_timestamp(chain_pem) == (NOW + datetime.timedelta(hours=3)).timestamp()
 
 
@@ -222,9 +222,10 @@ class Files:
     anchors: str
 
 
-def _write_workload(directory: Path, ca: tuple[bytes, bytes], identity: SpiffeId, anchors: bytes) -> Files:
+def _write_workload(directory: Path, ca: KeyPair, identity: SpiffeId, anchors: bytes) -> Files:
     directory.mkdir()
-    key_pem, chain_pem = issue_workload(*ca, identity=identity)
+    issued = issue_workload(ca, identity=identity)
+    key_pem, chain_pem = issued.key_pem, issued.cert_pem
     (directory / "key.pem").write_bytes(key_pem)
     (directory / "cert.pem").write_bytes(chain_pem)
     (directory / "ca.pem").write_bytes(anchors)
@@ -249,14 +250,14 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
     foreign = create_ca()
     other_domain = create_ca(trust_domain="example.org")
     both = root / "both.pem"
-    both.write_bytes(mesh[1] + other_domain[1])
+    both.write_bytes(mesh.cert_pem + other_domain.cert_pem)
     return Pki(
-        server=_write_workload(root / "server", mesh, SERVER_ID, mesh[1]),
-        client=_write_workload(root / "client", mesh, CLIENT_ID, mesh[1]),
-        foreign_client=_write_workload(root / "foreign-client", foreign, CLIENT_ID, mesh[1]),
-        foreign_server=_write_workload(root / "foreign-server", foreign, SERVER_ID, mesh[1]),
+        server=_write_workload(root / "server", mesh, SERVER_ID, mesh.cert_pem),
+        client=_write_workload(root / "client", mesh, CLIENT_ID, mesh.cert_pem),
+        foreign_client=_write_workload(root / "foreign-client", foreign, CLIENT_ID, mesh.cert_pem),
+        foreign_server=_write_workload(root / "foreign-server", foreign, SERVER_ID, mesh.cert_pem),
         other_domain_client=_write_workload(
-            root / "other-domain", other_domain, SpiffeId("example.org", "shop", "frontend"), mesh[1]
+            root / "other-domain", other_domain, SpiffeId("example.org", "shop", "frontend"), mesh.cert_pem
         ),
         anchors_with_other_domain=str(both),
     )

@@ -102,6 +102,15 @@ def test_bad_allow_entry_is_dropped_and_the_rest_still_applies() -> None:
     ]
 
 
+@pytest.mark.parametrize("entry", ["shop/a..b", "shop/a.-b", "shop/" + "x" * 64 + ".y", "Shop/cart"])
+def test_an_allow_entry_no_identity_can_have_is_dropped(entry: str) -> None:
+    # The same name rules as a SPIFFE ID's (sidecar/spiffe.py): the looser pattern this parser had let
+    # "a..b" or a 64-character label through, which no service account can be named.
+    policy, problems = parse_service_annotations({"kuberpc.io/allow": f"shop/cart,{entry}"})
+    assert policy.allow == ("shop/cart",)
+    assert len(problems) == 1 and "entry ignored" in problems[0]
+
+
 def test_allow_with_no_valid_entry_denies_everyone_rather_than_allowing_all() -> None:
     policy, problems = parse_service_annotations({"kuberpc.io/allow": "*"})
     assert policy.allow == ()

@@ -11,7 +11,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from sidecar import identity
+from sidecar import identity, pki
 from tests.sidecar.harness import MeshCerts, RunningProxy, Workload, endpoints_yaml, run_proxy, wait_for
 
 
@@ -40,9 +40,10 @@ async def readiness(p: RunningProxy) -> tuple[int, list[str]]:
 def expired_workload(tmp_path: Path) -> Workload:
     """A certificate from a trusted CA whose 24 h lifetime ended yesterday (renewals failed all along)."""
     two_days_ago = datetime.datetime.now(datetime.UTC) - datetime.timedelta(days=2)
-    ca_key, ca_cert = identity.create_ca(trust_domain="cluster.local", now=two_days_ago - datetime.timedelta(hours=1))
+    ca = pki.create_ca(trust_domain="cluster.local", now=two_days_ago - datetime.timedelta(hours=1))
     ident = identity.SpiffeId("cluster.local", "default", "client")
-    key, chain = identity.issue_workload(ca_key, ca_cert, identity=ident, now=two_days_ago)
+    issued = pki.issue_workload(ca, identity=ident, now=two_days_ago)
+    key, chain, ca_cert = issued.key_pem, issued.cert_pem, ca.cert_pem
     for name, data in (("key.pem", key), ("cert.pem", chain), ("ca.pem", ca_cert)):
         (tmp_path / name).write_bytes(data)
     return Workload(str(tmp_path / "cert.pem"), str(tmp_path / "key.pem"), str(tmp_path / "ca.pem"), str(ident))

@@ -42,7 +42,7 @@ from hypothesis import strategies as st
 
 from proto import identity_pb2, identity_pb2_grpc
 from sidecar import config as config_mod
-from sidecar import grpc_client, identity
+from sidecar import grpc_client, identity, pki
 from sidecar.config import Address, ConfigError, IdentityService
 from sidecar.identity import IdentityError, SpiffeId
 from sidecar.workload_cert import (
@@ -117,7 +117,8 @@ class CA:
 
 @pytest.fixture(scope="module")
 def ca(tmp_path_factory: pytest.TempPathFactory) -> CA:
-    key, cert = identity.create_ca(trust_domain=TRUST_DOMAIN)
+    pair = pki.create_ca(trust_domain=TRUST_DOMAIN)
+    key, cert = pair.key_pem, pair.cert_pem
     path = tmp_path_factory.mktemp("ca") / "ca.pem"
     path.write_bytes(cert)
     return CA(key, cert, path)
@@ -250,7 +251,8 @@ async def presented_serial(port: int, client: Workload) -> int:
 
 def issue_files(ca: CA, directory: Path, ident: SpiffeId) -> Workload:
     directory.mkdir(parents=True, exist_ok=True)
-    key, chain = identity.issue_workload(ca.key_pem, ca.cert_pem, identity=ident)
+    issued = pki.issue_workload(pki.KeyPair(ca.cert_pem, ca.key_pem), identity=ident)
+    key, chain = issued.key_pem, issued.cert_pem
     (directory / "key.pem").write_bytes(key)
     (directory / "cert.pem").write_bytes(chain)
     return Workload(str(directory / "cert.pem"), str(directory / "key.pem"), str(ca.path), str(ident))
@@ -863,7 +865,8 @@ async def test_a_response_over_the_size_limit_is_refused(ca: CA, tmp_path: Path)
 async def test_a_server_certificate_not_from_the_trust_anchors_is_refused_before_any_request(
     ca: CA, tmp_path: Path
 ) -> None:
-    other_key, other_cert = identity.create_ca(trust_domain=TRUST_DOMAIN)
+    other = pki.create_ca(trust_domain=TRUST_DOMAIN)
+    other_key, other_cert = other.key_pem, other.cert_pem
     impostor = serving_cert(CA(other_key, other_cert, tmp_path / "unused.pem"))
     async with scripted_service(ca, tmp_path, never_answer, cert=impostor) as server:
         error = await refusal(certifier(server.port, ca))
@@ -1208,7 +1211,7 @@ async def test_certificate_files_replaced_on_disk_are_presented_in_new_handshake
     watcher = asyncio.create_task(source.run())
     try:
         # A half-finished update (a key that does not match the certificate) is refused and the old pair kept.
-        other_key, _ = identity.issue_workload(ca.key_pem, ca.cert_pem, identity=SERVER_ID)
+        other_key = pki.issue_workload(pki.KeyPair(ca.cert_pem, ca.key_pem), identity=SERVER_ID).key_pem
         write(files.key, other_key)
         await wait_for(lambda: "certificate reload failed" in caplog.text, "the refused reload")
         assert source.current is first

@@ -18,8 +18,10 @@ import pytest
 import uvloop
 from prometheus_client import CollectorRegistry
 
+from sidecar import pki
+from sidecar.pki import KeyPair
 from webhook.config import InjectorConfig
-from webhook.install import KeyPair, generate_ca, issue_serving_cert, service_dns_names
+from webhook.install import service_dns_names
 from webhook.kube import NamespaceLookupError
 from webhook.metrics import WebhookMetrics
 from webhook.patch import Outcome
@@ -78,8 +80,8 @@ def apply() -> Callable[[Mapping[str, Any], Outcome], dict[str, Any]]:
 
 def make_serving_pair(tmp: Path, *, name: str = "serving") -> tuple[KeyPair, Path, Path]:
     now = dt.datetime.now(dt.UTC)
-    ca = generate_ca(f"test CA {name}", now=now)
-    pair = issue_serving_cert(ca, service_dns_names(), now=now)
+    ca = pki.create_ca(trust_domain=None, common_name=f"test CA {name}", now=now)
+    pair = pki.issue_serving(ca, service_dns_names(), now=now)
     cert, key = tmp / "tls.crt", tmp / "tls.key"
     cert.write_bytes(pair.cert_pem)
     key.write_bytes(pair.key_pem)

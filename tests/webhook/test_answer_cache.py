@@ -14,8 +14,8 @@ import jsonpatch
 import pytest
 from prometheus_client import CollectorRegistry
 
+from sidecar.pki import KeyPair
 from webhook.config import InjectorConfig
-from webhook.install import KeyPair
 from webhook.metrics import WebhookMetrics
 from webhook.patch import Outcome, mutate, read_pod
 from webhook.review import prepare

@@ -15,6 +15,9 @@ from cryptography.x509.verification import PolicyBuilder, Store
 from hypothesis import given
 from hypothesis import strategies as st
 
+from sidecar import pki
+from sidecar.pki import KeyPair
+from sidecar.spiffe import SpiffeId
 from webhook.identity import (
     CLOCK_SKEW,
     WORKLOAD_LIFETIME,
@@ -25,13 +28,11 @@ from webhook.identity import (
     TokenReview,
     Unauthenticated,
     Unavailable,
-    WorkloadIdentity,
     authorize,
     check_request,
     parse_csr,
     parse_identity,
 )
-from webhook.install import KeyPair, generate_ca, issue_serving_cert
 
 NOW = dt.datetime(2026, 3, 1, 12, 0, 0, tzinfo=dt.UTC)
 TD = "cluster.local"
@@ -48,7 +49,7 @@ def write_ca(tmp: Path, pair: KeyPair) -> tuple[Path, Path]:
 
 
 def mesh_ca(tmp: Path, *, now: dt.datetime = NOW, days: int = 3650) -> tuple[CertificateAuthority, KeyPair]:
-    pair = generate_ca("kuberpc identity CA", now=now, days=days, uri=f"spiffe://{TD}")
+    pair = pki.create_ca(trust_domain=TD, common_name="kuberpc identity CA", lifetime=dt.timedelta(days=days), now=now)
     cert, key = write_ca(tmp, pair)
     return CertificateAuthority.load(cert, key, trust_domain=TD), pair
 
@@ -238,7 +239,7 @@ def test_an_identity_of_another_trust_domain_is_invalid() -> None:
 
 def test_the_request_is_checked_as_a_whole_before_any_token_review() -> None:
     request = check_request(SHOP, csr(p256()), trust_domain=TD)
-    assert request.identity == WorkloadIdentity(TD, "shop", "cart")
+    assert request.identity == SpiffeId(TD, "shop", "cart")
     with pytest.raises(InvalidRequest):
         check_request(SHOP, b"not a csr", trust_domain=TD)
 
@@ -248,14 +249,14 @@ _name = st.from_regex(r"\A[a-z0-9]([-a-z0-9]{0,20}[a-z0-9])?\Z")
 
 @given(ns=_name, sa=st.lists(_name, min_size=1, max_size=3).map(".".join))
 def test_every_workload_identity_parses_back_from_its_uri(ns: str, sa: str) -> None:
-    identity = WorkloadIdentity(TD, ns, sa)
-    assert parse_identity(identity.uri, trust_domain=TD) == identity
+    identity = SpiffeId(TD, ns, sa)
+    assert parse_identity(str(identity), trust_domain=TD) == identity
     assert identity.username == f"system:serviceaccount:{ns}:{sa}"
 
 
 # --- the token's verdict: UNAUTHENTICATED / PERMISSION_DENIED -------------------------------------------
 
-SHOP_ID = WorkloadIdentity(TD, "shop", "cart")
+SHOP_ID = SpiffeId(TD, "shop", "cart")
 
 
 def test_a_token_the_api_rejects_is_unauthenticated() -> None:
@@ -318,7 +319,7 @@ def test_a_key_file_that_is_not_a_key_is_named_without_its_content(tmp_path: Pat
 
 def test_a_key_that_does_not_belong_to_the_certificate_is_named(tmp_path: Path) -> None:
     mesh_ca(tmp_path)
-    other = generate_ca("other", now=NOW)
+    other = pki.create_ca(trust_domain=None, common_name="other", now=NOW)
     (tmp_path / "ca-key.pem").write_bytes(other.key_pem)
     with pytest.raises(CAError, match="ca-key.pem: not the key of the certificate"):
         CertificateAuthority.load(tmp_path / "ca.pem", tmp_path / "ca-key.pem", trust_domain=TD)
@@ -335,8 +336,8 @@ def test_a_non_ecdsa_ca_key_is_refused(tmp_path: Path) -> None:
 
 
 def test_a_leaf_certificate_is_not_a_ca(tmp_path: Path) -> None:
-    root = generate_ca("root", now=NOW)
-    leaf = issue_serving_cert(root, ["kuberpc-webhook.kuberpc-system.svc"], now=NOW)
+    root = pki.create_ca(trust_domain=None, common_name="root", now=NOW)
+    leaf = pki.issue_serving(root, ["kuberpc-webhook.kuberpc-system.svc"], now=NOW)
     cert, key = write_ca(tmp_path, leaf)
     with pytest.raises(CAError, match="not a CA certificate"):
         CertificateAuthority.load(cert, key, trust_domain=TD)

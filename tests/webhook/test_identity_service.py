@@ -32,6 +32,8 @@ from kubernetes import client
 from prometheus_client import CollectorRegistry
 
 from proto import identity_pb2, identity_pb2_grpc
+from sidecar import pki
+from sidecar.pki import KeyPair
 from webhook.identity import (
     CertificateAuthority,
     CertifyError,
@@ -54,7 +56,6 @@ from webhook.identity_service import (
     serving,
     status_of,
 )
-from webhook.install import KeyPair, generate_ca
 from webhook.kube import review_token
 
 ROOT = Path(__file__).parents[2]
@@ -129,7 +130,10 @@ class Mesh:
 
 @pytest.fixture
 def mesh(tmp_path: Path) -> Mesh:
-    pair = generate_ca("kuberpc identity CA", now=dt.datetime.now(dt.UTC), uri=f"spiffe://{TD}")
+    # Made a day ago: every certificate, the service's own included, is issued within its CA's life, and one test
+    # starts the service's clock 17 h in the past.
+    created = dt.datetime.now(dt.UTC) - dt.timedelta(days=1)
+    pair = pki.create_ca(trust_domain=TD, common_name="kuberpc identity CA", now=created)
     cert, key = tmp_path / "ca.pem", tmp_path / "ca-key.pem"
     cert.write_bytes(pair.cert_pem)
     key.write_bytes(pair.key_pem)

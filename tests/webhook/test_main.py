@@ -16,7 +16,7 @@ from typing import Any
 
 import aiohttp
 
-from webhook.install import KeyPair
+from sidecar.pki import KeyPair
 
 ROOT = Path(__file__).parents[2]
 SERVER_NAME = "kuberpc-webhook.kuberpc-system.svc"

@@ -12,6 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from sidecar import config as proxy_config
+from sidecar.policy import UpstreamsError, parse_upstreams
 from webhook import annotations as a
 from webhook.config import InjectorConfig
 from webhook.patch import PROXY_VOLUME_NAMES, Outcome, mutate, proxy_volumes, unknown_annotations
@@ -524,6 +525,55 @@ def test_any_annotations_give_a_clean_patch_or_a_denial_and_reinjection_is_a_no_
     patched = jsonpatch.apply_patch(pod, list(outcome.patch))
     assert patched["metadata"]["labels"][a.INJECTED] == "true"
     assert mutate(patched, OPT_IN_NS, cfg, namespace="batch").patch == ()
+
+
+UPSTREAM_ENTRIES = st.builds(
+    "{}{}:{}={}".format,
+    st.sampled_from(["arith", "ledger.batch", "arith.shop.svc", "a.b.svc.cluster.local", "Arith", "a.b.c", "", " x "]),
+    st.sampled_from(["", " "]),
+    st.sampled_from(["1", "50051", "000080", "+1", "0", "65536", "\u0665", " 7 "]),
+    st.sampled_from(["9001", "9002", "8080", "15001", "15091", "0", "x", "\xb2", " 9003"]),
+)
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(text=st.lists(UPSTREAM_ENTRIES | st.text(max_size=12), max_size=4).map(",".join))
+def test_the_proxy_reads_injected_upstreams_as_the_injector_accepted_them_and_both_refuse_the_same(
+    review: Review, native_cfg: InjectorConfig, text: str
+) -> None:
+    # Before one parser served both, each side accepted values the other refused (tests/sidecar/test_upstreams.py).
+    r = review("job-pod-review")  # namespace batch; container "uploader" listens on 8080
+    r["request"]["object"]["metadata"]["annotations"][a.UPSTREAMS] = text
+    outcome = admit(r, native_cfg)
+    try:
+        expected = parse_upstreams(text, "batch")
+    except UpstreamsError:
+        assert outcome.result == "denied" and a.UPSTREAMS in outcome.message
+        return
+    if any(u.local_port == 8080 for u in expected):
+        assert outcome.result == "denied" and "local port 8080 is a port of container 'uploader'" in outcome.message
+        return
+    assert outcome.result == "injected", outcome
+    pod = jsonpatch.apply_patch(r["request"]["object"], list(outcome.patch))
+    env = {e["name"]: e.get("value") or "x" for e in proxy_of(pod)["env"]}
+    if expected:
+        assert proxy_config.load(env).upstreams == expected
+    else:
+        assert "KUBERPC_UPSTREAMS" not in env
+
+
+@pytest.mark.parametrize(("value", "written"), [("+5", "5"), ("-0", "0"), ("20000", "10000"), ("heavy", "100")])
+def test_a_weight_the_proxies_would_not_read_as_meant_is_rewritten(
+    review: Review, apply: Apply, native_cfg: InjectorConfig, value: str, written: str
+) -> None:
+    # "+5" passed the injector unchanged, then every proxy refused it and used 100.
+    pod = injected(review, apply, "deployment-pod-review", native_cfg, weight=value)
+    assert pod["metadata"]["annotations"][a.WEIGHT] == written
+
+
+def test_a_weight_the_proxies_read_is_left_as_written(review: Review, apply: Apply, native_cfg: InjectorConfig) -> None:
+    pod = injected(review, apply, "deployment-pod-review", native_cfg, weight="007")
+    assert pod["metadata"]["annotations"][a.WEIGHT] == "007"
 
 
 def test_an_unrecognised_inject_value_is_named_in_the_skip_reason(review: Review, native_cfg: InjectorConfig) -> None:

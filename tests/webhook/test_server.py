@@ -14,7 +14,9 @@ import jsonpatch
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from webhook.install import KeyPair, generate_ca, issue_serving_cert, service_dns_names
+from sidecar import pki
+from sidecar.pki import KeyPair
+from webhook.install import service_dns_names
 
 Review = Callable[[str], dict[str, Any]]
 SERVER_NAME = "kuberpc-webhook.kuberpc-system.svc"
@@ -130,8 +132,8 @@ async def test_a_rotated_certificate_is_served_to_the_next_connection(
     old_ca, cert, key = serving_files
     assert await _served_ca(live_server.base, old_ca.cert_pem)
     now = dt.datetime.now(dt.UTC)
-    new_ca = generate_ca("rotated CA", now=now)
-    pair = issue_serving_cert(new_ca, service_dns_names(), now=now)
+    new_ca = pki.create_ca(trust_domain=None, common_name="rotated CA", now=now)
+    pair = pki.issue_serving(new_ca, service_dns_names(), now=now)
     # Write aside and rename, as the kubelet's atomic Secret update does.
     (tmp_path / "new.crt").write_bytes(pair.cert_pem)
     (tmp_path / "new.key").write_bytes(pair.key_pem)
