@@ -11,7 +11,6 @@ import math
 import ssl
 import struct
 import urllib.parse
-from typing import cast
 
 from sidecar.config import Address
 from sidecar.h2 import frames as F
@@ -139,12 +138,7 @@ async def _open(address: Address, ctx: ssl.SSLContext) -> tuple[asyncio.Transpor
 
 
 class _Exchange:
-    """The ConnectionHandler of the call's connection, and the receiver of the response body.
-
-    Connection is built to relay: it hands a stream's DATA to `stream.peer.conn.send_data`. The response
-    stream's peer is therefore a Stream whose `conn` is this object, which keeps the body instead of
-    forwarding it (connection.py stays as it is: this is its hot path, and this call comes every ~16 h).
-    """
+    """The ConnectionHandler of the call's connection: it keeps the response's headers, body and trailers."""
 
     def __init__(self, address: Address, max_response: int) -> None:
         self.address = address
@@ -175,6 +169,15 @@ class _Exchange:
         if end_stream:
             self._finish()
 
+    def on_data(self, stream: Stream, data: bytes, end_stream: bool, flow: int) -> None:
+        stream.conn.credit(stream, flow)  # consumed at once: the server may send more
+        if len(self.body) + len(data) > self.max_response:
+            self._finish(CallError("RESOURCE_EXHAUSTED", f"response larger than {self.max_response} bytes"))
+            return
+        self.body += data
+        if end_stream:
+            self._finish()  # no trailers: the result says so
+
     def on_reset(self, stream: Stream, code: int) -> None:
         if stream.conn.closed:
             self._finish(
@@ -198,18 +201,6 @@ class _Exchange:
     def on_connection_lost(self, conn: Connection) -> None:
         self._finish(CallError("UNAVAILABLE", f"the connection to {self.address} was lost during the call"))
 
-    # ---- where Connection relays the response's DATA ----
-
-    def send_data(self, stream: Stream, data: bytes, end: bool, src: Stream | None, credit: int) -> None:
-        if src is not None:
-            src.conn.credit(src, credit)  # consumed at once: the server may send more
-        if len(self.body) + len(data) > self.max_response:
-            self._finish(CallError("RESOURCE_EXHAUSTED", f"response larger than {self.max_response} bytes"))
-            return
-        self.body += data
-        if end:
-            self._finish()  # no trailers: the result says so
-
 
 async def _exchange(
     transport: asyncio.Transport,
@@ -228,9 +219,6 @@ async def _exchange(
         conn.data_received(early)  # kept until connection_made, which reads it
     conn.connection_made(transport)
     stream = Stream(conn)
-    receiver = Stream(conn)
-    receiver.conn = cast(Connection, exchange)  # see _Exchange
-    stream.peer = receiver
     try:
         headers: Headers = [
             (b":method", b"POST"),

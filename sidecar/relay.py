@@ -191,14 +191,6 @@ class Call:
         self.replay: Replay | None = None
         self.expires = 0.0  # when set (> 0): on our clock, the caller's deadline less the slack
 
-    def on_data(self, s: Stream, data: bytes) -> None:
-        if s is self.down:
-            self.req_bytes += len(data)
-            if self.replay is not None:
-                self.replay.add(data, s.remote_closed)
-        else:
-            self.resp_bytes += len(data)
-
 
 class Replay:
     """A call's request kept for another attempt while it stays small: headers and DATA payloads."""
@@ -337,6 +329,21 @@ class Relay:
         peer = s.peer
         if peer is not None and not peer.reset:
             peer.conn.send_headers(peer, headers, end)
+
+    def on_data(self, s: Stream, data: bytes, end: bool, flow: int) -> None:
+        call = s.call
+        if call is not None:
+            if s is call.down:
+                call.req_bytes += len(data)
+                if call.replay is not None:
+                    call.replay.add(data, end)
+            else:
+                call.resp_bytes += len(data)
+        peer = s.peer
+        if peer is None or peer.reset:
+            s.conn.credit(s, flow)
+        else:
+            peer.conn.send_data(peer, data, end, s, flow)
 
     def on_reset(self, s: Stream, code: int) -> None:
         call = s.call
