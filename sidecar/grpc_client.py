@@ -158,10 +158,10 @@ class _Exchange:
 
     # ---- ConnectionHandler ----
 
-    def on_request(self, conn: Connection, stream: Stream, headers: Headers, end_stream: bool) -> None:
+    def on_request(self, conn: Connection[None, None], stream: Stream[None, None], headers: Headers, end_stream: bool) -> None:
         raise AssertionError("a client connection is not sent requests")  # pragma: no cover
 
-    def on_headers(self, stream: Stream, headers: Headers, end_stream: bool) -> None:
+    def on_headers(self, stream: Stream[None, None], headers: Headers, end_stream: bool) -> None:
         if self.headers is None:
             self.headers = headers
         else:
@@ -169,7 +169,7 @@ class _Exchange:
         if end_stream:
             self._finish()
 
-    def on_data(self, stream: Stream, data: bytes, end_stream: bool, flow: int) -> None:
+    def on_data(self, stream: Stream[None, None], data: bytes, end_stream: bool, flow: int) -> None:
         stream.conn.credit(stream, flow)  # consumed at once: the server may send more
         if len(self.body) + len(data) > self.max_response:
             self._finish(CallError("RESOURCE_EXHAUSTED", f"response larger than {self.max_response} bytes"))
@@ -178,7 +178,7 @@ class _Exchange:
         if end_stream:
             self._finish()  # no trailers: the result says so
 
-    def on_reset(self, stream: Stream, code: int) -> None:
+    def on_reset(self, stream: Stream[None, None], code: int) -> None:
         if stream.conn.closed:
             self._finish(
                 CallError("UNAVAILABLE", f"the connection to {self.address} was lost during the call")
@@ -189,16 +189,16 @@ class _Exchange:
             CallError(_RESET_STATUS.get(code, "INTERNAL"), f"the call was reset (RST_STREAM {name})")
         )
 
-    def on_closed(self, stream: Stream) -> None:
+    def on_closed(self, stream: Stream[None, None]) -> None:
         self._finish(CallError("INTERNAL", "the stream closed before the response ended"))
 
-    def on_refused(self, stream: Stream) -> None:
+    def on_refused(self, stream: Stream[None, None]) -> None:
         self._finish(CallError("UNAVAILABLE", f"{self.address} refused the call (GOAWAY)"))
 
-    def on_connection_made(self, conn: Connection) -> None:
+    def on_connection_made(self, conn: Connection[None, None]) -> None:
         pass
 
-    def on_connection_lost(self, conn: Connection) -> None:
+    def on_connection_lost(self, conn: Connection[None, None]) -> None:
         self._finish(CallError("UNAVAILABLE", f"the connection to {self.address} was lost during the call"))
 
 
@@ -213,7 +213,7 @@ async def _exchange(
 ) -> bytes:
     loop = asyncio.get_running_loop()
     exchange = _Exchange(address, max_response)
-    conn = Connection(exchange, client=True, flusher=Flusher(loop), limits=_LIMITS, name=str(address))
+    conn = Connection(exchange, link=None, client=True, flusher=Flusher(loop), limits=_LIMITS, name=str(address))
     transport.set_protocol(conn)
     if early:
         conn.data_received(early)  # kept until connection_made, which reads it
