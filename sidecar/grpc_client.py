@@ -20,22 +20,22 @@ from sidecar.status import Status
 _KNOWN_CODES = frozenset(Status)
 
 # gRPC over HTTP/2, "Errors": a stream reset by the server, as a status.
-_RESET_STATUS = {
-    F.REFUSED_STREAM: "UNAVAILABLE",
-    F.CANCEL: "CANCELLED",
-    F.ENHANCE_YOUR_CALM: "RESOURCE_EXHAUSTED",
-    F.INADEQUATE_SECURITY: "PERMISSION_DENIED",
+_RESET_STATUS: dict[int, Status] = {
+    F.REFUSED_STREAM: Status.UNAVAILABLE,
+    F.CANCEL: Status.CANCELLED,
+    F.ENHANCE_YOUR_CALM: Status.RESOURCE_EXHAUSTED,
+    F.INADEQUATE_SECURITY: Status.PERMISSION_DENIED,
 }
 # gRPC's "HTTP to gRPC status code mapping": an answer without grpc-status (from a proxy or a non-gRPC server).
-_HTTP_STATUS = {
-    b"400": "INTERNAL",
-    b"401": "UNAUTHENTICATED",
-    b"403": "PERMISSION_DENIED",
-    b"404": "UNIMPLEMENTED",
-    b"429": "UNAVAILABLE",
-    b"502": "UNAVAILABLE",
-    b"503": "UNAVAILABLE",
-    b"504": "UNAVAILABLE",
+_HTTP_STATUS: dict[bytes, Status] = {
+    b"400": Status.INTERNAL,
+    b"401": Status.UNAUTHENTICATED,
+    b"403": Status.PERMISSION_DENIED,
+    b"404": Status.UNIMPLEMENTED,
+    b"429": Status.UNAVAILABLE,
+    b"502": Status.UNAVAILABLE,
+    b"503": Status.UNAVAILABLE,
+    b"504": Status.UNAVAILABLE,
 }
 # A larger answer is refused (grpc's default receive limit is 4 MiB; what this proxy asks for is a few KiB).
 MAX_RESPONSE = 1 << 20
@@ -186,7 +186,7 @@ class _Exchange:
             return
         name = F.ERROR_NAMES.get(code, str(code))
         self._finish(
-            CallError(_RESET_STATUS.get(code, "INTERNAL"), f"the call was reset (RST_STREAM {name})")
+            CallError(_RESET_STATUS.get(code, Status.INTERNAL).name, f"the call was reset (RST_STREAM {name})")
         )
 
     def on_closed(self, stream: Stream[None, None]) -> None:
@@ -250,7 +250,7 @@ def _result(exchange: _Exchange) -> bytes:
         http = _header(headers, b":status") or b""
         if http != b"200":
             raise CallError(
-                _HTTP_STATUS.get(http, "UNKNOWN"), f"HTTP status {http.decode('latin-1')} without grpc-status"
+                _HTTP_STATUS.get(http, Status.UNKNOWN).name, f"HTTP status {http.decode('latin-1')} without grpc-status"
             )
         content_type = _header(headers, b"content-type") or b""
         if not content_type.startswith(b"application/grpc"):
