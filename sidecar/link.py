@@ -29,6 +29,8 @@ VerdictMemo = tuple[Catalog, dict[tuple[str | None, str], Verdict]]
 
 @dataclass(slots=True)
 class Link:
+    """One connection's facts, as far as the mesh has learnt them (None: not known, or not relevant)."""
+
     endpoint: Endpoint | None = None  # client role: the endpoint dialled
     upstream: ServiceKey | None = None  # a dedicated outbound port's listener: the Service it stands for
     peer_id: SpiffeId | None = None  # the peer's identity, from its verified certificate
