@@ -324,13 +324,13 @@ async def test_draining_finishes_the_answer_in_flight_and_takes_no_new_connectio
 
 # ---- clients that stall: every request has REQUEST_TIMEOUT_S from its first byte to its last ----------------
 
-STALL_TIMEOUT_S = 0.3  # the request and idle timeouts of the server below (the defaults are 30 s and 75 s)
+STALL_TIMEOUT_S = 0.3  # the request timeout of the server below (default 30 s)
+SILENCE_TIMEOUT_S = 2.0  # its idle timeout (default 75 s), also its keep-alive wait after an answer
 
 
 @pytest.fixture
 async def impatient_server(serving_files: tuple[KeyPair, Path, Path], native_cfg: Any) -> Any:
-    """The webhook over TLS with STALL_TIMEOUT_S as its request and idle timeouts; yields an opener of raw
-    TLS connections to it."""
+    """The webhook over TLS with short request and idle timeouts; yields an opener of raw TLS connections to it."""
     import asyncio
 
     from prometheus_client import CollectorRegistry
@@ -349,7 +349,7 @@ async def impatient_server(serving_files: tuple[KeyPair, Path, Path], native_cfg
         port=0,
         ssl_context=reloader.context,
         request_timeout=STALL_TIMEOUT_S,
-        idle_timeout=STALL_TIMEOUT_S,
+        idle_timeout=SILENCE_TIMEOUT_S,
     ) as (_, port):
 
         async def connect() -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
@@ -415,7 +415,7 @@ async def test_a_connection_that_never_sends_a_request_is_closed(impatient_serve
         answer, waited = await until_closed(reader)
     finally:
         writer.close()
-    assert answer == b"" and waited >= STALL_TIMEOUT_S * 0.9
+    assert answer == b"" and waited >= SILENCE_TIMEOUT_S * 0.9
 
 
 async def test_a_request_sent_in_time_is_answered_and_its_kept_alive_connection_outlives_the_timeout(
@@ -430,7 +430,7 @@ async def test_a_request_sent_in_time_is_answered_and_its_kept_alive_connection_
             head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
             assert head.startswith(b"HTTP/1.1 200")
             assert await asyncio.wait_for(reader.readexactly(3), 10) == b"ok\n"
-            # Idle between requests for longer than the request timeout (the keep-alive wait is 1 s here):
+            # Idle between requests for longer than the request timeout (well within the keep-alive wait):
             # an answered request's deadline must not fire on the connection afterwards.
             await asyncio.sleep(STALL_TIMEOUT_S * 2)
     finally:
