@@ -26,13 +26,14 @@ from sidecar.admin import AdminServer
 from sidecar.config import Address, Config
 from sidecar.discovery import Discovery
 from sidecar.discovery.file import FileDiscovery
-from sidecar.h2.connection import Connection, Flusher, Limits
+from sidecar.h2.connection import Flusher, Limits
 from sidecar.inbound import Inbound
+from sidecar.link import Link
 from sidecar.metrics import Metrics
 from sidecar.model import Catalog, Endpoint, ServiceKey
 from sidecar.outbound import Outbound
 from sidecar.pool import PEER_KEEPALIVE_S, TLS_FAILURE_REASONS, Pool, tls_failure_reason
-from sidecar.relay import RETRY_REASONS, Relay
+from sidecar.relay import RETRY_REASONS, MeshConnection, Relay
 from sidecar.tap import Tap
 from sidecar.workload_cert import (
     FileIdentity,
@@ -215,7 +216,7 @@ async def serve(
             name=name,
         )
 
-    def on_out_connection(conn: Connection) -> None:
+    def on_out_connection(conn: MeshConnection) -> None:
         # Meshed peers must present a mesh identity before a call goes their way.
         if conn.client and outbound.pool is not None and not outbound.pool.verify(conn):
             conn.close()
@@ -229,10 +230,10 @@ async def serve(
         out_relay, client_ctx, "outbound", cfg.connections_per_endpoint, replace(limits, keepalive_interval=PEER_KEEPALIVE_S)
     )
 
-    def on_in_connection(conn: Connection) -> None:
+    def on_in_connection(conn: MeshConnection) -> None:
         if not conn.client and conn.transport is not None:
             # The handshake verified the chain; who the caller is comes from its URI SAN.
-            conn.extra["peer_id"] = identity.peer_identity(conn.transport.get_extra_info("ssl_object"))
+            conn.link.peer_id = identity.peer_identity(conn.transport.get_extra_info("ssl_object"))
 
     count_handshake_failures(server_ctx, metrics.tls_handshake_failure)
     if inbound is not None:
@@ -307,12 +308,9 @@ async def serve(
         proxy.ports[what] = int(server.sockets[0].getsockname()[1])
         log.info("listening what=%s addr=%s", what, addr)
 
-    def outbound_factory(upstream: Any = None, label: str = "outbound") -> Callable[[], Connection]:
-        def make() -> Connection:
-            conn = out_relay.server_connection(label)
-            if upstream is not None:
-                conn.extra["upstream"] = upstream
-            return conn
+    def outbound_factory(upstream: ServiceKey | None = None, label: str = "outbound") -> Callable[[], MeshConnection]:
+        def make() -> MeshConnection:
+            return out_relay.server_connection(label, Link(upstream=upstream))
 
         return make
 

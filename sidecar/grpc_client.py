@@ -11,7 +11,6 @@ import math
 import ssl
 import struct
 import urllib.parse
-from typing import cast
 
 from sidecar.config import Address
 from sidecar.h2 import frames as F
@@ -21,22 +20,22 @@ from sidecar.status import Status
 _KNOWN_CODES = frozenset(Status)
 
 # gRPC over HTTP/2, "Errors": a stream reset by the server, as a status.
-_RESET_STATUS = {
-    F.REFUSED_STREAM: "UNAVAILABLE",
-    F.CANCEL: "CANCELLED",
-    F.ENHANCE_YOUR_CALM: "RESOURCE_EXHAUSTED",
-    F.INADEQUATE_SECURITY: "PERMISSION_DENIED",
+_RESET_STATUS: dict[int, Status] = {
+    F.REFUSED_STREAM: Status.UNAVAILABLE,
+    F.CANCEL: Status.CANCELLED,
+    F.ENHANCE_YOUR_CALM: Status.RESOURCE_EXHAUSTED,
+    F.INADEQUATE_SECURITY: Status.PERMISSION_DENIED,
 }
 # gRPC's "HTTP to gRPC status code mapping": an answer without grpc-status (from a proxy or a non-gRPC server).
-_HTTP_STATUS = {
-    b"400": "INTERNAL",
-    b"401": "UNAUTHENTICATED",
-    b"403": "PERMISSION_DENIED",
-    b"404": "UNIMPLEMENTED",
-    b"429": "UNAVAILABLE",
-    b"502": "UNAVAILABLE",
-    b"503": "UNAVAILABLE",
-    b"504": "UNAVAILABLE",
+_HTTP_STATUS: dict[bytes, Status] = {
+    b"400": Status.INTERNAL,
+    b"401": Status.UNAUTHENTICATED,
+    b"403": Status.PERMISSION_DENIED,
+    b"404": Status.UNIMPLEMENTED,
+    b"429": Status.UNAVAILABLE,
+    b"502": Status.UNAVAILABLE,
+    b"503": Status.UNAVAILABLE,
+    b"504": Status.UNAVAILABLE,
 }
 # A larger answer is refused (grpc's default receive limit is 4 MiB; what this proxy asks for is a few KiB).
 MAX_RESPONSE = 1 << 20
@@ -139,12 +138,7 @@ async def _open(address: Address, ctx: ssl.SSLContext) -> tuple[asyncio.Transpor
 
 
 class _Exchange:
-    """The ConnectionHandler of the call's connection, and the receiver of the response body.
-
-    Connection is built to relay: it hands a stream's DATA to `stream.peer.conn.send_data`. The response
-    stream's peer is therefore a Stream whose `conn` is this object, which keeps the body instead of
-    forwarding it (connection.py stays as it is: this is its hot path, and this call comes every ~16 h).
-    """
+    """The ConnectionHandler of the call's connection: it keeps the response's headers, body and trailers."""
 
     def __init__(self, address: Address, max_response: int) -> None:
         self.address = address
@@ -164,10 +158,10 @@ class _Exchange:
 
     # ---- ConnectionHandler ----
 
-    def on_request(self, conn: Connection, stream: Stream, headers: Headers, end_stream: bool) -> None:
+    def on_request(self, conn: Connection[None, None], stream: Stream[None, None], headers: Headers, end_stream: bool) -> None:
         raise AssertionError("a client connection is not sent requests")  # pragma: no cover
 
-    def on_headers(self, stream: Stream, headers: Headers, end_stream: bool) -> None:
+    def on_headers(self, stream: Stream[None, None], headers: Headers, end_stream: bool) -> None:
         if self.headers is None:
             self.headers = headers
         else:
@@ -175,7 +169,16 @@ class _Exchange:
         if end_stream:
             self._finish()
 
-    def on_reset(self, stream: Stream, code: int) -> None:
+    def on_data(self, stream: Stream[None, None], data: bytes, end_stream: bool, flow: int) -> None:
+        stream.conn.credit(stream, flow)  # consumed at once: the server may send more
+        if len(self.body) + len(data) > self.max_response:
+            self._finish(CallError("RESOURCE_EXHAUSTED", f"response larger than {self.max_response} bytes"))
+            return
+        self.body += data
+        if end_stream:
+            self._finish()  # no trailers: the result says so
+
+    def on_reset(self, stream: Stream[None, None], code: int) -> None:
         if stream.conn.closed:
             self._finish(
                 CallError("UNAVAILABLE", f"the connection to {self.address} was lost during the call")
@@ -183,32 +186,20 @@ class _Exchange:
             return
         name = F.ERROR_NAMES.get(code, str(code))
         self._finish(
-            CallError(_RESET_STATUS.get(code, "INTERNAL"), f"the call was reset (RST_STREAM {name})")
+            CallError(_RESET_STATUS.get(code, Status.INTERNAL).name, f"the call was reset (RST_STREAM {name})")
         )
 
-    def on_closed(self, stream: Stream) -> None:
+    def on_closed(self, stream: Stream[None, None]) -> None:
         self._finish(CallError("INTERNAL", "the stream closed before the response ended"))
 
-    def on_refused(self, stream: Stream) -> None:
+    def on_refused(self, stream: Stream[None, None]) -> None:
         self._finish(CallError("UNAVAILABLE", f"{self.address} refused the call (GOAWAY)"))
 
-    def on_connection_made(self, conn: Connection) -> None:
+    def on_connection_made(self, conn: Connection[None, None]) -> None:
         pass
 
-    def on_connection_lost(self, conn: Connection) -> None:
+    def on_connection_lost(self, conn: Connection[None, None]) -> None:
         self._finish(CallError("UNAVAILABLE", f"the connection to {self.address} was lost during the call"))
-
-    # ---- where Connection relays the response's DATA ----
-
-    def send_data(self, stream: Stream, data: bytes, end: bool, src: Stream | None, credit: int) -> None:
-        if src is not None:
-            src.conn.credit(src, credit)  # consumed at once: the server may send more
-        if len(self.body) + len(data) > self.max_response:
-            self._finish(CallError("RESOURCE_EXHAUSTED", f"response larger than {self.max_response} bytes"))
-            return
-        self.body += data
-        if end:
-            self._finish()  # no trailers: the result says so
 
 
 async def _exchange(
@@ -222,15 +213,12 @@ async def _exchange(
 ) -> bytes:
     loop = asyncio.get_running_loop()
     exchange = _Exchange(address, max_response)
-    conn = Connection(exchange, client=True, flusher=Flusher(loop), limits=_LIMITS, name=str(address))
+    conn = Connection(exchange, link=None, client=True, flusher=Flusher(loop), limits=_LIMITS, name=str(address))
     transport.set_protocol(conn)
     if early:
         conn.data_received(early)  # kept until connection_made, which reads it
     conn.connection_made(transport)
     stream = Stream(conn)
-    receiver = Stream(conn)
-    receiver.conn = cast(Connection, exchange)  # see _Exchange
-    stream.peer = receiver
     try:
         headers: Headers = [
             (b":method", b"POST"),
@@ -262,7 +250,7 @@ def _result(exchange: _Exchange) -> bytes:
         http = _header(headers, b":status") or b""
         if http != b"200":
             raise CallError(
-                _HTTP_STATUS.get(http, "UNKNOWN"), f"HTTP status {http.decode('latin-1')} without grpc-status"
+                _HTTP_STATUS.get(http, Status.UNKNOWN).name, f"HTTP status {http.decode('latin-1')} without grpc-status"
             )
         content_type = _header(headers, b"content-type") or b""
         if not content_type.startswith(b"application/grpc"):

@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 
-from sidecar.h2.connection import Connection, Headers, Stream
+from sidecar.h2.connection import Headers
 from sidecar.identity import SpiffeId
+from sidecar.link import Verdict
 from sidecar.metrics import Metrics
 from sidecar.model import Catalog, Endpoint, ServiceKey
 from sidecar.pool import Pool
-from sidecar.relay import PERMISSION_DENIED, UNAVAILABLE, Reject, Request, Target
+from sidecar.relay import PERMISSION_DENIED, UNAVAILABLE, MeshConnection, MeshStream, Reject, Request, Target
 from sidecar.routing import Router
 
 VERDICT_MEMO_LIMIT = 1024  # per connection
@@ -33,14 +33,6 @@ def allowed(policy_allow: tuple[str, ...] | None, peer: SpiffeId | None) -> bool
         if ns == peer.namespace and (sa == "*" or sa == peer.service_account):
             return True
     return False
-
-
-@dataclass(frozen=True, slots=True)
-class Verdict:
-    """The authorization of one call: the Service it counts against (metrics label) and, if refused, why."""
-
-    service: str
-    refusal: str | None = None
 
 
 def authorize(
@@ -89,7 +81,7 @@ class AppTarget:
         self.timeout: float | None = None  # the caller's proxy already applied the Service default
         self.plaintext = False  # inbound calls arrive over mTLS; the hop to the local app is on loopback
 
-    def open(self, up: Stream, headers: Headers, end: bool) -> Reject | None:
+    def open(self, up: MeshStream, headers: Headers, end: bool) -> Reject | None:
         for _ in range(2):
             conn = self.pool.connection(self.app)
             up.conn = conn
@@ -142,20 +134,21 @@ class Inbound:
             return "this proxy has no valid certificate"
         return None
 
-    def route(self, conn: Connection, request: Request) -> Target | Reject:
+    def route(self, conn: MeshConnection, request: Request) -> Target | Reject:
         assert self.pool is not None
         if (closed := self.closed_because()) is not None:
             return Reject(UNAVAILABLE, f"kuberpc: inbound is closed: {closed}")
         # The peer is the connection's, so verdicts are kept per connection, by the call's (authority, path)
         # strings (cheap to hash) and for the catalog they were decided on; bounded, as both come from the peer.
-        memo: tuple[Catalog, dict[tuple[str | None, str], Verdict]] | None = conn.extra.get("verdicts")
+        link = conn.link
+        memo = link.verdicts
         if memo is None or memo[0] is not self.catalog or len(memo[1]) >= VERDICT_MEMO_LIMIT:
-            memo = conn.extra["verdicts"] = (self.catalog, {})
+            memo = link.verdicts = (self.catalog, {})
         call = (request.authority, request.path)
         verdict = memo[1].get(call)
         if verdict is None:
             found = self.router.resolve(request.authority, request.path)
-            peer: SpiffeId | None = conn.extra.get("peer_id")
+            peer = link.peer_id
             named = found if isinstance(found, ServiceKey) else None
             verdict = memo[1][call] = authorize(
                 self.catalog, named, peer, namespace=self.namespace, trust_domain=self.trust_domain

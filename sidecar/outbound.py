@@ -11,11 +11,11 @@ import time
 from collections.abc import Callable
 
 from sidecar.balancer import FailureAccrual, make_balancer
-from sidecar.h2.connection import Connection, Headers, Stream
+from sidecar.h2.connection import Headers
 from sidecar.metrics import Metrics
 from sidecar.model import Catalog, Endpoint, EndpointSet, ServiceKey
 from sidecar.pool import Pool
-from sidecar.relay import NO_RESPONSE, UNAVAILABLE, Reject, Request, Target
+from sidecar.relay import NO_RESPONSE, UNAVAILABLE, MeshConnection, MeshStream, Reject, Request, Target
 from sidecar.retry import RetryPolicy
 from sidecar.routing import RouteMiss, Router
 
@@ -75,14 +75,14 @@ class Placement:
         self.tried: Endpoint | None = None  # where the previous attempt failed
         self.plaintext = False
 
-    def open(self, up: Stream, headers: Headers, end: bool) -> Reject | None:
+    def open(self, up: MeshStream, headers: Headers, end: bool) -> Reject | None:
         balancer = self.state.balancer
         previous = self.endpoint
         if previous is not None:
             # Placed again: the stream never left this proxy. A connection that failed counts against its
             # endpoint; a GOAWAY (the peer draining) does not.
             conn = up.conn
-            self._report(previous, 0.0, f"connect: {conn.extra.get('error', 'connection lost')}" if conn.closed else "")
+            self._report(previous, 0.0, f"connect: {conn.link.error or 'connection lost'}" if conn.closed else "")
         else:
             previous = self.tried  # a retry after an answer: done() reported that attempt
         ep = balancer.pick()
@@ -176,9 +176,9 @@ class Outbound:
         if self.pool is not None:
             self.pool.retain(ep.key for es in catalog.services.values() for ep in es.endpoints)
 
-    def route(self, conn: Connection, request: Request) -> Target | Reject:
+    def route(self, conn: MeshConnection, request: Request) -> Target | Reject:
         assert self.pool is not None
-        found = self.router.resolve(request.authority, request.path, conn.extra.get("upstream"))
+        found = self.router.resolve(request.authority, request.path, conn.link.upstream)
         if isinstance(found, RouteMiss):
             return Reject(UNAVAILABLE, f"kuberpc: {found.looked_up}")
         st = self.services.get(found)

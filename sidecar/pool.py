@@ -13,8 +13,10 @@ from collections.abc import Callable, Iterable
 
 from sidecar.h2.connection import Connection, ConnectionHandler, Flusher, Limits
 from sidecar.identity import IdentityError, require_mesh_identity
+from sidecar.link import Link
 from sidecar.metrics import Metrics
 from sidecar.model import Endpoint
+from sidecar.relay import Call, MeshConnection
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +34,7 @@ PEER_KEEPALIVE_S = 2.0
 class Pool:
     def __init__(
         self,
-        handler: ConnectionHandler,
+        handler: ConnectionHandler[Link, Call],
         *,
         flusher: Flusher,
         limits: Limits,
@@ -50,11 +52,11 @@ class Pool:
         self.trust_domain = trust_domain
         self.per_endpoint = per_endpoint
         self.name = name
-        self._conns: dict[tuple[str, int], list[Connection]] = {}
+        self._conns: dict[tuple[str, int], list[MeshConnection]] = {}
         self._rr = 0
         self._tasks: set[asyncio.Task[None]] = set()
 
-    def connection(self, ep: Endpoint) -> Connection:
+    def connection(self, ep: Endpoint) -> MeshConnection:
         """A connection to `ep` that takes new streams, dialling one if needed (streams wait for it)."""
         conns = self._conns.get(ep.key)
         if conns:
@@ -68,10 +70,11 @@ class Pool:
                 return live[self._rr % len(live)]
         return self._dial(ep)
 
-    def _dial(self, ep: Endpoint) -> Connection:
-        conn = Connection(self.handler, client=True, flusher=self.flusher, limits=self.limits, name=str(ep))
-        conn.extra["endpoint"] = ep
-        conn.extra["on_lost"] = self._discard
+    def _dial(self, ep: Endpoint) -> MeshConnection:
+        conn = Connection(
+            self.handler, link=Link(endpoint=ep), client=True, flusher=self.flusher, limits=self.limits, name=str(ep)
+        )
+        conn.on_lost = self._discard
         conns = self._conns.setdefault(ep.key, [])
         # Drained connections stay listed until they close; new ones go first so the fast path finds them.
         conns.insert(0, conn)
@@ -80,7 +83,7 @@ class Pool:
         task.add_done_callback(self._tasks.discard)
         return conn
 
-    async def _connect(self, conn: Connection, ep: Endpoint) -> None:
+    async def _connect(self, conn: MeshConnection, ep: Endpoint) -> None:
         loop = asyncio.get_running_loop()
         ctx = self.ssl_context() if ep.tls else None
         try:
@@ -93,33 +96,33 @@ class Pool:
                     server_hostname="" if ctx is not None else None,
                 )
         except asyncio.CancelledError:
-            conn.extra["error"] = "proxy shutting down"
+            conn.link.error = "proxy shutting down"
             conn.connection_lost(None)
             raise
         except (OSError, TimeoutError, ssl.SSLError) as e:
             if isinstance(e, ssl.SSLError):
                 self.metrics.tls_handshake_failure(tls_failure_reason(e))
-            conn.extra["error"] = f"connect: {type(e).__name__}: {e}" if str(e) else f"connect: {type(e).__name__}"
-            log.info("upstream connect failed endpoint=%s error=%r", ep, conn.extra["error"])
+            conn.link.error = f"connect: {type(e).__name__}: {e}" if str(e) else f"connect: {type(e).__name__}"
+            log.info("upstream connect failed endpoint=%s error=%r", ep, conn.link.error)
             conn.connection_lost(e)
 
-    def verify(self, conn: Connection) -> bool:
+    def verify(self, conn: MeshConnection) -> bool:
         """Meshed peers must present a mesh identity; called when the TLS connection is up."""
-        ep = conn.extra.get("endpoint")
+        ep = conn.link.endpoint
         if conn.transport is None or ep is None or not ep.tls:
             return True
         obj = conn.transport.get_extra_info("ssl_object")
         try:
-            conn.extra["peer_id"] = require_mesh_identity(obj, trust_domain=self.trust_domain)
+            conn.link.peer_id = require_mesh_identity(obj, trust_domain=self.trust_domain)
         except IdentityError as e:
-            conn.extra["error"] = f"peer identity: {e}"
+            conn.link.error = f"peer identity: {e}"
             self.metrics.tls_handshake_failure("peer_identity")
             log.warning("upstream rejected endpoint=%s reason=%r", ep, str(e))
             return False
         return True
 
-    def _discard(self, conn: Connection) -> None:
-        ep = conn.extra.get("endpoint")
+    def _discard(self, conn: MeshConnection) -> None:
+        ep = conn.link.endpoint
         if ep is None:
             return
         conns = self._conns.get(ep.key)
@@ -131,7 +134,8 @@ class Pool:
     def close_endpoint(self, ep: Endpoint) -> None:
         """Close every connection to `ep` now (its calls fail as lost); the next call dials afresh."""
         for c in list(self._conns.get(ep.key, ())):
-            c.extra.setdefault("error", "closed: the endpoint stopped answering")
+            if c.link.error is None:
+                c.link.error = "closed: the endpoint stopped answering"
             c.close()
             if c.transport is not None:
                 c.transport.abort()  # what is queued for a peer that reads nothing would never drain

@@ -12,11 +12,12 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, TypeAlias
 
 from sidecar.accesslog import AccessLog, CallRecord, call_record
 from sidecar.h2 import frames as F
 from sidecar.h2.connection import Connection, Flusher, Headers, Limits, Stream
+from sidecar.link import Link
 from sidecar.metrics import Metrics
 from sidecar.retry import CODE_NAMES, MAX_REPLAY_BYTES, RetryPolicy, retry_headers
 from sidecar.status import Status
@@ -139,7 +140,7 @@ class Target(Protocol):
         """What may be retried and within which budget; None: nothing is (and nothing is buffered)."""
         ...
 
-    def open(self, up: Stream, headers: Headers, end: bool) -> Reject | None: ...
+    def open(self, up: MeshStream, headers: Headers, end: bool) -> Reject | None: ...
     def done(self, latency_s: float, failure: str) -> None:
         """The call ended; `failure` says how the endpoint failed it ("" when it did not)."""
         ...
@@ -148,7 +149,7 @@ class Target(Protocol):
 class Router(Protocol):
     direction: str
 
-    def route(self, conn: Connection, request: Request) -> Target | Reject: ...
+    def route(self, conn: MeshConnection, request: Request) -> Target | Reject: ...
 
 
 class Call:
@@ -173,7 +174,7 @@ class Call:
         "up",
     )
 
-    def __init__(self, relay: Relay, down: Stream, up: Stream | None, target: Target | None, method: str) -> None:
+    def __init__(self, relay: Relay, down: MeshStream, up: MeshStream | None, target: Target | None, method: str) -> None:
         self.relay = relay
         self.down = down
         self.up = up
@@ -191,13 +192,10 @@ class Call:
         self.replay: Replay | None = None
         self.expires = 0.0  # when set (> 0): on our clock, the caller's deadline less the slack
 
-    def on_data(self, s: Stream, data: bytes) -> None:
-        if s is self.down:
-            self.req_bytes += len(data)
-            if self.replay is not None:
-                self.replay.add(data, s.remote_closed)
-        else:
-            self.resp_bytes += len(data)
+
+# The codec's connections and streams as the mesh uses them: a Link on each connection, a Call on each stream.
+MeshConnection: TypeAlias = "Connection[Link, Call]"
+MeshStream: TypeAlias = "Stream[Link, Call]"
 
 
 class Replay:
@@ -234,7 +232,7 @@ class Relay:
         flusher: Flusher,
         limits: Limits,
         clock: Callable[[], float] = time.monotonic,
-        on_connection: Callable[[Connection], None] | None = None,
+        on_connection: Callable[[MeshConnection], None] | None = None,
         access_log: AccessLog | None = None,
     ) -> None:
         self.router = router
@@ -246,29 +244,31 @@ class Relay:
         self.limits = limits
         self.clock = clock
         self.on_connection = on_connection
-        self.downstream: set[Connection] = set()
+        self.downstream: set[MeshConnection] = set()
         self.idle = asyncio.Event()  # set while no caller is connected: drain waits on it
         self.idle.set()
         self.calls = 0
 
-    def server_connection(self, name: str) -> Connection:
-        return Connection(self, client=False, flusher=self.flusher, limits=self.limits, name=name, clock=self.clock)
+    def server_connection(self, name: str, link: Link | None = None) -> MeshConnection:
+        return Connection(
+            self, link=link or Link(), client=False, flusher=self.flusher, limits=self.limits, name=name, clock=self.clock
+        )
 
     # ---- ConnectionHandler --------------------------------------------------------------------------
 
-    def on_connection_made(self, conn: Connection) -> None:
+    def on_connection_made(self, conn: MeshConnection) -> None:
         if not conn.client:
             self.downstream.add(conn)
             self.idle.clear()
         if self.on_connection is not None:
             self.on_connection(conn)
 
-    def on_connection_lost(self, conn: Connection) -> None:
+    def on_connection_lost(self, conn: MeshConnection) -> None:
         self.downstream.discard(conn)
         if not self.downstream:
             self.idle.set()
 
-    def on_request(self, conn: Connection, s: Stream, headers: Headers, end: bool) -> None:
+    def on_request(self, conn: MeshConnection, s: MeshStream, headers: Headers, end: bool) -> None:
         # The codec has checked the request is well-formed (sidecar/h2/fields.py); what is left is gRPC's.
         path = authority = None
         content_type = b""
@@ -321,7 +321,7 @@ class Relay:
             call.replay = Replay(headers)
         return None
 
-    def on_headers(self, s: Stream, headers: Headers, end: bool) -> None:
+    def on_headers(self, s: MeshStream, headers: Headers, end: bool) -> None:
         call = s.call
         if call is None:
             return
@@ -338,7 +338,22 @@ class Relay:
         if peer is not None and not peer.reset:
             peer.conn.send_headers(peer, headers, end)
 
-    def on_reset(self, s: Stream, code: int) -> None:
+    def on_data(self, s: MeshStream, data: bytes, end: bool, flow: int) -> None:
+        call = s.call
+        if call is not None:
+            if s is call.down:
+                call.req_bytes += len(data)
+                if call.replay is not None:
+                    call.replay.add(data, end)
+            else:
+                call.resp_bytes += len(data)
+        peer = s.peer
+        if peer is None or peer.reset:
+            s.conn.credit(s, flow)
+        else:
+            peer.conn.send_data(peer, data, end, s, flow)
+
+    def on_reset(self, s: MeshStream, code: int) -> None:
         call = s.call
         if call is None:
             return
@@ -361,10 +376,10 @@ class Relay:
         # Upstream side failed. A lost connection becomes UNAVAILABLE naming the peer; a reset from the peer
         # is passed on with its own code, which the caller's gRPC library maps to the matching status.
         if s.conn.closed:
-            call.failure = f"connection lost: {s.conn.extra.get('error', 'closed')}"
+            call.failure = f"connection lost: {s.conn.link.error or 'closed'}"
             if call.replay is not None and self._retry(call, UNAVAILABLE, call.failure):
                 return
-            self._answer(call, UNAVAILABLE, f"upstream {s.conn.name} failed: {s.conn.extra.get('error', 'connection lost')}")
+            self._answer(call, UNAVAILABLE, f"upstream {s.conn.name} failed: {s.conn.link.error or 'connection lost'}")
             return
         call.failure = f"reset: code {code}"
         if call.replay is not None and code == F.REFUSED_STREAM and self._retry(call, UNAVAILABLE, call.failure):
@@ -376,19 +391,19 @@ class Relay:
                 call.status = UNAVAILABLE if code == F.REFUSED_STREAM else INTERNAL
         peer.conn.reset_stream(peer, code)
 
-    def on_refused(self, s: Stream) -> None:
+    def on_refused(self, s: MeshStream) -> None:
         """The upstream stream was never processed (connect failed, or GOAWAY): re-place it if it never
         left this proxy, a bounded number of times, else answer UNAVAILABLE naming the upstream."""
         call = s.call
         if call is None or call.target is None:
             return
         conn = s.conn
-        reason = conn.extra.get("error") or "refused the stream (GOAWAY)"
-        if not s.id and s.pending and call.attempts < MAX_PLACEMENTS:
+        reason = conn.link.error or "refused the stream (GOAWAY)"
+        unsent = conn.take_unsent(s) if call.attempts < MAX_PLACEMENTS else None
+        if unsent is not None:
             call.attempts += 1
             self.metrics.retry(call.target.service, "connect_failure" if conn.closed else "refused")
-            headers, end = s.pending.popleft()
-            s.reset = False
+            headers, end = unsent
             failure = call.target.open(s, headers, end)
             if failure is not None:
                 self._fail(call, failure.status, failure.message)
@@ -400,7 +415,7 @@ class Relay:
         self._answer(call, UNAVAILABLE, f"upstream {conn.name}: {reason}")
         self._closed(call)
 
-    def on_closed(self, s: Stream) -> None:
+    def on_closed(self, s: MeshStream) -> None:
         call = s.call
         if call is not None:
             self._closed(call)
@@ -492,7 +507,7 @@ class Relay:
         call.down = call.up = None  # type: ignore[assignment]
         call.target = None
 
-    def _not_grpc(self, s: Stream) -> None:
+    def _not_grpc(self, s: MeshStream) -> None:
         """415 with a line saying why. The stream stays open for the rest of the request, which the codec
         reads, checks and discards, so a malformed body still gets the RFC's stream error."""
         log.debug("not a gRPC request conn=%s stream=%d", s.conn.name, s.id)
@@ -511,10 +526,10 @@ class Relay:
 
     def _call_record(self, call: Call, service: str, status: int, latency: float) -> CallRecord:
         up = call.up
-        upstream: Connection | None = up.conn if up is not None and up.conn.client else None
+        upstream: MeshConnection | None = up.conn if up is not None and up.conn.client else None
         peer_conn = call.down.conn if self.direction == "inbound" else upstream
-        peer = peer_conn.extra.get("peer_id") if peer_conn is not None else None
-        endpoint = upstream.extra.get("endpoint") if upstream is not None else None
+        peer = peer_conn.link.peer_id if peer_conn is not None else None
+        endpoint = upstream.link.endpoint if upstream is not None else None
         return call_record(
             direction=self.direction,
             service=service,
@@ -527,16 +542,12 @@ class Relay:
             upstream=str(endpoint) if endpoint is not None else None,
         )
 
-    def _malformed(self, s: Stream, why: str) -> None:
-        log.debug("malformed request conn=%s stream=%d reason=%s", s.conn.name, s.id, why)
-        s.conn.reset_stream(s, F.PROTOCOL_ERROR)
-
-    def _reject(self, s: Stream, reject: Reject, path: str) -> None:
+    def _reject(self, s: MeshStream, reject: Reject, path: str) -> None:
         """A call that is never placed: a trailers-only answer, counted in metrics."""
         self.metrics.call_started(self.direction, reject.service)
         self.metrics.call_finished(self.direction, reject.service, path, str(reject.status), 0.0, 0, 0)
         if self.access_log is not None or self.tap is not None:
-            peer = s.conn.extra.get("peer_id")
+            peer = s.conn.link.peer_id
             self._observed(
                 call_record(
                     direction=self.direction,

@@ -45,6 +45,7 @@ NamespaceLabelsLookup = Callable[[str], Awaitable[Mapping[str, str]]]
 MAX_BODY_BYTES = 4 * 1024 * 1024
 MAX_HEAD_BYTES = 64 * 1024  # request line and headers
 IDLE_TIMEOUT_S = 75.0  # as aiohttp's keep-alive; the API server's client drops idle connections at 90 s
+REQUEST_TIMEOUT_S = 30.0  # from a request's first byte to its last: a stalled or trickling sender gets 408
 SHUTDOWN_TIMEOUT_S = 10.0
 
 
@@ -155,14 +156,20 @@ class _HeadTooLarge(Exception):
 
 
 class BoundedHeadProtocol(HttpToolsProtocol):
-    """uvicorn's httptools protocol with a bound on the request head, answered 431 (RFC 6585).
+    """uvicorn's httptools protocol with bounds on the request: its head's size, answered 431 (RFC 6585), and
+    the time from its first byte to its last, answered 408 (RFC 9110 §15.5.9); and on a connection that
+    sends nothing at all, closed after `idle_timeout`.
 
-    Written because uvicorn sets no such bound for httptools (h11 has one, but answers 400): without it, an
-    endless header line or list would be held in memory. Counts what the parser has handed over (URL and
-    fields) and what it still holds of an unfinished head.
+    Written because uvicorn sets none of these for httptools (h11 has a size bound, but answers 400): without
+    them an endless header line or list would be held in memory, and a client that connects and stalls, or
+    trickles its request a byte at a time, would hold its connection forever. Counts what the parser has
+    handed over (URL and fields) and what it still holds of an unfinished head. Once a request is whole the
+    handler bounds itself, and between requests uvicorn's keep-alive timeout applies.
     """
 
     max_head_bytes = MAX_HEAD_BYTES
+    request_timeout = REQUEST_TIMEOUT_S
+    idle_timeout = IDLE_TIMEOUT_S
 
     def __init__(self, *args: object, **kwargs: object) -> None:
         super().__init__(*args, **kwargs)  # type: ignore[arg-type]
@@ -170,6 +177,15 @@ class BoundedHeadProtocol(HttpToolsProtocol):
         self._pending = 0  # bytes received while the current head is unfinished
         self._in_head = True
         self._refused = False
+        self._timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._arm(self.idle_timeout, self._idle_expired)  # until a request begins
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm()
+        super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
         super().data_received(data)
@@ -181,6 +197,11 @@ class BoundedHeadProtocol(HttpToolsProtocol):
     def on_message_begin(self) -> None:
         super().on_message_begin()
         self._in_head = True
+        self._arm(self.request_timeout, self._request_expired)
+
+    def on_message_complete(self) -> None:
+        self._disarm()
+        super().on_message_complete()
 
     def on_url(self, url: bytes) -> None:
         self._count(len(url))
@@ -209,10 +230,42 @@ class BoundedHeadProtocol(HttpToolsProtocol):
 
     def _refuse(self) -> None:
         self._refused = True
-        body = b"request headers exceed %d bytes\n" % self.max_head_bytes
+        self._answer_and_close(b"431 Request Header Fields Too Large", b"request headers exceed %d bytes\n" % self.max_head_bytes)
+
+    def _arm(self, delay: float, expired: Callable[[], None]) -> None:
+        self._disarm()
+        self._timer = self.loop.call_later(delay, expired)
+
+    def _disarm(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _idle_expired(self) -> None:
+        self._timer = None
+        if not self.transport.is_closing():
+            self.transport.close()
+
+    def _request_expired(self) -> None:
+        self._timer = None
+        if self.transport.is_closing():
+            return
+        log.debug("event=request_timeout client=%s in_head=%s", self.client, self._in_head)
+        cycle = self.cycle
+        # 408 unless another answer is being written: an earlier request's (pipelined) while this head
+        # stalls, or this request's own (a 413 sent before its body).
+        if cycle is None or (cycle.response_complete if self._in_head else not cycle.response_started):
+            self._answer_and_close(
+                b"408 Request Timeout", b"request not received within %g s\n" % self.request_timeout
+            )
+        else:
+            self.transport.close()
+
+    def _answer_and_close(self, status: bytes, body: bytes) -> None:
+        """A plain-text answer written past uvicorn's request cycle (nothing else is being answered), then the close."""
         self.transport.write(
-            b"HTTP/1.1 431 Request Header Fields Too Large\r\ncontent-type: text/plain; charset=utf-8\r\n"
-            b"content-length: %d\r\nconnection: close\r\n\r\n%s" % (len(body), body)
+            b"HTTP/1.1 %s\r\ncontent-type: text/plain; charset=utf-8\r\n"
+            b"content-length: %d\r\nconnection: close\r\n\r\n%s" % (status, len(body), body)
         )
         self.transport.close()
 
@@ -225,24 +278,34 @@ async def serving(
     port: int,
     ssl_context: ssl.SSLContext | None,
     shutdown_timeout: float = SHUTDOWN_TIMEOUT_S,
+    request_timeout: float = REQUEST_TIMEOUT_S,
+    idle_timeout: float = IDLE_TIMEOUT_S,
 ) -> AsyncIterator[tuple[str, int]]:
     """Serve until the block exits, then stop accepting and drain open connections; yields the bound (host, port).
+
+    `request_timeout` bounds each request from its first byte to its last (408), `idle_timeout` a connection
+    that sends nothing at first and each keep-alive wait (uvicorn's, in whole seconds) after an answer.
 
     Drives uvicorn's Server by its parts rather than `serve()`, which would take SIGTERM for itself: the entry
     point owns signals and keeps answering for a while after one (see __main__).
     """
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.create_server((host, port), family=family, backlog=1024)
+
+    class Protocol(BoundedHeadProtocol):
+        pass
+
+    Protocol.request_timeout, Protocol.idle_timeout = request_timeout, idle_timeout
     config = uvicorn.Config(
         app,
-        http=BoundedHeadProtocol,
+        http=Protocol,
         ws="none",
         lifespan="off",
         log_config=None,
         access_log=False,
         proxy_headers=False,
         server_header=False,
-        timeout_keep_alive=int(IDLE_TIMEOUT_S),
+        timeout_keep_alive=max(int(idle_timeout), 1),
         timeout_graceful_shutdown=int(shutdown_timeout) or 1,
         backlog=1024,
     )

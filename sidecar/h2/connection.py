@@ -1,7 +1,7 @@
 """One HTTP/2 connection (RFC 9113) as an asyncio Protocol, client or server role, built to relay streams.
 
 It owns framing, stream states, SETTINGS, PING, GOAWAY and flow control; it never decides where a call goes
-(that is the handler's job) and never parses message bodies: DATA is forwarded to `stream.peer` as it comes.
+(that is the handler's job) and never parses message bodies: DATA goes to the handler's `on_data` as it comes.
 
 Hand-written rather than built on the `h2` library: measured, `h2` cost more CPU per call than the whole
 budget of this proxy (its event objects and per-frame validation are general-purpose); this file does only
@@ -16,7 +16,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Protocol, cast
+from typing import Generic, Protocol, TypeVar, cast
 
 from sidecar.h2 import frames as F
 from sidecar.h2.fields import Malformed, check_request, check_response, check_trailers
@@ -25,6 +25,10 @@ from sidecar.h2.hpack import Decoder, Encoder, HeaderListTooLarge, HPACKError
 log = logging.getLogger(__name__)
 
 Headers = list[tuple[bytes, bytes]]
+# What the owner keeps on each connection (`Connection.link`) and on each stream (`Stream.call`): the codec
+# stores them for it and never reads them, so the owner gets its own types back without a cast.
+L = TypeVar("L")
+C = TypeVar("C")
 
 _HEADER = F.HEADER
 _unpack_header = _HEADER.unpack_from
@@ -56,16 +60,30 @@ class Limits:
     settings_timeout: float = 10.0
 
 
-class ConnectionHandler(Protocol):
-    """What the relay does with streams; the connection calls these, in the event loop, synchronously."""
+class ConnectionHandler(Protocol[L, C]):
+    """The codec's events, the owner's to handle (the relay's, in the proxy): the connection calls these in
+    the event loop, synchronously, and learns nothing else about what the owner does."""
 
-    def on_request(self, conn: Connection, stream: Stream, headers: Headers, end_stream: bool) -> None: ...
-    def on_headers(self, stream: Stream, headers: Headers, end_stream: bool) -> None: ...
-    def on_reset(self, stream: Stream, code: int) -> None: ...
-    def on_closed(self, stream: Stream) -> None: ...
-    def on_refused(self, stream: Stream) -> None: ...
-    def on_connection_made(self, conn: Connection) -> None: ...
-    def on_connection_lost(self, conn: Connection) -> None: ...
+    def on_request(self, conn: Connection[L, C], stream: Stream[L, C], headers: Headers, end_stream: bool) -> None: ...
+    def on_headers(self, stream: Stream[L, C], headers: Headers, end_stream: bool) -> None: ...
+    def on_data(self, stream: Stream[L, C], data: bytes, end_stream: bool, flow: int) -> None:
+        """DATA on `stream` (padding removed). The handler forwards or keeps it, then gives `flow` (the
+        frame's flow-controlled length) back with `stream.conn.credit(stream, flow)` once it has left."""
+        ...
+    def on_reset(self, stream: Stream[L, C], code: int) -> None: ...
+    def on_closed(self, stream: Stream[L, C]) -> None: ...
+    def on_refused(self, stream: Stream[L, C]) -> None:
+        """Client role: `stream` was never processed by the peer (connect failed, or past its GOAWAY)."""
+        ...
+    def on_connection_made(self, conn: Connection[L, C]) -> None: ...
+    def on_connection_lost(self, conn: Connection[L, C]) -> None: ...
+
+
+class _Flushable(Protocol):
+    """What the Flusher writes out: a connection of any owner."""
+
+    def _flush(self) -> None: ...
+    def _flush_failed(self) -> None: ...
 
 
 class Flusher:
@@ -79,10 +97,10 @@ class Flusher:
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
-        self._dirty: list[Connection] = []
+        self._dirty: list[_Flushable] = []
         self._scheduled = False
 
-    def mark(self, conn: Connection) -> None:
+    def mark(self, conn: _Flushable) -> None:
         self._dirty.append(conn)
         if not self._scheduled:
             self._scheduled = True
@@ -95,14 +113,11 @@ class Flusher:
             try:
                 conn._flush()
             except Exception:  # one broken connection must not silence the others
-                log.exception("flush failed conn=%s", conn.name)
-                conn._marked = False
-                if conn.transport is not None:
-                    conn.transport.abort()
+                conn._flush_failed()
 
 
-class Stream:
-    """One stream on one connection; `peer` is the stream it is relayed to on another connection."""
+class Stream(Generic[L, C]):
+    """One stream on one connection. `peer` (the stream it is relayed to) and `call` are the owner's."""
 
     __slots__ = (
         "call",
@@ -122,17 +137,17 @@ class Stream:
         "unacked",
     )
 
-    def __init__(self, conn: Connection, stream_id: int = 0) -> None:
+    def __init__(self, conn: Connection[L, C], stream_id: int = 0) -> None:
         self.id = stream_id
         self.conn = conn
-        self.peer: Stream | None = None
-        self.call: Any = None
+        self.peer: Stream[L, C] | None = None
+        self.call: C | None = None
         self.send_window = conn.peer_initial_window
         self.recv_window = conn.limits.initial_window
         self.unacked = 0
         # Items waiting for send window, a paused transport, or (client role) the stream to be opened:
         # (headers, end) or (data, end, source stream, credit).
-        self.pending: deque[tuple[Any, ...]] | None = None
+        self.pending: deque[tuple[Headers, bool] | tuple[bytes, bool, Stream[L, C] | None, int]] | None = None
         self.local_closed = False
         self.remote_closed = False
         self.reset = False
@@ -160,11 +175,14 @@ class StreamError(Exception):
         self.code = code
 
 
-class Connection(asyncio.Protocol):
+class Connection(asyncio.Protocol, Generic[L, C]):
+    """`link` is the owner's, given at construction; `on_lost`, if set, is called once the connection is gone."""
+
     def __init__(
         self,
-        handler: ConnectionHandler,
+        handler: ConnectionHandler[L, C],
         *,
+        link: L,
         client: bool,
         flusher: Flusher,
         limits: Limits = Limits(),
@@ -178,8 +196,9 @@ class Connection(asyncio.Protocol):
         self.name = name
         self.clock = clock
         self.transport: asyncio.Transport | None = None
-        self.streams: dict[int, Stream] = {}
-        self.extra: dict[str, Any] = {}  # set by the owner: peer identity, endpoint, ...
+        self.streams: dict[int, Stream[L, C]] = {}
+        self.link = link
+        self.on_lost: Callable[[Connection[L, C]], None] | None = None
         self.ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.closed = False
         self.draining = False  # no new streams: GOAWAY sent or received, or ids exhausted
@@ -206,8 +225,8 @@ class Connection(asyncio.Protocol):
         self.next_stream_id = 1
         self.last_peer_stream = 0
         self.goaway_last: int | None = None  # what we told the peer in our GOAWAY
-        self._blocked: dict[Stream, None] = {}  # streams with pending items, in order
-        self._waiting: deque[Stream] = deque()  # client role: streams waiting for a concurrency slot
+        self._blocked: dict[Stream[L, C], None] = {}  # streams with pending items, in order
+        self._waiting: deque[Stream[L, C]] = deque()  # client role: streams waiting for a concurrency slot
         self._recently_reset: deque[int] = deque(maxlen=1024)
         self._recently_reset_set: set[int] = set()
         # Server role: gaps (exclusive ranges) in the client's stream ids, never opened, so that HEADERS on
@@ -292,9 +311,8 @@ class Connection(asyncio.Protocol):
             self.handler.on_closed(s)
         self.handler.on_connection_lost(self)
         self._out.clear()
-        on_lost = self.extra.get("on_lost")
-        if on_lost is not None:
-            on_lost(self)
+        if self.on_lost is not None:
+            self.on_lost(self)
 
     def pause_writing(self) -> None:
         self.paused = True
@@ -336,6 +354,12 @@ class Connection(asyncio.Protocol):
             self._abort(F.ENHANCE_YOUR_CALM, "peer is not reading")
         elif self._blocked and not self.paused:
             self._flush_blocked()  # the socket took it: keep going, a high-water mark at a time
+
+    def _flush_failed(self) -> None:
+        log.exception("flush failed conn=%s", self.name)
+        self._marked = False
+        if self.transport is not None:
+            self.transport.abort()
 
     def _congested(self) -> bool:
         """Hold DATA back: the transport said so, or this turn already queued a high-water mark's worth."""
@@ -577,14 +601,7 @@ class Connection(asyncio.Protocol):
         end = bool(flags & F.FLAG_END_STREAM)
         if end:
             s.remote_closed = True
-        peer = s.peer
-        call = s.call
-        if call is not None:
-            call.on_data(s, payload)
-        if peer is None or peer.reset:
-            self.credit(s, flen)
-        else:
-            peer.conn.send_data(peer, payload, end, s, flen)
+        self.handler.on_data(s, payload, end, flen)
         if end:
             self._maybe_forget(s)
 
@@ -868,7 +885,7 @@ class Connection(asyncio.Protocol):
             self.recv_window += self.recv_unacked
             self.recv_unacked = 0
 
-    def credit(self, s: Stream, n: int) -> None:
+    def credit(self, s: Stream[L, C], n: int) -> None:
         """`n` bytes received on `s` have left the proxy: let the peer send that much more on `s`."""
         if self.closed:
             return
@@ -884,7 +901,7 @@ class Connection(asyncio.Protocol):
             s.recv_window += s.unacked
             s.unacked = 0
 
-    def send_data(self, s: Stream, data: bytes, end: bool, src: Stream | None, credit: int) -> None:
+    def send_data(self, s: Stream[L, C], data: bytes, end: bool, src: Stream[L, C] | None, credit: int) -> None:
         """Relay a DATA payload onto `s`; credit the source once it is on the wire."""
         n = len(data)
         if s.reset or s.local_closed:
@@ -914,7 +931,7 @@ class Connection(asyncio.Protocol):
         if s.id:
             self._flush_stream(s)
 
-    def send_headers(self, s: Stream, headers: Headers, end: bool) -> None:
+    def send_headers(self, s: Stream[L, C], headers: Headers, end: bool) -> None:
         """Send response headers or trailers (or, client role, request headers of an opened stream)."""
         if s.reset or s.local_closed:
             return
@@ -927,7 +944,7 @@ class Connection(asyncio.Protocol):
             return
         self._write_headers(s, headers, end)
 
-    def _write_headers(self, s: Stream, headers: Headers, end: bool) -> None:
+    def _write_headers(self, s: Stream[L, C], headers: Headers, end: bool) -> None:
         block = self._encoder.encode(headers)
         self._write(F.headers_frames(s.id, block, end, self.peer_max_frame))
         s.sent_headers = True
@@ -935,7 +952,7 @@ class Connection(asyncio.Protocol):
             s.local_closed = True
             self._maybe_forget(s)
 
-    def _flush_stream(self, s: Stream) -> None:
+    def _flush_stream(self, s: Stream[L, C]) -> None:
         pending = s.pending
         assert pending is not None
         while pending:
@@ -986,7 +1003,7 @@ class Connection(asyncio.Protocol):
 
     # ---- stream lifecycle ------------------------------------------------------------------------------
 
-    def open_stream(self, s: Stream, headers: Headers, end: bool) -> bool:
+    def open_stream(self, s: Stream[L, C], headers: Headers, end: bool) -> bool:
         """Client role: start a request on this connection. False: this connection takes no new streams."""
         if self.draining or self.closed or self.next_stream_id > F.MAX_STREAM_ID:
             return False
@@ -1002,7 +1019,20 @@ class Connection(asyncio.Protocol):
             self._activate(s)
         return True
 
-    def _activate(self, s: Stream) -> None:
+    def take_unsent(self, s: Stream[L, C]) -> tuple[Headers, bool] | None:
+        """Client role: the request headers of `s` if it never reached the wire (refused before it opened),
+        taken back so that the owner may open it again; what it queued after them (DATA) stays queued."""
+        pending = s.pending
+        if s.id or not pending:
+            return None
+        first = pending[0]
+        if len(first) != 2:
+            return None
+        pending.popleft()
+        s.reset = False
+        return first
+
+    def _activate(self, s: Stream[L, C]) -> None:
         s.id = self.next_stream_id
         self.next_stream_id += 2
         self.streams[s.id] = s
@@ -1016,14 +1046,14 @@ class Connection(asyncio.Protocol):
             if not s.reset:
                 self._activate(s)
 
-    def reset_after_flush(self, s: Stream, code: int) -> None:
+    def reset_after_flush(self, s: Stream[L, C], code: int) -> None:
         """RST_STREAM once what is queued on `s` (e.g. its trailers) is written, not instead of it."""
         if s.pending and not s.reset:
             s.rst_after = code
             return
         self.reset_stream(s, code)
 
-    def reset_stream(self, s: Stream, code: int) -> None:
+    def reset_stream(self, s: Stream[L, C], code: int) -> None:
         """Abort a stream locally (RST_STREAM to the peer); the handler is told it is closed."""
         if s.reset:
             return
@@ -1041,13 +1071,13 @@ class Connection(asyncio.Protocol):
         self.handler.on_closed(s)
         self._after_close()
 
-    def _drop(self, s: Stream) -> None:
+    def _drop(self, s: Stream[L, C]) -> None:
         s.reset = True
         self.streams.pop(s.id, None)
         self._blocked.pop(s, None)
         self.release_pending(s)
 
-    def release_pending(self, s: Stream) -> None:
+    def release_pending(self, s: Stream[L, C]) -> None:
         """Drop what is queued on `s` and credit the sources of its DATA (their bytes will never be sent)."""
         pending, s.pending = s.pending, None
         if pending:
@@ -1055,7 +1085,7 @@ class Connection(asyncio.Protocol):
                 if len(item) == 4 and item[2] is not None:
                     item[2].conn.credit(item[2], item[3])
 
-    def _maybe_forget(self, s: Stream) -> None:
+    def _maybe_forget(self, s: Stream[L, C]) -> None:
         if s.local_closed and s.remote_closed and not s.pending and s.id in self.streams:
             del self.streams[s.id]
             self._blocked.pop(s, None)

@@ -322,3 +322,118 @@ async def test_draining_finishes_the_answer_in_flight_and_takes_no_new_connectio
     writer.close()
     assert answer.startswith(b"HTTP/1.1 200") and b'"uid"' in answer
     await asyncio.wait_for(server, 15)
+
+
+# ---- clients that stall: every request has REQUEST_TIMEOUT_S from its first byte to its last ----------------
+
+STALL_TIMEOUT_S = 0.3  # the request timeout of the server below (default 30 s)
+SILENCE_TIMEOUT_S = 2.0  # its idle timeout (default 75 s), also its keep-alive wait after an answer
+
+
+@pytest.fixture
+async def impatient_server(serving_files: tuple[KeyPair, Path, Path], native_cfg: Any) -> Any:
+    """The webhook over TLS with short request and idle timeouts; yields an opener of raw TLS connections to it."""
+    import asyncio
+
+    from prometheus_client import CollectorRegistry
+
+    from tests.webhook.conftest import FakeNamespaces, client_context
+    from webhook.metrics import WebhookMetrics
+    from webhook.server import CertReloader, create_app, serving
+
+    ca, cert, key = serving_files
+    app = create_app(cfg=native_cfg, metrics=WebhookMetrics(CollectorRegistry()), namespace_labels=FakeNamespaces())
+    ctx = client_context(ca.cert_pem)
+    reloader = CertReloader(str(cert), str(key))
+    async with serving(
+        app,
+        host="127.0.0.1",
+        port=0,
+        ssl_context=reloader.context,
+        request_timeout=STALL_TIMEOUT_S,
+        idle_timeout=SILENCE_TIMEOUT_S,
+    ) as (_, port):
+
+        async def connect() -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+            return await asyncio.open_connection("127.0.0.1", port, ssl=ctx, server_hostname=SERVER_NAME)
+
+        yield connect
+
+
+async def until_closed(reader: Any) -> tuple[bytes, float]:
+    """Everything the server sends until it closes the connection, and how long that took (bounded: 10 s)."""
+    import asyncio
+    import time
+
+    started = time.monotonic()
+    data = await asyncio.wait_for(reader.read(-1), 10)
+    return data, time.monotonic() - started
+
+
+async def test_a_client_that_stalls_in_its_headers_gets_408_and_a_close(impatient_server: Any) -> None:
+    reader, writer = await impatient_server()
+    try:
+        writer.write(b"POST /mutate HTTP/1.1\r\nHost: x\r\ncontent-type: application/json\r\n")  # no blank line
+        answer, waited = await until_closed(reader)
+    finally:
+        writer.close()
+    assert answer.startswith(b"HTTP/1.1 408") and b"connection: close" in answer
+    assert waited >= STALL_TIMEOUT_S * 0.9  # cut off by the timeout, not at once
+
+
+async def test_a_client_that_stalls_in_its_body_gets_408_and_a_close(impatient_server: Any) -> None:
+    reader, writer = await impatient_server()
+    try:
+        writer.write(b"POST /mutate HTTP/1.1\r\nHost: x\r\ncontent-length: 100\r\n\r\n" + b"{" * 10)
+        answer, _ = await until_closed(reader)
+    finally:
+        writer.close()
+    assert answer.startswith(b"HTTP/1.1 408")
+
+
+async def test_a_client_trickling_its_headers_is_cut_off_at_the_request_timeout(impatient_server: Any) -> None:
+    """The deadline runs from the request's first byte: sending a little now and then does not extend it."""
+    import asyncio
+
+    reader, writer = await impatient_server()
+    answer = b""
+    try:
+        writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
+        for i in range(100):  # bounded: 100 x 50 ms, ~17 times the timeout
+            writer.write(b"x-trickle-%d: y\r\n" % i)
+            try:
+                answer = await asyncio.wait_for(reader.read(-1), 0.05)
+                break
+            except TimeoutError:
+                continue
+    finally:
+        writer.close()
+    assert answer.startswith(b"HTTP/1.1 408")
+
+
+async def test_a_connection_that_never_sends_a_request_is_closed(impatient_server: Any) -> None:
+    reader, writer = await impatient_server()
+    try:
+        answer, waited = await until_closed(reader)
+    finally:
+        writer.close()
+    assert answer == b"" and waited >= SILENCE_TIMEOUT_S * 0.9
+
+
+async def test_a_request_sent_in_time_is_answered_and_its_kept_alive_connection_outlives_the_timeout(
+    impatient_server: Any,
+) -> None:
+    import asyncio
+
+    reader, writer = await impatient_server()
+    try:
+        for _ in range(2):
+            writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+            assert head.startswith(b"HTTP/1.1 200")
+            assert await asyncio.wait_for(reader.readexactly(3), 10) == b"ok\n"
+            # Idle between requests for longer than the request timeout (well within the keep-alive wait):
+            # an answered request's deadline must not fire on the connection afterwards.
+            await asyncio.sleep(STALL_TIMEOUT_S * 2)
+    finally:
+        writer.close()
