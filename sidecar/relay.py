@@ -395,8 +395,10 @@ class Relay:
         peer.conn.reset_stream(peer, code)
 
     def on_refused(self, s: Stream) -> None:
-        """The upstream stream was never processed (connect failed, or GOAWAY): re-place it if it never
-        left this proxy, a bounded number of times, else answer UNAVAILABLE naming the upstream."""
+        """The upstream stream was never processed (connect failed, or GOAWAY): re-place it, a bounded number
+        of times, from what is still queued or else from the replay buffer. When that is over, a proxy caller
+        is refused in turn (REFUSED_STREAM, to place the call elsewhere); an app gets UNAVAILABLE naming the
+        upstream."""
         call = s.call
         if call is None or call.target is None:
             return
