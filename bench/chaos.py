@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
             mesh.start()
             for scenario in scenarios:
                 outcome = scenario.run(mesh)
-                rows.append(outcome.figures(retry=scenario.retry))
+                rows.append(outcome.figures())
                 print(json.dumps(rows[-1]), file=sys.stderr)
         finally:
             mesh.close()

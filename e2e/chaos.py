@@ -42,6 +42,9 @@ DEADLINE_S = 2.0  # every call's gRPC deadline
 START_TIMEOUT = 30.0  # seconds for a process to say it is ready (a busy 2-core machine)
 RECOVERY_WINDOW_S = 0.5  # throughput is compared over windows this long
 DURING_S = 3.0  # "during the event": calls started within this long after the fault
+# What a replica's proxy answers when its app's connection is lost with the call on it: the request had reached
+# the app (which may have acted on it), so only a retry policy may send it again.
+APP_LOST = f"upstream 127.0.0.1:{APP_PORT} failed"
 
 
 @dataclass(frozen=True)
@@ -51,6 +54,12 @@ class Call:
     code: str
     retryable: bool  # the app had not started answering: a proxy could have retried it
     replica: str
+    details: str = ""  # a failed call's status message
+
+    @property
+    def reached_app(self) -> bool:
+        """Failed after its request reached an app (the replica's proxy lost the app mid-call)."""
+        return APP_LOST in self.details
 
 
 @dataclass
@@ -60,6 +69,7 @@ class Outcome:
     scenario: str
     calls: list[Call]
     fault_at: float
+    retry: bool = True  # the Service had the scenario's retry policy (`kuberpc.io/retry: unavailable`)
 
     @property
     def failed(self) -> list[Call]:
@@ -67,7 +77,11 @@ class Outcome:
 
     @property
     def failed_retryable(self) -> list[Call]:
-        return [c for c in self.failed if c.retryable]
+        """Failed calls the mesh was allowed to send again: with the retry policy, those whose answer had not
+        started; without it, those whose request never reached an app (always safe to place elsewhere)."""
+        if self.retry:
+            return [c for c in self.failed if c.retryable]
+        return [c for c in self.failed if not c.reached_app]
 
     def share(self, replica: str) -> float:
         ok = [c for c in self.calls if c.code == "OK"]
@@ -96,12 +110,12 @@ class Outcome:
             t += 0.1
         return None
 
-    def figures(self, *, retry: bool) -> dict[str, object]:
+    def figures(self) -> dict[str, object]:
         return {
             "scenario": self.scenario,
             "calls": len(self.calls),
             "failed_calls": len(self.failed),
-            "retryable": len(self.failed_retryable) if retry else 0,
+            "retryable": len(self.failed_retryable),
             "p99_during_ms": round(self.p99_during_ms(), 1),
             "recovery_s": self.recovery_s(),
         }
@@ -316,8 +330,13 @@ class ChaosMesh:
         finally:
             netns.stop([self.proxies.pop(CLIENT)], timeout=3)
 
-    def run(self, scenario: str, seconds: float, fault: Callable[[], None] = lambda: None) -> Outcome:
-        """Load from the client pod for `seconds`; `fault` runs once the load is warm. Returns the calls."""
+    def logged(self, name: str, text: str) -> bool:
+        """Whether the running proxy of `name` logged `text` (its stderr)."""
+        return text in self.proxies[name].stderr_path.read_text(errors="replace")
+
+    def run(self, scenario: str, seconds: float, fault: Callable[[], None] = lambda: None, *, retry: bool = True) -> Outcome:
+        """Load from the client pod for `seconds`; `fault` runs once the load is warm. Returns the calls
+        (`retry`: whether the Service has the retry policy, for the Outcome's judgement)."""
         argv = [PYTHON, "-m", "e2e.chaos_load", f"127.0.0.1:{UPSTREAM_PORT}", "", str(CALLERS), str(STREAMERS)]
         argv += [str(seconds), str(DEADLINE_S)]
         load = self._spawn(CLIENT, argv, f"load-{scenario}", child_env(), pipe=True)
@@ -331,7 +350,7 @@ class ChaosMesh:
         if load.popen.returncode != 0:
             raise RuntimeError(f"the load failed ({load.popen.returncode}):\n{load.stderr_path.read_text()[-2000:]}")
         rows = json.loads(out.decode().strip().splitlines()[-1])
-        return Outcome(scenario, [Call(*row) for row in rows], fault_at)
+        return Outcome(scenario, [Call(*row) for row in rows], fault_at, retry=retry)
 
 
 @dataclass(frozen=True)
@@ -354,7 +373,7 @@ class Scenario:
             mesh.start_delay(self.delayed, 200)
         try:
             with mesh.client():
-                return mesh.run(self.name, self.seconds, lambda: self.fault(mesh))
+                return mesh.run(self.name, self.seconds, lambda: self.fault(mesh), retry=self.retry)
         finally:
             mesh.repair()
 
@@ -391,12 +410,13 @@ def _discovery_gone(mesh: ChaosMesh) -> None:
     os.replace(hidden, mesh.endpoints_file)
 
 
-# The issue asks for 30 s; 4 s keeps the suite short and still spans eight reload polls (0.5 s) of a missing
-# file, which is all a proxy can notice of a source that went away.
-DISCOVERY_GONE_S = 4.0
+# The issue's figure: the source stays away 30 s (sixty reload polls of a missing file) under load.
+DISCOVERY_GONE_S = 30.0
 
 SCENARIOS: tuple[Scenario, ...] = (
     Scenario("kill-app", lambda m: m.kill_app("arith-2")),
+    # No retry policy: a call the dead app never got is still placed elsewhere (refused unprocessed).
+    Scenario("kill-app-no-retry", lambda m: m.kill_app("arith-2"), retry=False),
     Scenario("kill-proxy", lambda m: m.kill_proxy("arith-2")),
     Scenario("kill-app-and-proxy", lambda m: m.kill_pod("arith-2")),
     Scenario("black-hole", lambda m: m.black_hole("arith-2"), seconds=6.5),
@@ -405,6 +425,6 @@ SCENARIOS: tuple[Scenario, ...] = (
     Scenario("delay-200ms-wrr", lambda m: None, delayed="arith-3", seconds=4.5),
     Scenario("flapping", _flap, seconds=10.5),
     Scenario("cert-rotation", _rotate, seconds=15.0),
-    Scenario("discovery-unreachable", _discovery_gone, seconds=7.0),
+    Scenario("discovery-unreachable", _discovery_gone, seconds=DISCOVERY_GONE_S + 3.0),
     Scenario("unavailable-10pct-retry", lambda m: None, fail_ratio=0.1, seconds=4.5),
 )

@@ -4,8 +4,9 @@ Range) for a fixed time, each call recorded with its outcome. Runs inside the cl
 Application code only: must not depend on kuberpc, which it reaches only through the network.
 
 `python -m e2e.chaos_load TARGET AUTHORITY CALLERS STREAMERS SECONDS DEADLINE` prints `load started`, then
-`warm` after WARM_S seconds of steady load, then one JSON list of calls: [start, end, code, retryable, replica],
-times from time.monotonic() (the same clock in every namespace of the host).
+`warm` after WARM_S seconds of steady load, then one JSON list of calls: [start, end, code, retryable, replica,
+details] (details: a failed call's status message), times from time.monotonic() (the same clock in every
+namespace of the host).
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ async def main(target: str, authority: str, callers: int, streamers: int, second
                     call = stub.Range(arith_pb2.Args(a=n, b=n + 5), timeout=deadline)
                 else:
                     call = stub.Add(arith_pb2.Args(a=n, b=i), timeout=deadline)
-                code = "OK"
+                code, details = "OK", ""
                 try:
                     if streaming:
                         got = [r.c async for r in call]
@@ -61,10 +62,10 @@ async def main(target: str, authority: str, callers: int, streamers: int, second
                         if reply.c != n + i:
                             code = "WRONG_ANSWER"
                 except grpc.aio.AioRpcError as e:
-                    code = e.code().name
+                    code, details = e.code().name, e.details() or ""
                 replica = await _replica(call)
                 # The app had started answering (its x-replica header reached us): a proxy may not retry it.
-                records.append([start, time.monotonic(), code, code == "OK" or not replica, replica])
+                records.append([start, time.monotonic(), code, code == "OK" or not replica, replica, details])
 
         print("load started", flush=True)
         tasks = [asyncio.create_task(caller(i, i < streamers)) for i in range(callers)]

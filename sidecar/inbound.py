@@ -97,6 +97,7 @@ class Inbound:
     """The Router of the inbound Relay."""
 
     direction = "inbound"
+    callers_replace = True  # callers are kuberpc proxies: a call the app never got is refused, to go elsewhere
 
     def __init__(
         self,

@@ -131,6 +131,7 @@ class Outbound:
     """The Router of the outbound Relay."""
 
     direction = "outbound"
+    callers_replace = False  # callers are apps: this side places a refused call elsewhere itself
 
     def __init__(
         self,

@@ -19,7 +19,7 @@ from sidecar.h2 import frames as F
 from sidecar.h2.connection import Connection, Flusher, Headers, Limits, Stream
 from sidecar.link import Link
 from sidecar.metrics import Metrics
-from sidecar.retry import CODE_NAMES, MAX_REPLAY_BYTES, RetryPolicy, retry_headers
+from sidecar.retry import CODE_NAMES, MAX_REPLAY_BYTES, RetryPolicy, decide_refused, retry_headers
 from sidecar.status import Status
 from sidecar.tap import Tap
 
@@ -40,8 +40,12 @@ UNAVAILABLE = Status.UNAVAILABLE
 # stopped (SIGSTOP, a black hole), as opposed to one that answers with errors.
 NO_RESPONSE = "no response before the deadline"
 
-# A call whose request never left this proxy is placed again at most this often (then UNAVAILABLE).
+# A call whose request never left this proxy, or that its endpoint refused unprocessed, is placed again at
+# most this often (then UNAVAILABLE).
 MAX_PLACEMENTS = 3
+# Why an endpoint failed a call it refused unprocessed (RST_STREAM REFUSED_STREAM): its proxy could not reach
+# its app. Counted toward ejection like any failure; the call itself is placed elsewhere.
+REFUSED = "refused unprocessed: its app is unreachable"
 # The `reason` of kuberpc_retries_total for such a placement (exported at zero by Metrics).
 RETRY_REASONS = ("connect_failure", "refused")
 
@@ -148,6 +152,11 @@ class Target(Protocol):
 
 class Router(Protocol):
     direction: str
+    # Whether the callers are kuberpc proxies (inbound's are): a call that cannot reach its endpoint is then
+    # refused with RST_STREAM REFUSED_STREAM (never processed, RFC 9113 §8.7), which the caller's proxy places
+    # on another endpoint. Apps (outbound's callers) get a gRPC status instead, so the outbound side keeps each
+    # request (up to MAX_REPLAY_BYTES) to place a refused call elsewhere itself.
+    callers_replace: bool
 
     def route(self, conn: MeshConnection, request: Request) -> Target | Reject: ...
 
@@ -239,6 +248,7 @@ class Relay:
         self.access_log = access_log
         self.tap: Tap | None = None  # set by the Tap while someone is subscribed
         self.direction = router.direction
+        self.callers_replace = router.callers_replace
         self.metrics = metrics
         self.flusher = flusher
         self.limits = limits
@@ -316,8 +326,9 @@ class Relay:
             # We set this deadline, so we enforce it: the caller is not counting.
             call.deadline = asyncio.get_running_loop().call_later(timeout, self._expire, call)
         retries = target.retries
-        if retries is not None and call.down is not None:
-            retries.budget.deposit()
+        if call.down is not None and (retries is not None or not self.callers_replace):
+            if retries is not None:
+                retries.budget.deposit()
             call.replay = Replay(headers)
         return None
 
@@ -325,9 +336,10 @@ class Relay:
         call = s.call
         if call is None:
             return
-        if s is call.down:
-            call.replay = None  # request trailers: not kept for a replay (gRPC clients send none)
-        elif end:
+        if s is call.down or not end:
+            # Request trailers (gRPC clients send none), or the response started: never replayed from here on.
+            call.replay = None
+        else:
             for name, value in headers:
                 if name == b"grpc-status":
                     call.status = int(value) if value.isdigit() and len(value) <= 3 else UNKNOWN
@@ -382,7 +394,13 @@ class Relay:
             self._answer(call, UNAVAILABLE, f"upstream {s.conn.name} failed: {s.conn.link.error or 'connection lost'}")
             return
         call.failure = f"reset: code {code}"
-        if call.replay is not None and code == F.REFUSED_STREAM and self._retry(call, UNAVAILABLE, call.failure):
+        if code == F.REFUSED_STREAM and not self.callers_replace:
+            # The endpoint's proxy did not reach its app: safe to place elsewhere, with or without a retry policy.
+            call.failure = REFUSED
+            if not self._retry(call, UNAVAILABLE, REFUSED, refused=True):
+                target = call.target
+                service = target.service if target is not None else "unknown"
+                self._answer(call, UNAVAILABLE, f"kuberpc: service {service}: {s.conn.name} {REFUSED}, and no other attempt was possible")
             return
         if call.status < 0:
             if code == F.CANCEL:
@@ -392,8 +410,10 @@ class Relay:
         peer.conn.reset_stream(peer, code)
 
     def on_refused(self, s: MeshStream) -> None:
-        """The upstream stream was never processed (connect failed, or GOAWAY): re-place it if it never
-        left this proxy, a bounded number of times, else answer UNAVAILABLE naming the upstream."""
+        """The upstream stream was never processed (connect failed, or GOAWAY): re-place it, a bounded number
+        of times, from what is still queued or else from the replay buffer. When that is over, a proxy caller
+        is refused in turn (REFUSED_STREAM, to place the call elsewhere); an app gets UNAVAILABLE naming the
+        upstream."""
         call = s.call
         if call is None or call.target is None:
             return
@@ -412,7 +432,15 @@ class Relay:
         conn.release_pending(s)
         if conn.closed:
             call.failure = f"connect: {reason}"
-        self._answer(call, UNAVAILABLE, f"upstream {conn.name}: {reason}")
+        elif s.id and self._retry(call, UNAVAILABLE, "", refused=True):
+            return  # sent, then refused by the peer's GOAWAY: placed again from the replay buffer
+        down = call.down
+        if self.callers_replace and down is not None and not down.sent_headers and not down.reset:
+            # Never processed: the caller's proxy may place it elsewhere (the reset tells on_closed it is done).
+            call.status = UNAVAILABLE
+            down.conn.reset_stream(down, F.REFUSED_STREAM)
+        else:
+            self._answer(call, UNAVAILABLE, f"upstream {conn.name}: {reason}")
         self._closed(call)
 
     def on_closed(self, s: MeshStream) -> None:
@@ -422,26 +450,28 @@ class Relay:
 
     # ---- retries ------------------------------------------------------------------------------------
 
-    def _retry(self, call: Call, status: int, failure: str) -> bool:
+    def _retry(self, call: Call, status: int, failure: str, *, refused: bool = False) -> bool:
         """Send the call again from its replay buffer, if its Service's policy allows; True when it did.
 
         Only before the caller has seen a response header, only with the whole request buffered, within
         the budget, the attempt limit and the deadline; the new attempt goes to another endpoint if one exists.
+        `refused`: the endpoint did not process it (REFUSED_STREAM, GOAWAY): placed again whatever the policy,
+        outside the budget, at most MAX_PLACEMENTS times (retry.decide_refused).
         """
         replay, target, down, old = call.replay, call.target, call.down, call.up
         if replay is None or target is None or down is None or old is None or down.sent_headers or down.pending:
             return False
         policy = target.retries
-        if policy is None:
+        if policy is None and not refused:
             return False
         elapsed = self.clock() - call.start
         remaining = call.timeout - elapsed if call.timeout is not None else None
-        why = policy.decide(
-            status,
-            attempts=replay.attempts,
-            remaining_s=remaining,
-            replayable="body_too_large" if replay.too_large else "" if down.remote_closed else "request_incomplete",
-        )
+        replayable = "body_too_large" if replay.too_large else "" if down.remote_closed else "request_incomplete"
+        if refused:
+            why = decide_refused(placements=call.attempts, limit=MAX_PLACEMENTS, remaining_s=remaining, replayable=replayable)
+        else:
+            assert policy is not None
+            why = policy.decide(status, attempts=replay.attempts, remaining_s=remaining, replayable=replayable)
         if why:
             if why != "not_retryable":
                 self.metrics.retry(target.service, why)
@@ -450,7 +480,7 @@ class Relay:
         old.call = old.peer = None
         if not old.reset and not old.local_closed:
             old.conn.reset_stream(old, F.CANCEL)
-        target.done(elapsed, failure or ("unavailable" if status == UNAVAILABLE else ""))
+        target.done(elapsed, failure if refused else failure or ("unavailable" if status == UNAVAILABLE else ""))
         call.status = -1
         call.failure = ""
         up = Stream(down.conn)
@@ -458,17 +488,19 @@ class Relay:
         up.call = call
         up.peer = down
         down.peer = up
-        headers = retry_headers(
-            replay.headers,
-            timeout=format_grpc_timeout(remaining) if remaining is not None else None,
-            previous=replay.attempts,
-        )
-        replay.attempts += 1
-        self.metrics.retry(target.service, CODE_NAMES.get(status, str(status)))
+        timeout = format_grpc_timeout(remaining) if remaining is not None else None
+        if refused:  # not an attempt that reached an app: grpc-previous-rpc-attempts stays as it was
+            call.attempts += 1
+            headers = retry_headers(replay.headers, timeout=timeout, previous=replay.attempts - 1)
+            self.metrics.retry(target.service, "refused")
+        else:
+            headers = retry_headers(replay.headers, timeout=timeout, previous=replay.attempts)
+            replay.attempts += 1
+            self.metrics.retry(target.service, CODE_NAMES.get(status, str(status)))
         chunks = replay.chunks
-        refused = target.open(up, headers, not chunks)
-        if refused is not None:
-            self._fail(call, refused.status, refused.message)
+        rejected = target.open(up, headers, not chunks)
+        if rejected is not None:
+            self._fail(call, rejected.status, rejected.message)
             return True
         for data, end in chunks:
             up.conn.send_data(up, data, end, None, 0)

@@ -116,10 +116,28 @@ class RetryPolicy:
         return ""
 
 
+def decide_refused(*, placements: int, limit: int, remaining_s: float | None, replayable: str) -> str:
+    """Why a call its endpoint refused unprocessed is not placed again, or "" to place it elsewhere.
+
+    Refused unprocessed (RST_STREAM REFUSED_STREAM, RFC 9113 §8.7): no app saw the request, so placing it
+    again is as safe as placing it the first time, whatever the Service's retry codes, and spends no budget
+    (gRPC's transparent retries do not either). Bounded by `limit` placements and by the deadline.
+    """
+    if replayable:
+        return replayable
+    if placements >= limit:
+        return "attempts_exhausted"
+    if remaining_s is not None and remaining_s <= 0.001:
+        return "deadline"
+    return ""
+
+
 def retry_headers(headers: list[tuple[bytes, bytes]], *, timeout: bytes | None, previous: int) -> list[tuple[bytes, bytes]]:
-    """The request headers of a new attempt: the remaining deadline and `grpc-previous-rpc-attempts` (A6)."""
+    """The request headers of a new attempt: the remaining deadline and `grpc-previous-rpc-attempts` (A6),
+    left out while no attempt has reached an app (`previous` 0)."""
     out = [(k, v) for k, v in headers if k != b"grpc-timeout" and k != b"grpc-previous-rpc-attempts"]
     if timeout is not None:
         out.append((b"grpc-timeout", timeout))
-    out.append((b"grpc-previous-rpc-attempts", str(previous).encode()))
+    if previous:
+        out.append((b"grpc-previous-rpc-attempts", str(previous).encode()))
     return out

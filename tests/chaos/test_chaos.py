@@ -10,7 +10,7 @@ from dataclasses import replace
 
 import pytest
 
-from e2e.chaos import CALLERS, SCENARIOS, ChaosMesh, Outcome
+from e2e.chaos import CALLERS, DISCOVERY_GONE_S, REPLICAS, SCENARIOS, ChaosMesh, Outcome
 from sidecar.retry import MAX_ATTEMPTS
 
 pytestmark = [pytest.mark.netns]
@@ -27,7 +27,8 @@ def run(chaos: ChaosMesh, name: str, at_least: int = 200) -> Outcome:
 
 def describe(o: Outcome) -> str:
     return f"{o.scenario}: {len(o.failed)} failed of {len(o.calls)}: " + ", ".join(
-        f"{c.code}@{c.start - o.fault_at:+.2f}s{'' if c.retryable else ' (answer started)'}" for c in o.failed[:10]
+        f"{c.code}@{c.start - o.fault_at:+.2f}s{'' if c.retryable else ' (answer started)'} {c.details!r}"
+        for c in o.failed[:10]
     )
 
 
@@ -39,6 +40,18 @@ def test_a_replica_killed_mid_traffic_loses_no_call_the_policy_may_retry(chaos: 
     # Only a call in flight whose answer had already started at the kill may be lost: the caller has seen it.
     assert len(o.failed) <= CALLERS, describe(o)
     assert o.share("arith-2") < 0.2  # 2/6 before the kill: ejected soon after it
+
+
+def test_without_a_retry_policy_a_killed_app_costs_no_call_that_never_reached_it(chaos: ChaosMesh) -> None:
+    o = run(chaos, "kill-app-no-retry")
+
+    # Its proxy refuses what it cannot hand to the app (REFUSED_STREAM), and the client's proxy places it on
+    # another replica: no call that never reached an app fails.
+    assert o.failed_retryable == [], describe(o)
+    # A call the app had taken when it died may have been acted on: without a policy it is not sent again.
+    # At most one per caller, and each says its request had reached the app.
+    assert len(o.failed) <= CALLERS and all(c.code == "UNAVAILABLE" and c.reached_app for c in o.failed), describe(o)
+    assert o.share("arith-2") < 0.2  # ejected soon after the kill
 
 
 @pytest.mark.parametrize("name", ["black-hole", "sigstop-proxy"])
@@ -80,17 +93,34 @@ def test_a_flapping_replica_loses_no_call_the_policy_may_retry(chaos: ChaosMesh)
 def test_every_proxy_rotating_its_certificate_under_load_loses_no_call(chaos: ChaosMesh) -> None:
     reloaded: list[set[str]] = []
     scenario = BY_NAME["cert-rotation"]
-    o = replace(scenario, fault=lambda m: (scenario.fault(m), reloaded.append(m.reloaded())) and None).run(chaos)
+
+    def fault(m: ChaosMesh) -> None:
+        scenario.fault(m)  # returns once every proxy reloaded, or after two polls
+        reloaded.append(m.reloaded())
+
+    o = replace(scenario, fault=fault).run(chaos)
 
     assert o.failed == [], describe(o)
     assert reloaded == [{"arith-1", "arith-2", "arith-3", "client"}]
 
 
-def test_proxies_keep_serving_while_the_discovery_source_is_unreachable(chaos: ChaosMesh) -> None:
-    o = run(chaos, "discovery-unreachable")
+def test_proxies_keep_serving_while_the_discovery_source_is_unreachable_for_30s(chaos: ChaosMesh) -> None:
+    noticed: list[bool] = []
+    scenario = BY_NAME["discovery-unreachable"]
 
+    def fault(m: ChaosMesh) -> None:
+        scenario.fault(m)  # returns when the source is back, DISCOVERY_GONE_S later
+        noticed.append(all(m.logged(name, "file missing (keeping the last catalog)") for name in m.proxies))
+
+    o = replace(scenario, fault=fault).run(chaos)
+
+    assert DISCOVERY_GONE_S >= 30
+    assert noticed == [True]  # every proxy saw its source gone, and kept what it had
     assert o.failed == [], describe(o)
-    assert {c.replica for c in o.calls if c.start > o.fault_at + 1} == {"arith-1", "arith-2", "arith-3"}
+    # Every replica keeps serving all along: in each 5 s of the outage, each one answered calls.
+    for t in range(0, int(DISCOVERY_GONE_S), 5):
+        start = o.fault_at + t
+        assert {c.replica for c in o.calls if start <= c.start < start + 5} == set(REPLICAS), f"{t}-{t + 5} s"
 
 
 def test_an_app_failing_10_percent_of_calls_is_hidden_by_retries(chaos: ChaosMesh) -> None:

@@ -1,11 +1,13 @@
 """Failure on the real control plane (issue 11's first scenario there): a replica's app, then its proxy, killed
-with SIGKILL under traffic. The pod runner restarts the container as a kubelet would; meanwhile the callers'
-proxies re-place or retry what never reached an app, and eject what keeps failing."""
+with SIGKILL under traffic, with the scenario's retry policy, and the app again without any. The pod runner
+restarts the container as a kubelet would; meanwhile the callers' proxies re-place what never reached an app
+(its proxy refuses it unprocessed), retry what the policy allows, and eject what keeps failing."""
 
 from __future__ import annotations
 
 import collections
 import os
+import re
 import signal
 import time
 from pathlib import Path
@@ -27,6 +29,30 @@ def container_state(kube: Kube, pod: str, container: str) -> tuple[int, int, boo
     raise KeyError(f"{pod} has no container {container}")
 
 
+# What a replica's proxy answers when its app's connection is lost with a call on it: the request had reached
+# the app, which may have acted on it, so without a retry policy no proxy sends it again.
+APP_LOST = re.compile(r"UNAVAILABLE: upstream 127\.0\.0\.1:\d+ failed")
+
+
+def test_an_app_killed_under_traffic_without_a_retry_policy_costs_no_call_that_never_reached_it(
+    example: Kube, tmp_path: Path
+) -> None:
+    client = client_pod(example)
+    example.wait("the client's proxy with no retry policy", lambda: (s := debug_services(example, client)
+                 .get(f"arith.{EXAMPLE}")) is not None and not s.get("retry_on"))
+    traffic = replaced(example, tmp_path, "arith")
+    outcomes = traffic.finish()
+    failed = failures(outcomes)
+    counts = collections.Counter(outcomes)
+    lines = [ln for ln in traffic.proc.stderr_path.read_text().splitlines() if ln.startswith("call ")]
+
+    # The dead app's proxy refuses each call it cannot hand over (REFUSED_STREAM) and the client's proxy places
+    # it on another replica: every failure, if any, is the one call the app had taken when it died (one caller,
+    # one call in flight).
+    assert sum(failed.values()) <= 1 and all(APP_LOST.search(ln) for ln in lines), (counts, lines)
+    assert len(outcomes) >= 100, counts
+
+
 @pytest.mark.parametrize("container", ["arith", "kuberpc-proxy"], ids=["app", "proxy"])
 def test_a_replica_killed_under_traffic_costs_no_call_the_mesh_may_replace(example: Kube, tmp_path: Path, container: str) -> None:
     # The issue's policy for this scenario: UNAVAILABLE is retried (within the budget) on another replica.
@@ -35,12 +61,23 @@ def test_a_replica_killed_under_traffic_costs_no_call_the_mesh_may_replace(examp
     example.wait("the client's proxy retrying UNAVAILABLE", lambda: debug_services(example, client)
                  .get(f"arith.{EXAMPLE}", {}).get("retry_on"))
     try:
-        replaced(example, tmp_path, container)
+        traffic = replaced(example, tmp_path, container)
     finally:
         example.kubectl("annotate", "service", "arith", "-n", EXAMPLE, "kuberpc.io/retry-")
+    outcomes = traffic.finish()
+    failed = failures(outcomes)
+    counts = collections.Counter(outcomes)
+    if container == "arith":
+        # Refused or answered UNAVAILABLE by the dead app's proxy: placed again or retried, nothing is lost.
+        assert not failed, counts
+    else:
+        # A dead proxy can take down the one call whose answer had started (no proxy may retry that).
+        assert sum(failed.values()) <= 1, counts
+    assert len(outcomes) >= 100, counts
 
 
-def replaced(example: Kube, tmp_path: Path, container: str) -> None:
+def replaced(example: Kube, tmp_path: Path, container: str) -> Traffic:
+    """Traffic running while `container` of one replica is SIGKILLed, restarted and the pod ready again."""
     victim = sorted(p["metadata"]["name"] for p in example.ready_pods(EXAMPLE, SERVER))[0]
     pid, restarts, running = container_state(example, victim, container)
     assert running
@@ -51,13 +88,4 @@ def replaced(example: Kube, tmp_path: Path, container: str) -> None:
                  timeout=60)
     example.wait(f"{victim} ready again", lambda: victim in {p["metadata"]["name"] for p in example.ready_pods(EXAMPLE, SERVER)},
                  timeout=90)
-    outcomes = traffic.finish()
-    failed = failures(outcomes)
-    counts = collections.Counter(outcomes)
-    if container == "arith":
-        # The app's proxy answers UNAVAILABLE for the dead app: retried on another replica, nothing is lost.
-        assert not failed, counts
-    else:
-        # A dead proxy can take down the one call whose answer had started (no proxy may retry that).
-        assert sum(failed.values()) <= 1, counts
-    assert len(outcomes) >= 100, counts
+    return traffic

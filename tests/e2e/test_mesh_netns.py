@@ -15,7 +15,6 @@ from collections import Counter
 import pytest
 
 from e2e import netns
-from sidecar.balancer import CONSECUTIVE_FAILURES
 
 pytestmark = [pytest.mark.netns]
 
@@ -68,16 +67,16 @@ def test_calls_picked_for_a_replica_whose_proxy_died_are_re_placed_on_the_live_r
     assert Counter(outcomes) == {"arith-2": 48, "arith-3": 72}
 
 
-def test_a_replica_whose_app_died_fails_a_few_calls_then_is_ejected_and_the_others_serve_the_rest(mesh):
+def test_calls_picked_for_a_replica_whose_app_died_are_refused_unprocessed_and_served_by_the_others(mesh):
     mesh.kill_app("arith-1")
 
     outcomes = mesh.call(120)
 
-    # These calls did reach arith-1's proxy, so they are not placed again (no retry policy is set); its
-    # consecutive UNAVAILABLE answers eject it (once each probe, a second or more later, may fail one more).
-    failed = outcomes.count("UNAVAILABLE")
-    assert 1 <= failed <= CONSECUTIVE_FAILURES + 2
-    assert set(outcomes) - {"UNAVAILABLE"} == {"arith-2", "arith-3"}
+    # arith-1's proxy cannot reach its app, so it refuses each call before any app saw it (REFUSED_STREAM):
+    # the client's proxy places it on another replica although no retry policy is set, and ejects arith-1
+    # after CONSECUTIVE_FAILURES refusals. No call fails.
+    assert len(outcomes) == 120
+    assert set(outcomes) == {"arith-2", "arith-3"}
 
 
 def test_each_pods_metrics_count_the_calls_the_client_saw(mesh):

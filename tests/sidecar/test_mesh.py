@@ -88,14 +88,17 @@ async def test_calls_are_shared_across_replicas_exactly_by_weight(mesh_certs: Me
     assert seen == {"r1": 100, "r2": 200, "r3": 300}
 
 
-async def test_the_app_being_down_is_unavailable_naming_the_upstream(mesh_certs: MeshCerts, tmp_path: Path) -> None:
+async def test_the_app_being_down_is_unavailable_naming_the_service_and_the_endpoint(mesh_certs: MeshCerts, tmp_path: Path) -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         dead_port = s.getsockname()[1]  # closed when the block ends: nothing listens there
     async with run_pair(mesh_certs, dead_port, tmp_path) as p:
         call = await unary(p.target)
         assert await call.code() == grpc.StatusCode.UNAVAILABLE
-        assert str(dead_port) in (await call.details() or "")
+        # The endpoint's proxy refused the call unprocessed (its app is down) and there was no other endpoint.
+        details = await call.details() or ""
+        assert "service echo.default" in details and f"127.0.0.1:{p.server_side.inbound_port}" in details
+        assert "app is unreachable" in details
 
 
 async def test_a_tls_client_without_a_certificate_is_refused_and_others_are_served(pair: Pair) -> None:

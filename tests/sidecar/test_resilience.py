@@ -1,4 +1,5 @@
-"""Failure as the mesh's users see it: a replica whose app is down is ejected (metrics and /debug say so), and
+"""Failure as the mesh's users see it: a replica whose app is down refuses calls unprocessed (REFUSED_STREAM), so
+they are placed on another replica with or without a retry policy, and it is ejected (metrics and /debug say so);
 calls the Service's `kuberpc.io/retry` allows are retried on another replica within the deadline.
 
 Real proxies, real gRPC, real TLS on loopback; the failures are real (nothing listens on the dead app's port).
@@ -17,12 +18,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
+import h2.errors
+import h2.events
 import pytest
 
 from sidecar import identity
 from sidecar.balancer import CONSECUTIVE_FAILURES
 from sidecar.pool import PEER_KEEPALIVE_S
+from sidecar.relay import MAX_PLACEMENTS
 from sidecar.retry import MAX_ATTEMPTS, MAX_REPLAY_BYTES
+from tests.sidecar.h2peer import client_tls, connect, grpc_frame, request_headers
 from tests.sidecar.harness import (
     GRPC_OPTIONS,
     MeshCerts,
@@ -54,7 +59,8 @@ def app() -> Iterator[App]:
     def unary(req: bytes, ctx: grpc.ServicerContext) -> bytes:
         md = {k: v for k, v in ctx.invocation_metadata() if isinstance(v, str)}
         state.seen.append(md)
-        if "x-fail" in md:
+        # `x-fail-once`: only the first attempt fails (a retry carries grpc-previous-rpc-attempts).
+        if "x-fail" in md and not ("x-fail-once" in md and "grpc-previous-rpc-attempts" in md):
             ctx.abort(grpc.StatusCode[md["x-fail"]], "app says no")
         return req
 
@@ -126,16 +132,35 @@ def value(m: Metrics, name: str, **labels: str) -> float:
     return m.get((name, tuple(sorted(labels.items()))), 0.0)
 
 
-async def test_a_replica_whose_app_is_down_is_ejected_after_a_few_failures(
+async def test_without_a_retry_policy_no_call_fails_while_a_replica_app_is_down(
     mesh_certs: MeshCerts, app: App, tmp_path: Path
 ) -> None:
     async with two_replicas(mesh_certs, app, tmp_path) as mesh:
         codes = [await mesh.unary() for _ in range(40)]
+        m = await scrape(mesh.client.admin)
 
-        failed = [c for c in codes if c != grpc.StatusCode.OK]
-        assert set(failed) <= {grpc.StatusCode.UNAVAILABLE}
-        assert 1 <= len(failed) <= CONSECUTIVE_FAILURES
-        assert codes[-20:] == [grpc.StatusCode.OK] * 20  # ejected: the rest all go to the healthy replica
+        # The broken replica's proxy refuses each call unprocessed; the caller's proxy places it on the other.
+        assert codes == [grpc.StatusCode.OK] * 40
+        assert value(m, "kuberpc_retries_total", service=SERVICE, reason="refused") >= CONSECUTIVE_FAILURES
+        assert len(app.seen) == 40  # every call reached the healthy app exactly once
+        # No attempt reached an app before: nothing tells the app it is a retry.
+        assert not [md for md in app.seen if "grpc-previous-rpc-attempts" in md]
+
+
+async def test_a_replica_whose_app_is_down_is_ejected_after_a_few_refusals(
+    mesh_certs: MeshCerts, app: App, tmp_path: Path
+) -> None:
+    async with two_replicas(mesh_certs, app, tmp_path) as mesh:
+        for _ in range(2 * CONSECUTIVE_FAILURES):
+            await mesh.unary()
+        m = await scrape(mesh.client.admin)
+        refused = value(m, "kuberpc_retries_total", service=SERVICE, reason="refused")
+        for _ in range(20):  # well within the first ejection (~1 s): the broken replica is not even probed
+            await mesh.unary()
+        m = await scrape(mesh.client.admin)
+
+        assert refused == CONSECUTIVE_FAILURES  # alternating picks: every other call refused until ejected
+        assert value(m, "kuberpc_retries_total", service=SERVICE, reason="refused") <= refused + 2  # a probe or two
 
 
 async def test_an_ejection_shows_in_metrics_and_in_debug_with_its_reason(
@@ -154,21 +179,66 @@ async def test_an_ejection_shows_in_metrics_and_in_debug_with_its_reason(
         broken = next(e for e in endpoints if e["port"] == mesh.broken.inbound_port)
         healthy = next(e for e in endpoints if e["port"] == mesh.healthy.inbound_port)
         assert broken["state"] == "ejected"
-        assert "consecutive failures" in str(broken["why"]) and "unavailable" in str(broken["why"])
+        assert "consecutive failures" in str(broken["why"]) and "refused unprocessed" in str(broken["why"])
         assert healthy["state"] == "ready"
 
 
-async def test_with_retry_on_unavailable_no_call_fails_while_a_replica_app_is_down(
+async def test_the_proxy_of_a_pod_whose_app_is_down_refuses_calls_with_refused_stream(
+    mesh_certs: MeshCerts, app: App, tmp_path: Path
+) -> None:
+    async with two_replicas(mesh_certs, app, tmp_path) as mesh:
+        peer = await connect("127.0.0.1", mesh.broken.inbound_port, client_tls(mesh_certs))
+        try:
+            sid = peer.conn.get_next_available_stream_id()
+            peer.conn.send_headers(sid, request_headers())
+            await peer.send_body(sid, grpc_frame(b"x"))
+            ev = await peer.read_until(lambda e: getattr(e, "stream_id", None) == sid)
+        finally:
+            peer.writer.close()
+
+        # RFC 9113 §8.7: closed before any processing, so the caller may send it again elsewhere.
+        assert isinstance(ev, h2.events.StreamReset) and ev.error_code == h2.errors.ErrorCodes.REFUSED_STREAM
+
+
+async def test_a_call_refused_by_every_endpoint_fails_unavailable_naming_the_service(
+    mesh_certs: MeshCerts, app: App, tmp_path: Path
+) -> None:
+    async with two_replicas(mesh_certs, app, tmp_path) as mesh:
+        disc = tmp_path / "endpoints.yaml"
+        disc.write_text(
+            endpoints_yaml(
+                {SERVICE: [{"address": "127.0.0.1", "port": mesh.broken.inbound_port, "tls": True}]},
+                {SERVICE: {"kuberpc.io/grpc-services": "test.Echo"}},
+            )
+        )
+        await wait_for_endpoints(mesh.client, SERVICE, 1)
+        async with grpc.aio.insecure_channel(
+            mesh.client.outbound, options=[*GRPC_OPTIONS, ("grpc.default_authority", "echo.default:50051")]
+        ) as ch:
+            with pytest.raises(grpc.aio.AioRpcError) as failed:
+                await ch.unary_unary("/test.Echo/Unary")(b"x", timeout=10)  # type: ignore[arg-type]
+        m = await scrape(mesh.client.admin)
+
+        assert failed.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert f"service {SERVICE}" in str(failed.value.details())
+        assert value(m, "kuberpc_retries_total", service=SERVICE, reason="refused") == MAX_PLACEMENTS
+        assert value(m, "kuberpc_retries_total", service=SERVICE, reason="attempts_exhausted") == 1
+
+
+async def test_with_retry_on_unavailable_a_call_the_app_fails_is_retried_on_another_replica(
     mesh_certs: MeshCerts, app: App, tmp_path: Path
 ) -> None:
     async with two_replicas(mesh_certs, app, tmp_path, {"kuberpc.io/retry": "unavailable"}) as mesh:
-        codes = [await mesh.unary() for _ in range(40)]
+        for _ in range(3 * CONSECUTIVE_FAILURES):  # the broken replica gets ejected: only the app answers
+            await mesh.unary()
+        app.seen.clear()
+
+        code = await mesh.unary(**{"x-fail": "UNAVAILABLE", "x-fail-once": "1"})
         m = await scrape(mesh.client.admin)
 
-        assert codes == [grpc.StatusCode.OK] * 40
-        assert 1 <= value(m, "kuberpc_retries_total", service=SERVICE, reason="unavailable") <= CONSECUTIVE_FAILURES
-        retried = [md for md in app.seen if "grpc-previous-rpc-attempts" in md]
-        assert retried and all(md["grpc-previous-rpc-attempts"] == "1" for md in retried)
+        assert code == grpc.StatusCode.OK
+        assert [md.get("grpc-previous-rpc-attempts") for md in app.seen] == [None, "1"]
+        assert value(m, "kuberpc_retries_total", service=SERVICE, reason="unavailable") == 1
 
 
 async def test_a_status_outside_the_retry_codes_is_not_retried(

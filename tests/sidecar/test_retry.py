@@ -1,5 +1,6 @@
 """Retry decisions as pure code: the budget (ratio of recent calls + a reserve per second), the attempt limit, the
-deadline, what is replayable, and the headers of a new attempt (gRPC A6's `grpc-previous-rpc-attempts`)."""
+deadline, what is replayable, and the headers of a new attempt (gRPC A6's `grpc-previous-rpc-attempts`); and when a
+call refused unprocessed (REFUSED_STREAM) is placed again, whatever the policy."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sidecar.retry import MAX_ATTEMPTS, RetryBudget, RetryPolicy, retry_headers
+from sidecar.retry import MAX_ATTEMPTS, RetryBudget, RetryPolicy, decide_refused, retry_headers
 
 UNAVAILABLE = 14
 
@@ -123,6 +124,37 @@ def test_a_new_attempt_carries_the_remaining_deadline_and_the_count_of_previous_
     out = retry_headers(headers, timeout=b"1500m", previous=2)
 
     assert out == [(b":path", b"/a.B/C"), (b"x", b"y"), (b"grpc-timeout", b"1500m"), (b"grpc-previous-rpc-attempts", b"2")]
+
+
+def test_an_attempt_refused_before_any_app_saw_it_adds_no_previous_attempts_header() -> None:
+    out = retry_headers([(b":path", b"/a.B/C"), (b"grpc-timeout", b"2S")], timeout=b"1900m", previous=0)
+
+    assert out == [(b":path", b"/a.B/C"), (b"grpc-timeout", b"1900m")]
+
+
+@pytest.mark.parametrize(
+    ("placements", "remaining", "replayable", "why"),
+    [
+        (0, 1.0, "", ""),
+        (2, None, "", ""),
+        (3, 1.0, "", "attempts_exhausted"),
+        (0, 0.0, "", "deadline"),
+        (0, 1.0, "body_too_large", "body_too_large"),
+        (0, 1.0, "request_incomplete", "request_incomplete"),
+    ],
+)
+def test_a_refused_call_is_placed_again_within_the_placement_limit_and_the_deadline(
+    placements: int, remaining: float | None, replayable: str, why: str
+) -> None:
+    assert decide_refused(placements=placements, limit=3, remaining_s=remaining, replayable=replayable) == why
+
+
+@given(st.integers(min_value=0, max_value=50), st.integers(min_value=1, max_value=10))
+def test_a_refused_call_is_never_placed_more_than_the_limit(placements: int, limit: int) -> None:
+    # No status codes and no budget take part: only the limit and the deadline bound it.
+    placed = decide_refused(placements=placements, limit=limit, remaining_s=1.0, replayable="") == ""
+
+    assert placed == (placements < limit)
 
 
 @pytest.mark.parametrize(("ratio", "min_per_s", "window_s"), [(-0.1, 10.0, 10), (1.1, 10.0, 10), (0.2, -1.0, 10), (0.2, 1.0, 0)])
