@@ -149,8 +149,14 @@ _FIRST_DYNAMIC: Final = _STATIC_LEN + 1  # HPACK index of the newest dynamic ent
 
 # Credentials: never indexed anywhere on the path, so a compression oracle cannot probe them (§7.1.3).
 SENSITIVE_NAMES: Final = frozenset((b"authorization", b"proxy-authorization", b"cookie", b"set-cookie"))
-# Values that differ on every call: indexing them would only churn the table and evict useful entries.
-UNINDEXED_NAMES: Final = frozenset((b"grpc-timeout", b"content-length", b"date"))
+# Values that differ on every call: indexing them would only churn the table and evict useful entries,
+# and every insert empties both memos (ours and the next hop's). A per-call deadline, and the trace and
+# request ids tracing systems put on every call (W3C, B3, Jaeger, Envoy's, Google's, AWS's).
+UNINDEXED_NAMES: Final = frozenset((
+    b"grpc-timeout", b"content-length", b"date",
+    b"traceparent", b"x-request-id", b"x-client-trace-id", b"b3", b"x-b3-traceid", b"x-b3-spanid",
+    b"x-b3-parentspanid", b"uber-trace-id", b"grpc-trace-bin", b"x-cloud-trace-context", b"x-amzn-trace-id",
+))
 
 # Encoder look-ups, built once and only read (each Encoder copies the first): exact
 # (name, value) -> -(static index), sensitive names left out so that they always take the
@@ -371,6 +377,8 @@ class Decoder:
                 if incremental:
                     self._insert(field)
                     cacheable = False
+                elif cacheable and name in UNINDEXED_NAMES:
+                    cacheable = False  # a per-call value: this block will not come again
                 list_size += len(name) + len(value) + ENTRY_OVERHEAD
                 if list_size <= limit:
                     append(field)
@@ -497,7 +505,10 @@ class Encoder:
             name, value = field
             if type(field) is not NeverIndexedField and name not in SENSITIVE_NAMES:
                 size = len(name) + len(value) + ENTRY_OVERHEAD
-                if name in UNINDEXED_NAMES or size * 4 > self._max_size:
+                if name in UNINDEXED_NAMES:
+                    flags, prefix_bits = 0x00, 4
+                    cacheable = False  # a per-call value: this list will not come again
+                elif size * 4 > self._max_size:
                     flags, prefix_bits = 0x00, 4
                 else:
                     flags, prefix_bits = 0x40, 6

@@ -435,7 +435,7 @@ def test_never_indexed_input_is_not_sent_as_a_reference_to_an_equal_entry() -> N
     assert isinstance(field, hpack.NeverIndexedHeaderTuple)
 
 
-@pytest.mark.parametrize("name", [b"grpc-timeout", b"content-length", b"date"])
+@pytest.mark.parametrize("name", [b"grpc-timeout", b"content-length", b"date", b"traceparent", b"x-request-id"])
 def test_per_call_values_are_sent_without_indexing(name: bytes) -> None:
     encoder = Encoder()
     block = encoder.encode([(name, b"100m")])
@@ -642,3 +642,12 @@ def test_a_never_indexed_field_is_not_served_a_plain_fields_memo_entry() -> None
     enc.encode(plain)  # memoised as an indexed reference
     block = enc.encode([NeverIndexedField((b"x-token", b"t"))])
     assert block[0] & 0xF0 == 0x10  # a never-indexed literal (RFC 7541 §6.2.3), not a table reference
+
+
+def test_blocks_carrying_a_per_call_value_are_not_memoised_on_either_side() -> None:
+    # They never come again: remembering them would only push out the blocks that do.
+    enc, dec = Encoder(), Decoder()
+    for i in range(3):
+        fields = [(b":status", b"200"), (b"x-request-id", b"%d" % i)]
+        assert dec.decode(enc.encode(fields)) == fields
+    assert enc._memo == {} and dec._memo == {}
