@@ -187,6 +187,18 @@ def _encode_int(flags: int, prefix_bits: int, value: int) -> bytes:
     return bytes(out)
 
 
+def _literal_name(name: bytes) -> bytes:
+    """The start of a literal without indexing (§6.2.2) of `name`: its static index, or the raw name."""
+    index = _STATIC_NAMES.get(name)
+    if index is not None:
+        return _encode_int(0x00, 4, index)
+    return b"\x00" + _encode_int(0, 7, len(name)) + name
+
+
+# UNINDEXED_NAMES are never inserted into our table, so each one's name is always sent the same way.
+_UNINDEXED_PREFIX: Final[dict[bytes, bytes]] = {name: _literal_name(name) for name in UNINDEXED_NAMES}
+
+
 def _decode_int(data: bytes, pos: int, value: int) -> tuple[int, int]:
     """Continuation bytes of an integer whose prefix was all 1s (`value`); returns (int, next pos).
 
@@ -492,6 +504,7 @@ class Encoder:
             self._pending_min = None
         pairs = self._pairs
         short = _SHORT_INT
+        unindexed = _UNINDEXED_PREFIX
         newest = start = self._seq
         for field in key:
             seq = pairs.get(field)
@@ -502,13 +515,21 @@ class Encoder:
                 else:
                     out += _encode_int(0x80, 7, index)
                 continue
+            prefix = unindexed.get(field[0])
+            if prefix is not None and type(field) is not NeverIndexedField:
+                # A per-call value (deadline, trace id): its name's representation never changes, since
+                # such fields are never inserted; only the value is new.
+                value = field[1]
+                length = len(value)
+                out += prefix
+                out += short[length] if length < 0x7F else _encode_int(0, 7, length)
+                out += value
+                cacheable = False  # this list will not come again
+                continue
             name, value = field
             if type(field) is not NeverIndexedField and name not in SENSITIVE_NAMES:
                 size = len(name) + len(value) + ENTRY_OVERHEAD
-                if name in UNINDEXED_NAMES:
-                    flags, prefix_bits = 0x00, 4
-                    cacheable = False  # a per-call value: this list will not come again
-                elif size * 4 > self._max_size:
+                if size * 4 > self._max_size:
                     flags, prefix_bits = 0x00, 4
                 else:
                     flags, prefix_bits = 0x40, 6
