@@ -347,7 +347,13 @@ class Decoder:
                 if byte & 0x40:  # §6.2.1 literal with incremental indexing
                     index = byte & 0x3F
                     if index == 0x3F:
-                        index, pos = _decode_int(data, pos, 0x3F)
+                        # A dynamic-table name (index 63-190) takes one continuation byte: read it here,
+                        # since a peer that indexes every field (grpc-go, nghttp2) sends one per literal.
+                        if data[pos] < 0x80:
+                            index += data[pos]
+                            pos += 1
+                        else:
+                            index, pos = _decode_int(data, pos, 0x3F)
                     incremental = True
                     never = False
                 elif byte & 0x20:

@@ -651,3 +651,16 @@ def test_blocks_carrying_a_per_call_value_are_not_memoised_on_either_side() -> N
         fields = [(b":status", b"200"), (b"x-request-id", b"%d" % i)]
         assert dec.decode(enc.encode(fields)) == fields
     assert enc._memo == {} and dec._memo == {}
+
+
+@pytest.mark.parametrize("entries", [1, 100, 300])
+def test_literals_naming_a_dynamic_entry_decode_at_one_and_two_continuation_bytes(entries: int) -> None:
+    # Name indices 62..; 63-190 take one continuation byte after the 6-bit prefix, 191 and up take two.
+    enc, dec = hpack.Encoder(), Decoder(max_table_size=65536)
+    enc.header_table_size = 65536
+    first = [(b"x-name-%03d" % i, b"v") for i in range(entries)]
+    assert dec.decode(enc.encode(first)) == first
+    again = [(b"x-name-000", b"other"), (b"x-name-%03d" % (entries - 1), b"w")]
+    block = enc.encode(again)
+    assert block[0] & 0xC0 == 0x40  # literal with incremental indexing, indexed name
+    assert dec.decode(block) == again
