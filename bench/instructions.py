@@ -4,8 +4,8 @@ One process runs everything on loopback in one event loop: the client (bench.loa
 the kuberpc proxies (`sidecar.app.serve`, as `python -m sidecar run` wires them: metrics, deadlines, mTLS
 between the pair) and a fake app (bench.rawapp). `--mode pair` relays client → outbound → mTLS → inbound → app,
 `1hop` client → outbound → app, `direct` client → app: the harness's own cost, subtracted from the others.
-Warm-up calls first (connections, TLS handshakes, HPACK tables), then `--calls` calls with identical headers
-and `--calls` with headers varying per call, each section between two markers callgrind is told about
+Warm-up calls first (connections, TLS handshakes, HPACK tables), then `--calls` calls with identical headers,
+`--calls` with headers varying per call and `--calls` messages on one bidi stream, each section between two markers callgrind is told about
 (os.getpgrp() zeroes the counters, os.getsid() dumps them), so start-up and imports never count.
 One call in flight and PYTHONHASHSEED=0 make the count repeatable: the same frames arrive in the same reads.
 
@@ -33,12 +33,13 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 COMMITTED = REPO / "bench" / "results" / "instructions.json"
 MODES = ("direct", "1hop", "pair")
-LOADS = ("unary_same", "unary_vary")
+LOADS = ("unary_same", "unary_vary", "stream")
 CALLS = 100
 WARMUP = 20
 THRESHOLD = 1.10  # a figure more than 10 % above the committed one is a regression
 AUTHORITY = "arith.default:50051"
 PATH = "/arith.Arith/Add"
+STREAM_PATH = "/arith.Arith/Accumulate"
 
 
 def _env(*, outbound: str, inbound: str, admin: str, app_port: int | None, endpoints: Path, ident: dict[str, str],
@@ -112,7 +113,7 @@ async def _harness(mode: str, calls: int, warmup: int, work: Path) -> None:
     stop_app = asyncio.Event()
     app_port = free_port()
     listening = asyncio.Event()
-    app_task = asyncio.create_task(rawapp.serve(app_port, "add", stop_app, listening=listening))
+    app_task = asyncio.create_task(rawapp.serve(app_port, "auto", stop_app, listening=listening))
     proxies: list[tuple[asyncio.Event, asyncio.Task[None]]] = []
     await asyncio.wait_for(listening.wait(), 120)
     target = app_port
@@ -171,11 +172,23 @@ async def _harness(mode: str, calls: int, warmup: int, work: Path) -> None:
             await load(1, False, 0, False)
         if control.wait(timeout=60) != 0:
             raise RuntimeError("callgrind_control could not switch instrumentation on")
+    async def stream(n: int, marker: bool) -> None:
+        # One bidi stream, one message in flight: each message and its reply cross the relay alone.
+        result = await loadgen.streams(
+            target, AUTHORITY, STREAM_PATH, messages=n, connections=1, streams_per_connection=1, depth=1,
+            timeout_s=600, on_start=os.getpgrp if marker else None)
+        if marker:
+            os.getsid(0)
+        if result.calls != n:
+            raise RuntimeError(f"{result.calls} of {n} messages answered")
+
     # Warm-up on the same kind of connection as the measured calls (each load opens one client connection).
     await load(warmup, False, 1, False)
     await load(warmup, True, 2, False)
+    await stream(warmup, False)
     await load(calls, False, 3, True)
     await load(calls, True, 4, True)
+    await stream(calls, True)
     for stop, task in proxies:
         stop.set()
         await asyncio.wait_for(task, 30)

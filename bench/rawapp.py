@@ -1,8 +1,9 @@
 """A fake gRPC app on raw HTTP/2: `Add` answered with a fixed reply, or `Accumulate` streamed back as running sums.
 
 Far cheaper per message than a grpcio server, so the app never limits a proxy's saturation (the streaming
-bench) and adds few instructions around the relay's (bench/instructions.py). It serves one method per
-listener (chosen at start: it never decodes a header block) and must not route, authorize or proxy.
+bench) and adds few instructions around the relay's (bench/instructions.py). It never decodes a header block:
+`--method add` or `accumulate` serves one method per listener, and `auto` tells them apart by the first DATA
+frame (ending the stream: a unary Add; not: a bidi Accumulate). It must not route, authorize or proxy.
 Run as `python -m bench.rawapp --port P --method accumulate`; prints `ready` once it listens.
 """
 
@@ -27,7 +28,9 @@ class App(rawh2.Peer):
 
     def __init__(self, method: str, reply: bytes) -> None:
         super().__init__()
+        self._method = method
         self._accumulate = method == "accumulate"
+        self._streaming: dict[int, bool] = {}  # auto: per stream, decided by its first DATA frame
         self._reply = reply
         self._bufs: dict[int, bytes] = {}
         self._sums: dict[int, int] = {}
@@ -50,7 +53,10 @@ class App(rawh2.Peer):
             return  # trailers from the client: none in gRPC, ignored
         self._sums[sid] = 0
         if self._accumulate:
+            self._streaming[sid] = True
             self.queue(rawh2.frame(HEADERS, END_HEADERS, sid, RESPONSE_BLOCK))
+        elif self._method == "add":
+            self._streaming[sid] = False
         if flags & END_STREAM:
             self._finish(sid)
 
@@ -74,7 +80,7 @@ class App(rawh2.Peer):
         trailers = rawh2.frame(HEADERS, END_HEADERS | END_STREAM, sid, TRAILERS_BLOCK)
         self._sums.pop(sid, None)
         self._bufs.pop(sid, None)
-        if self._accumulate:
+        if self._streaming.pop(sid, False):
             self._send(sid, trailers, 0)
             return
         reply = self._reply
@@ -82,7 +88,12 @@ class App(rawh2.Peer):
                    + rawh2.frame(DATA, 0, sid, reply) + trailers, len(reply))
 
     def on_data(self, sid: int, payload: bytes, end: bool) -> None:
-        if self._accumulate and payload:
+        streaming = self._streaming.get(sid)
+        if streaming is None:  # auto, first DATA frame
+            streaming = self._streaming[sid] = not end
+            if streaming:
+                self.queue(rawh2.frame(HEADERS, END_HEADERS, sid, RESPONSE_BLOCK))
+        if streaming and payload:
             buf = self._bufs.pop(sid, b"") + payload
             pos, total, out = 0, self._sums[sid], []
             while len(buf) - pos >= 5:
@@ -126,7 +137,7 @@ async def _main(port: int, method: str) -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.rawapp")
     parser.add_argument("--port", type=int, required=True)
-    parser.add_argument("--method", choices=("add", "accumulate"), default="accumulate")
+    parser.add_argument("--method", choices=("add", "accumulate", "auto"), default="accumulate")
     args = parser.parse_args(argv)
     try:
         asyncio.run(_main(args.port, args.method))
