@@ -664,3 +664,26 @@ def test_literals_naming_a_dynamic_entry_decode_at_one_and_two_continuation_byte
     block = enc.encode(again)
     assert block[0] & 0xC0 == 0x40  # literal with incremental indexing, indexed name
     assert dec.decode(block) == again
+
+
+def test_every_byte_step_of_the_huffman_automaton_matches_a_bit_by_bit_walk_of_the_code_tree() -> None:
+    # The byte table is composed from nibble steps; a plain walk of 8 bits is the reference.
+    tree = huffman._build_tree()
+    dead = len(tree)
+    for state in range(len(tree)):
+        for byte in range(256):
+            node, out = state, b""
+            for shift in range(7, -1, -1):
+                child = tree[node][(byte >> shift) & 1]
+                if child >= 0:
+                    node = child
+                elif -child - 1 == huffman.EOS:
+                    node = dead
+                    break
+                else:
+                    out += bytes((-child - 1,))
+                    node = 0
+            index = (state << 8) | byte
+            assert huffman._NEXT_STATE[index] == node << 8
+            if node != dead:  # what a step into the dead state emits is never returned
+                assert huffman._EMITTED[index] == out
