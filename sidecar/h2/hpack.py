@@ -145,6 +145,7 @@ STATIC_TABLE: Final[tuple[tuple[bytes, bytes], ...]] = (
     (b"www-authenticate", b""),  # 61
 )
 _STATIC_LEN: Final = len(STATIC_TABLE)
+_STATIC_SIZES: Final = tuple(len(name) + len(value) + 32 for name, value in STATIC_TABLE)
 _FIRST_DYNAMIC: Final = _STATIC_LEN + 1  # HPACK index of the newest dynamic entry
 
 # Credentials: never indexed anywhere on the path, so a compression oracle cannot probe them (§7.1.3).
@@ -236,6 +237,9 @@ class Decoder:
         # One list for both tables so an HPACK index is a list index: [0] is unused (index 0 is
         # invalid), [1..61] the static table, then the dynamic table, newest first.
         self._table: list[tuple[bytes, bytes]] = [(b"", b""), *STATIC_TABLE]
+        # Each entry's size (RFC 7541 §4.1), index for index: the hot loop adds one number per indexed field
+        # to the header list size instead of measuring the field's name and value.
+        self._sizes: list[int] = [0, *_STATIC_SIZES]
         # Results of recent blocks that left the table unchanged (no size update, no incremental
         # literal). Such a block's result depends only on its bytes and the table, and every table
         # change empties the memo, so a hit is exactly what decoding again would give. It turns a
@@ -264,27 +268,29 @@ class Decoder:
             )
         self._max_size = size
         self._memo.clear()
-        table = self._table
+        table, sizes = self._table, self._sizes
         while self._size > size:
-            name, value = table.pop()
-            self._size -= len(name) + len(value) + ENTRY_OVERHEAD
+            table.pop()
+            self._size -= sizes.pop()
 
     def _insert(self, field: tuple[bytes, bytes]) -> None:
         size = len(field[0]) + len(field[1]) + ENTRY_OVERHEAD
-        table = self._table
+        table, sizes = self._table, self._sizes
         if self._memo:
             self._memo.clear()
         if size > self._max_size:
             # §4.4: an entry larger than the table empties it and is not added.
             del table[_FIRST_DYNAMIC:]
+            del sizes[_FIRST_DYNAMIC:]
             self._size = 0
             return
         self._size += size
         limit = self._max_size
         while self._size > limit:
-            name, value = table.pop()
-            self._size -= len(name) + len(value) + ENTRY_OVERHEAD
+            table.pop()
+            self._size -= sizes.pop()
         table.insert(_FIRST_DYNAMIC, field)
+        sizes.insert(_FIRST_DYNAMIC, size)
 
     def decode(self, block: bytes | memoryview) -> list[tuple[bytes, bytes]]:
         """Decode one complete header block (HEADERS plus CONTINUATIONs, unpadded).
@@ -307,7 +313,7 @@ class Decoder:
             if size > self.max_header_list_size:
                 raise HeaderListTooLarge(f"header list size {size} exceeds {self.max_header_list_size}")
             return list(fields)
-        table = self._table
+        table, sizes = self._table, self._sizes
         headers: list[tuple[bytes, bytes]] = []
         append = headers.append
         list_size = 0
@@ -339,10 +345,9 @@ class Decoder:
                         index, pos = _decode_int(data, pos, 0x7F)
                     elif not index:
                         raise HPACKError("indexed field with index 0")
-                    field = table[index]
-                    list_size += len(field[0]) + len(field[1]) + ENTRY_OVERHEAD
+                    list_size += sizes[index]
                     if list_size <= limit:
-                        append(field)
+                        append(table[index])
                     continue
                 if byte & 0x40:  # §6.2.1 literal with incremental indexing
                     index = byte & 0x3F
