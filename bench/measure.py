@@ -188,7 +188,7 @@ def saturation_sample(
     load: str, target: Target, work: Path, settings: Settings, *, on_attempt: Callable[[dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
     """One saturation sample of `load`: the proxy core must be >= busy_min busy over the window, else it is
-    taken again (at most max_attempts times; the last is kept and marked `saturated: false`).
+    taken again (at most max_attempts times; then the busiest attempt is kept, marked `saturated: false`).
 
     Every proxy of a path is pinned to the one proxy core, so the core's busy share is the summed CPU time
     of the path's proxies over the window's wall time. A probe run before each attempt sizes it to
@@ -215,10 +215,13 @@ def saturation_sample(
             on_attempt(attempt)
         if busy is None or busy >= settings.busy_min:
             break
-    kept = dict(attempts[-1])
-    kept["saturated"] = kept["core_busy"] is None or kept["core_busy"] >= settings.busy_min
-    kept["rejected"] = len(attempts) - 1 if kept["saturated"] else len(attempts)
-    kept["rejected_busy"] = [a["core_busy"] for a in attempts[:-1]] + ([] if kept["saturated"] else [kept["core_busy"]])
+    last = attempts[-1]
+    saturated = last["core_busy"] is None or last["core_busy"] >= settings.busy_min
+    # None saturated: keep the one that came closest (the least flattering to a proxy that idled).
+    kept = dict(last if saturated else max(attempts, key=lambda a: a["core_busy"]))
+    kept["saturated"] = saturated
+    kept["rejected"] = len(attempts) - 1 if saturated else len(attempts)
+    kept["rejected_busy"] = [a["core_busy"] for a in (attempts[:-1] if saturated else attempts)]
     return kept
 
 

@@ -158,6 +158,7 @@ def test_a_sample_under_the_busy_floor_is_taken_again_and_flagged_when_it_never_
     settings = measure.FULL
     kept = measure.saturation_sample("unary_same", target, Path("."), settings)
     assert (kept["core_busy"], kept["saturated"], kept["rejected"]) == (0.95, True, 2)
-    busy = iter([0.5, 0.6, 0.7])
+    busy = iter([0.5, 0.8, 0.7])
     kept = measure.saturation_sample("unary_same", target, Path("."), settings)
-    assert (kept["core_busy"], kept["saturated"], kept["rejected"]) == (0.7, False, 3)
+    assert (kept["core_busy"], kept["saturated"], kept["rejected"]) == (0.8, False, 3)
+    assert kept["rejected_busy"] == [0.5, 0.8, 0.7]
