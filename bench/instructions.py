@@ -28,7 +28,10 @@ import sys
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from sidecar.app import Proxy
 
 REPO = Path(__file__).resolve().parent.parent
 COMMITTED = REPO / "bench" / "results" / "instructions.json"
@@ -68,15 +71,17 @@ def _endpoints(port: int, tls: bool) -> str:
     return configs.kuberpc_endpoints(port, tls)
 
 
-async def _start_proxy(environ: dict[str, str], stack: Any) -> Any:
+async def _start_proxy(environ: dict[str, str], stack: list[tuple[asyncio.Event, asyncio.Task[None]]]) -> Proxy:
+    """A proxy in this event loop, as `python -m sidecar run` wires it; (stop, task) appended to `stack`."""
     from sidecar import config as config_mod
-    from sidecar.app import Proxy, serve
+    from sidecar.app import serve
 
     cfg = config_mod.load(environ)
     stop = asyncio.Event()
     started: asyncio.Future[Proxy] = asyncio.get_running_loop().create_future()
     task = asyncio.create_task(serve(cfg, stop=stop, started=started))
-    done, _ = await asyncio.wait({task, started}, timeout=120, return_when=asyncio.FIRST_COMPLETED)
+    waiters: set[asyncio.Future[Any]] = {task, started}
+    done, _ = await asyncio.wait(waiters, timeout=120, return_when=asyncio.FIRST_COMPLETED)
     if task in done:
         task.result()
     if started not in done:
@@ -85,7 +90,7 @@ async def _start_proxy(environ: dict[str, str], stack: Any) -> Any:
     return started.result()
 
 
-async def _wait_routable(proxy: Any) -> None:
+async def _wait_routable(proxy: Proxy) -> None:
     # Discovery loads the endpoints file asynchronously after readiness: wait (bounded) for the Service.
     for _ in range(2000):
         if any(len(st.set.usable()) for st in proxy.outbound.services.values()):

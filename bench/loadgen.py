@@ -234,7 +234,7 @@ async def _connect(port: int, make: Callable[[], _Client], timeout_s: float) -> 
     return proto
 
 
-async def _drive(clients: list[_Client], futures: list[asyncio.Future[None]], on_start: Callable[[], None] | None,
+async def _drive(clients: list[_Client], futures: list[asyncio.Future[None]], on_start: Callable[[], object] | None,
                  timeout_s: float, clock: Callable[[], float]) -> float:
     for c in clients:
         c.open()
@@ -259,7 +259,7 @@ async def _drive(clients: list[_Client], futures: list[asyncio.Future[None]], on
 async def unary(
     port: int, authority: str, path: str, *, calls: int, connections: int, depth: int, vary: bool,
     body: bytes, expected: bytes, timeout_s: float, seed: int = 0,
-    on_start: Callable[[], None] | None = None, clock: Callable[[], float] = time.perf_counter,
+    on_start: Callable[[], object] | None = None, clock: Callable[[], float] = time.perf_counter,
 ) -> LoadResult:
     """`calls` unary calls over `connections`, `depth` in flight on each; elapsed from the first send."""
     loop = asyncio.get_running_loop()
@@ -284,7 +284,7 @@ def _stream_factory(blocks: list[bytes], messages: int, depth: int, done: asynci
 
 async def streams(
     port: int, authority: str, path: str, *, messages: int, connections: int, streams_per_connection: int,
-    depth: int, timeout_s: float, on_start: Callable[[], None] | None = None,
+    depth: int, timeout_s: float, on_start: Callable[[], object] | None = None,
     clock: Callable[[], float] = time.perf_counter,
 ) -> LoadResult:
     """Bidi calls, `messages` in all, `depth` messages outstanding on each stream; elapsed from the first send."""
