@@ -11,6 +11,7 @@ declare -A want=(
   [taskset]=util-linux
   [shellcheck]=shellcheck
   [etcd]=etcd-server
+  [valgrind]=valgrind
 )
 missing=()
 for tool in "${!want[@]}"; do

@@ -13,7 +13,7 @@ import re
 import shutil
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,8 +28,8 @@ PATHS = ("direct", "kuberpc-1hop", "kuberpc-pair", "envoy-1hop", "envoy-pair", "
 HOPS = {"direct": 0, "kuberpc-1hop": 1, "envoy-1hop": 1, "nginx-1hop": 1, "kuberpc-pair": 2, "envoy-pair": 2}
 # External programs each path needs besides h2load and nginx (the backend), which every path needs.
 # The work subdirectories holding each path's proxy logs, quoted when the path fails.
-PROXY_DIRS = {"kuberpc-1hop": ("kuberpc-out",), "kuberpc-pair": ("kuberpc-in", "kuberpc-out"),
-              "envoy-1hop": ("envoy-out",), "envoy-pair": ("envoy-in", "envoy-out"), "nginx-1hop": ("nginx-proxy",)}
+PROXY_DIRS = {"kuberpc-1hop": ("out",), "kuberpc-pair": ("in", "out"),
+              "envoy-1hop": ("out",), "envoy-pair": ("in", "out"), "nginx-1hop": ("proxy",)}
 EXTRA_TOOLS = {"envoy-1hop": ("envoy",), "envoy-pair": ("envoy",)}
 
 
@@ -124,7 +124,10 @@ def _nginx(ctx: Context, name: str, conf_text: str, listen_port: int, core: int 
 
 @contextmanager
 def topology(ctx: Context, path: str) -> Iterator[measure.Target]:
-    """The processes of `path` on the proxy core, yielding where clients connect and which pids are proxy."""
+    """The processes of `path` on the proxy core, yielding where clients connect and which pids are proxy.
+
+    Process and directory names carry the path, so that every path can run at once (rounds alternate them).
+    """
     client_id, server_id = ctx.identities[CLIENT_SA], ctx.identities[SERVER_SA]
     backend = ctx.backend_port
     with ExitStack() as stack:
@@ -132,33 +135,33 @@ def topology(ctx: Context, path: str) -> Iterator[measure.Target]:
             yield measure.Target(backend, [])
         elif path == "kuberpc-1hop":
             out, port, _ = stack.enter_context(_kuberpc(
-                ctx, "kuberpc-out", inbound=False, upstream_port=backend, upstream_tls=False,
+                ctx, f"{path}-out", inbound=False, upstream_port=backend, upstream_tls=False,
                 identity=client_id, service_account=CLIENT_SA, app_port=None))
             yield measure.Target(port, [out])
         elif path == "kuberpc-pair":
             # The server side's own outbound listener is unused; its discovery file still names the backend.
             inb, _, in_port = stack.enter_context(_kuberpc(
-                ctx, "kuberpc-in", inbound=True, upstream_port=backend, upstream_tls=False,
+                ctx, f"{path}-in", inbound=True, upstream_port=backend, upstream_tls=False,
                 identity=server_id, service_account=SERVER_SA, app_port=backend))
             out, port, _ = stack.enter_context(_kuberpc(
-                ctx, "kuberpc-out", inbound=False, upstream_port=in_port, upstream_tls=True,
+                ctx, f"{path}-out", inbound=False, upstream_port=in_port, upstream_tls=True,
                 identity=client_id, service_account=CLIENT_SA, app_port=None))
             yield measure.Target(port, [out, inb])
         elif path == "envoy-1hop":
             port = free_port()
-            out = stack.enter_context(_envoy(ctx, "envoy-out", configs.envoy_outbound(port, free_port(), backend, None), port))
+            out = stack.enter_context(_envoy(ctx, f"{path}-out", configs.envoy_outbound(port, free_port(), backend, None), port))
             yield measure.Target(port, [out])
         elif path == "envoy-pair":
             in_port, port = free_port(), free_port()
             inb = stack.enter_context(_envoy(
-                ctx, "envoy-in", configs.envoy_inbound(in_port, free_port(), backend, server_id), in_port))
+                ctx, f"{path}-in", configs.envoy_inbound(in_port, free_port(), backend, server_id), in_port))
             out = stack.enter_context(_envoy(
-                ctx, "envoy-out", configs.envoy_outbound(port, free_port(), in_port, client_id), port))
+                ctx, f"{path}-out", configs.envoy_outbound(port, free_port(), in_port, client_id), port))
             yield measure.Target(port, [out, inb])
         elif path == "nginx-1hop":
             port = free_port()
-            d = _dir(ctx, "nginx-proxy")
-            out = stack.enter_context(_nginx(ctx, "nginx-proxy", configs.nginx_proxy(str(d), port, backend), port,
+            d = _dir(ctx, f"{path}-proxy")
+            out = stack.enter_context(_nginx(ctx, f"{path}-proxy", configs.nginx_proxy(str(d), port, backend), port,
                                              ctx.proxy_core))
             yield measure.Target(port, [out])
         else:
@@ -167,7 +170,11 @@ def topology(ctx: Context, path: str) -> Iterator[measure.Target]:
 
 @contextmanager
 def backends(work: Path, tools: Tools, core: int | None) -> Iterator[tuple[int, int]]:
-    """The nginx fixed-reply backend (Add, and Accumulate passed on) and the grpc.aio backend behind it."""
+    """The nginx fixed-reply backend (Add, and Accumulate passed on) and the raw HTTP/2 streaming app behind it.
+
+    The streaming app (bench.rawapp) answers each message in a few microseconds, so that the stream load
+    saturates the proxies rather than the app (a grpcio server managed ~4k calls/s on this core).
+    """
     stream_port, port = free_port(), free_port()
     d = work / "backend"
     www = d / "www" / "arith.Arith"
@@ -176,7 +183,8 @@ def backends(work: Path, tools: Tools, core: int | None) -> Iterator[tuple[int, 
     (d / "nginx.conf").write_text(configs.nginx_backend(str(d), str(d / "www"), port, stream_port))
     with ExitStack() as stack:
         stack.enter_context(launched(
-            "grpc-backend", [tools.found["python"], "-m", "bench.backend", "--port", str(stream_port)],
+            "stream-app", [tools.found["python"], "-m", "bench.rawapp", "--port", str(stream_port),
+                           "--method", "accumulate"],
             cwd=str(REPO), ready=tcp_accepting(stream_port), log_dir=d, core=core))
         stack.enter_context(launched(
             "nginx-backend", [tools.found["nginx"], "-p", str(d), "-e", str(d / "error.log"), "-c", str(d / "nginx.conf")],
@@ -185,13 +193,15 @@ def backends(work: Path, tools: Tools, core: int | None) -> Iterator[tuple[int, 
 
 
 def run(
-    *, settings: measure.Settings, work: Path, paths: tuple[str, ...], ci: bool, profile_dir: Path | None = None
+    *, settings: measure.Settings, work: Path, paths: tuple[str, ...], ci: bool, profile_dir: Path | None = None,
+    log: Callable[[str], None] = lambda line: print(line, file=sys.stderr, flush=True),
 ) -> dict[str, Any]:
-    """Measure every path in `paths`; a path whose tool is missing is skipped (failed under CI), a broken one failed."""
+    """Measure every path in `paths` in alternating rounds; a path whose tool is missing is skipped (failed
+    under CI), a broken one failed (its figures void, the reason recorded, the others still measured)."""
     tools = Tools.discover()
     load_core, proxy_core = cores()
     if load_core is not None:
-        # h2load, the grpcio client and the backends inherit this; proxies are started under taskset -c proxy_core.
+        # h2load, the load generator (this process), and the backends run here; proxies under taskset -c proxy_core.
         os.sched_setaffinity(0, {load_core})
     work.chmod(0o755)  # nginx workers run as an unprivileged user and must read the reply file below it
     results: dict[str, Any] = {
@@ -210,38 +220,78 @@ def run(
         return results
     identities = certs.issue(work / "certs", [CLIENT_SA, SERVER_SA], python=tools.found["python"], cwd=str(REPO))
     measure.write_request(work, *configs.ARGS)
-    with backends(work, tools, load_core) as (backend_port, stream_port):
+    with backends(work, tools, load_core) as (backend_port, _), ExitStack() as stack:
         ctx = Context(work, tools, identities, backend_port, load_core, proxy_core)
-        # The backends alone, on the load core: the unary one must outrun every proxy path by a margin.
+        # The backends alone, on the load core: they must outrun every proxy path by a margin.
+        direct = measure.Target(backend_port, [])
         results["backend_alone"] = {
-            "nginx_fixed_reply_rps": round(measure.saturation_rps(measure.Target(backend_port, []), work, settings), 1),
-            "grpcio_aio_python_rps": round(measure.saturation_rps(measure.Target(stream_port, []), work, settings), 1),
+            f"{load}_per_s": round(measure.saturation_rps(direct, work, settings, load), 1) for load in measure.LOADS
         }
+        # Every path up at once (idle ones cost their core next to nothing), so that rounds can alternate them.
+        targets: dict[str, measure.Target] = {}
         for path in paths:
             if missing := tools.missing(path):
                 results["paths"][path] = _unmeasured(path, missing, ci)
                 continue
-            entry: dict[str, Any] = {"hops": HOPS[path]}
-            try:
-                with topology(ctx, path) as target:
-                    entry.update(measure.measure(target, work, settings))
-                    if profile_dir is not None and "py-spy" in tools.found:
-                        entry["profiles"] = measure.profile(target, work, settings, py_spy=tools.found["py-spy"],
-                                                            out_dir=profile_dir, label=path)
-                entry["status"] = "ok"
-            except Exception as e:
-                # StartError, LoadCheckError, VerifyError, a grpc error, a timeout: the path's figures are void,
-                # the reason is recorded, and the other paths are still measured in this run.
-                entry.update(status="failed", reason=f"{type(e).__name__}: {e}"[:4000] + _log_tails(work, path))
+            entry: dict[str, Any] = {"hops": HOPS[path], "status": "ok", "rounds": []}
             results["paths"][path] = entry
-            print(f"{path}: {entry['status']}", file=sys.stderr, flush=True)
+            try:
+                targets[path] = stack.enter_context(topology(ctx, path))
+                entry.update(measure.idle(targets[path]))
+            except Exception as e:
+                _fail(entry, e, work, path)
+                targets.pop(path, None)
+        for n in range(settings.rounds):
+            # Rotate the order every round, so that no path always runs first (or right after a given one).
+            live = [p for p in targets if results["paths"][p]["status"] == "ok"]
+            order = live[n % len(live):] + live[: n % len(live)] if live else []
+            for load in measure.LOADS:
+                for path in order:
+                    entry = results["paths"][path]
+                    if entry["status"] != "ok":
+                        continue
+                    try:
+                        sample = measure.saturation_sample(load, targets[path], work, settings)
+                    except Exception as e:
+                        _fail(entry, e, work, path)
+                        continue
+                    sample.update(round=n, load=load)
+                    entry["rounds"].append(sample)
+                    log(f"round {n} {load} {path}: {sample['us_per_call']} us/call, busy {sample['core_busy']}, "
+                        f"{sample['rate']}/s, rejected {sample['rejected']}")
+            for path in order:
+                entry = results["paths"][path]
+                if entry["status"] != "ok":
+                    continue
+                try:
+                    entry.setdefault("pingpong_rounds", []).append(measure.pingpong(targets[path], work, settings))
+                except Exception as e:
+                    _fail(entry, e, work, path)
+        for path, target in targets.items():
+            entry = results["paths"][path]
+            if entry["status"] != "ok":
+                continue
+            try:
+                entry["rate"] = measure.paced_latency(target, settings)
+                if profile_dir is not None and "py-spy" in tools.found:
+                    entry["profiles"] = measure.profile(target, work, settings, py_spy=tools.found["py-spy"],
+                                                        out_dir=profile_dir, label=path)
+            except Exception as e:
+                _fail(entry, e, work, path)
+            log(f"{path}: {entry['status']}")
     return results
+
+
+def _fail(entry: dict[str, Any], e: Exception, work: Path, path: str) -> None:
+    # StartError, LoadCheckError, LoadError, VerifyError, a timeout: the path's figures are void, the reason
+    # is recorded, and the other paths are still measured in this run.
+    entry.update(status="failed", reason=f"{type(e).__name__}: {e}"[:4000] + _log_tails(work, path))
 
 
 def _log_tails(work: Path, path: str, lines: int = 15) -> str:
     out = []
     for name in PROXY_DIRS.get(path, ()):
-        for log in sorted((work / name).glob("*.log")):
+        for log in sorted((work / f"{path}-{name}").glob("*.log")):
             text = log.read_text(errors="replace").splitlines()[-lines:]
             if text:
                 out.append(f"\n--- {name}/{log.name} (last {len(text)} lines)\n" + "\n".join(text))

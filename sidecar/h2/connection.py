@@ -595,7 +595,10 @@ class Connection(asyncio.Protocol, Generic[L, C]):
         # (stream windows hold each sender back); past the buffer cap it waits for bytes to drain.
         self.buffered += flen
         if self.buffered <= self.limits.connection_buffer:
-            self._credit_connection(flen)
+            # _credit_connection, inline: this runs for every DATA frame.
+            self.recv_unacked += flen
+            if self.recv_unacked >= self.limits.connection_window >> 2:
+                self._credit_connection(0)
         else:
             self.owed += flen
         end = bool(flags & F.FLAG_END_STREAM)
@@ -908,17 +911,30 @@ class Connection(asyncio.Protocol, Generic[L, C]):
             if src is not None:
                 src.conn.credit(src, credit)
             return
-        if s.pending is None and s.id and not self._congested() and n <= s.send_window and n <= self.send_window:
+        if (
+            s.pending is None and s.id and not self.paused and self._out_size < WRITE_HIGH_WATER  # not _congested()
+            and n <= s.send_window and n <= self.send_window
+        ):
+            if n < 4096:
+                # The common small message: _write, inline, since this runs for every DATA frame relayed.
+                s.send_window -= n
+                self.send_window -= n
+                self._out.append(_HEADER.pack(n >> 16, n & 0xFFFF, _DATA, 1 if end else 0, s.id) + data)
+                self._out_size += n + 9
+                if not self._marked:
+                    self._marked = True
+                    self.flusher.mark(self)
+                if src is not None:
+                    src.conn.credit(src, credit)
+                if end:
+                    s.local_closed = True
+                    self._maybe_forget(s)
+                return
             if n <= self.peer_max_frame:
                 s.send_window -= n
                 self.send_window -= n
-                self._write(
-                    _HEADER.pack(n >> 16, n & 0xFFFF, _DATA, 1 if end else 0, s.id) + data
-                    if n < 4096
-                    else _HEADER.pack(n >> 16, n & 0xFFFF, _DATA, 1 if end else 0, s.id)
-                )
-                if n >= 4096:
-                    self._write(data)
+                self._write(_HEADER.pack(n >> 16, n & 0xFFFF, _DATA, 1 if end else 0, s.id))
+                self._write(data)
                 if src is not None:
                     src.conn.credit(src, credit)
                 if end:

@@ -145,12 +145,19 @@ STATIC_TABLE: Final[tuple[tuple[bytes, bytes], ...]] = (
     (b"www-authenticate", b""),  # 61
 )
 _STATIC_LEN: Final = len(STATIC_TABLE)
+_STATIC_SIZES: Final = tuple(len(name) + len(value) + 32 for name, value in STATIC_TABLE)
 _FIRST_DYNAMIC: Final = _STATIC_LEN + 1  # HPACK index of the newest dynamic entry
 
 # Credentials: never indexed anywhere on the path, so a compression oracle cannot probe them (§7.1.3).
 SENSITIVE_NAMES: Final = frozenset((b"authorization", b"proxy-authorization", b"cookie", b"set-cookie"))
-# Values that differ on every call: indexing them would only churn the table and evict useful entries.
-UNINDEXED_NAMES: Final = frozenset((b"grpc-timeout", b"content-length", b"date"))
+# Values that differ on every call: indexing them would only churn the table and evict useful entries,
+# and every insert empties both memos (ours and the next hop's). A per-call deadline, and the trace and
+# request ids tracing systems put on every call (W3C, B3, Jaeger, Envoy's, Google's, AWS's).
+UNINDEXED_NAMES: Final = frozenset((
+    b"grpc-timeout", b"content-length", b"date",
+    b"traceparent", b"x-request-id", b"x-client-trace-id", b"b3", b"x-b3-traceid", b"x-b3-spanid",
+    b"x-b3-parentspanid", b"uber-trace-id", b"grpc-trace-bin", b"x-cloud-trace-context", b"x-amzn-trace-id",
+))
 
 # Encoder look-ups, built once and only read (each Encoder copies the first): exact
 # (name, value) -> -(static index), sensitive names left out so that they always take the
@@ -179,6 +186,18 @@ def _encode_int(flags: int, prefix_bits: int, value: int) -> bytes:
         value >>= 7
     out.append(value)
     return bytes(out)
+
+
+def _literal_name(name: bytes) -> bytes:
+    """The start of a literal without indexing (§6.2.2) of `name`: its static index, or the raw name."""
+    index = _STATIC_NAMES.get(name)
+    if index is not None:
+        return _encode_int(0x00, 4, index)
+    return b"\x00" + _encode_int(0, 7, len(name)) + name
+
+
+# UNINDEXED_NAMES are never inserted into our table, so each one's name is always sent the same way.
+_UNINDEXED_PREFIX: Final[dict[bytes, bytes]] = {name: _literal_name(name) for name in UNINDEXED_NAMES}
 
 
 def _decode_int(data: bytes, pos: int, value: int) -> tuple[int, int]:
@@ -218,6 +237,9 @@ class Decoder:
         # One list for both tables so an HPACK index is a list index: [0] is unused (index 0 is
         # invalid), [1..61] the static table, then the dynamic table, newest first.
         self._table: list[tuple[bytes, bytes]] = [(b"", b""), *STATIC_TABLE]
+        # Each entry's size (RFC 7541 §4.1), index for index: the hot loop adds one number per indexed field
+        # to the header list size instead of measuring the field's name and value.
+        self._sizes: list[int] = [0, *_STATIC_SIZES]
         # Results of recent blocks that left the table unchanged (no size update, no incremental
         # literal). Such a block's result depends only on its bytes and the table, and every table
         # change empties the memo, so a hit is exactly what decoding again would give. It turns a
@@ -246,27 +268,29 @@ class Decoder:
             )
         self._max_size = size
         self._memo.clear()
-        table = self._table
+        table, sizes = self._table, self._sizes
         while self._size > size:
-            name, value = table.pop()
-            self._size -= len(name) + len(value) + ENTRY_OVERHEAD
+            table.pop()
+            self._size -= sizes.pop()
 
     def _insert(self, field: tuple[bytes, bytes]) -> None:
         size = len(field[0]) + len(field[1]) + ENTRY_OVERHEAD
-        table = self._table
+        table, sizes = self._table, self._sizes
         if self._memo:
             self._memo.clear()
         if size > self._max_size:
             # §4.4: an entry larger than the table empties it and is not added.
             del table[_FIRST_DYNAMIC:]
+            del sizes[_FIRST_DYNAMIC:]
             self._size = 0
             return
         self._size += size
         limit = self._max_size
         while self._size > limit:
-            name, value = table.pop()
-            self._size -= len(name) + len(value) + ENTRY_OVERHEAD
+            table.pop()
+            self._size -= sizes.pop()
         table.insert(_FIRST_DYNAMIC, field)
+        sizes.insert(_FIRST_DYNAMIC, size)
 
     def decode(self, block: bytes | memoryview) -> list[tuple[bytes, bytes]]:
         """Decode one complete header block (HEADERS plus CONTINUATIONs, unpadded).
@@ -289,7 +313,7 @@ class Decoder:
             if size > self.max_header_list_size:
                 raise HeaderListTooLarge(f"header list size {size} exceeds {self.max_header_list_size}")
             return list(fields)
-        table = self._table
+        table, sizes = self._table, self._sizes
         headers: list[tuple[bytes, bytes]] = []
         append = headers.append
         list_size = 0
@@ -321,15 +345,20 @@ class Decoder:
                         index, pos = _decode_int(data, pos, 0x7F)
                     elif not index:
                         raise HPACKError("indexed field with index 0")
-                    field = table[index]
-                    list_size += len(field[0]) + len(field[1]) + ENTRY_OVERHEAD
+                    list_size += sizes[index]
                     if list_size <= limit:
-                        append(field)
+                        append(table[index])
                     continue
                 if byte & 0x40:  # §6.2.1 literal with incremental indexing
                     index = byte & 0x3F
                     if index == 0x3F:
-                        index, pos = _decode_int(data, pos, 0x3F)
+                        # A dynamic-table name (index 63-190) takes one continuation byte: read it here,
+                        # since a peer that indexes every field (grpc-go, nghttp2) sends one per literal.
+                        if data[pos] < 0x80:
+                            index += data[pos]
+                            pos += 1
+                        else:
+                            index, pos = _decode_int(data, pos, 0x3F)
                     incremental = True
                     never = False
                 elif byte & 0x20:
@@ -371,6 +400,8 @@ class Decoder:
                 if incremental:
                     self._insert(field)
                     cacheable = False
+                elif cacheable and name in UNINDEXED_NAMES:
+                    cacheable = False  # a per-call value: this block will not come again
                 list_size += len(name) + len(value) + ENTRY_OVERHEAD
                 if list_size <= limit:
                     append(field)
@@ -484,6 +515,7 @@ class Encoder:
             self._pending_min = None
         pairs = self._pairs
         short = _SHORT_INT
+        unindexed = _UNINDEXED_PREFIX
         newest = start = self._seq
         for field in key:
             seq = pairs.get(field)
@@ -494,10 +526,21 @@ class Encoder:
                 else:
                     out += _encode_int(0x80, 7, index)
                 continue
+            prefix = unindexed.get(field[0])
+            if prefix is not None and type(field) is not NeverIndexedField:
+                # A per-call value (deadline, trace id): its name's representation never changes, since
+                # such fields are never inserted; only the value is new.
+                value = field[1]
+                length = len(value)
+                out += prefix
+                out += short[length] if length < 0x7F else _encode_int(0, 7, length)
+                out += value
+                cacheable = False  # this list will not come again
+                continue
             name, value = field
             if type(field) is not NeverIndexedField and name not in SENSITIVE_NAMES:
                 size = len(name) + len(value) + ENTRY_OVERHEAD
-                if name in UNINDEXED_NAMES or size * 4 > self._max_size:
+                if size * 4 > self._max_size:
                     flags, prefix_bits = 0x00, 4
                 else:
                     flags, prefix_bits = 0x40, 6

@@ -14,18 +14,16 @@ from typing import Any
 
 import pytest
 
-from bench import grpcwire, h2load, procstat, report, run
+from bench import grpcwire, h2load, measure, procstat, report, run
+from bench import summary as summary_mod
 
 REPO = Path(__file__).resolve().parents[2]
 IN_CI = os.environ.get("CI", "").lower() == "true"
 
-PATH_FIELDS = {
-    "saturation": {"calls", "rps", "elapsed_s", "response_bytes", "proxy_cpu_s", "cpu_us_per_call"},
-    "rate": {"target_rps", "calls", "p50_us", "p99_us", "mean_us"},
-    "pingpong": {"calls", "p50_us", "p99_us", "mean_us"},
-    "stream": {"messages", "elapsed_s", "msgs_per_s", "cpu_us_per_msg"},
-}
-PROXY_FIELDS = {"pid", "startup_s", "rss_idle_kib", "rss_load_kib"}
+SAMPLE_FIELDS = {"calls", "elapsed_s", "rate", "proxy_cpu_s", "us_per_call", "core_busy", "saturated", "rejected",
+                 "round", "load"}
+SUMMARY_FIELDS = {"us_per_call_median", "us_per_call_min", "us_per_call_max", "core_busy_min", "rate_median"}
+PROXY_FIELDS = {"pid", "startup_s", "rss_idle_kib"}
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +33,7 @@ def smoke(tmp_path_factory: pytest.TempPathFactory) -> tuple[subprocess.Complete
         [sys.executable, "-m", "bench", "--smoke", "--out", str(out)],
         cwd=REPO, capture_output=True, text=True, timeout=300, check=False,
     )
-    files = sorted(out.glob("*.json"))
+    files = sorted(out.glob("latest.json"))
     assert len(files) == 1, f"no results JSON; stderr:\n{done.stderr[-3000:]}"
     return done, json.loads(files[0].read_text()), out
 
@@ -63,13 +61,20 @@ def test_every_measured_path_reports_every_figure_and_a_verified_grpc_status(smo
         pytest.skip("no path could be measured on this machine (h2load or nginx missing)")
     for name, entry in measured.items():
         assert entry["verified"] == {"Add": "OK", "Accumulate": "OK"}, name
-        for section, fields in PATH_FIELDS.items():
-            assert fields <= set(entry[section]), (name, section)
-        assert entry["saturation"]["response_bytes"] == entry["saturation"]["calls"] * 7, name
+        loads = {s["load"] for s in entry["rounds"]}
+        assert loads == set(measure.LOADS), name
+        for sample in entry["rounds"]:
+            assert SAMPLE_FIELDS <= set(sample), (name, sample)
         expected_proxies = 0 if name == "direct" else entry["hops"]
         assert len(entry["proxies"]) == expected_proxies, name
         for proxy in entry["proxies"].values():
             assert PROXY_FIELDS <= set(proxy), name
+        summary = results["summary"][name]
+        for load in measure.LOADS:
+            fields = SUMMARY_FIELDS if entry["hops"] else {"rate_median"}
+            assert fields <= set(summary[load]), (name, load)
+            if name in summary_mod.BASELINE and results["paths"][summary_mod.BASELINE[name]]["status"] == "ok":
+                assert {"ratio_to_envoy_median", "ratio_to_envoy_min", "ratio_to_envoy_max"} <= set(summary[load])
 
 
 def test_smoke_run_writes_a_markdown_table_with_a_column_per_path(smoke: Any) -> None:
@@ -122,10 +127,38 @@ def test_proc_stat_fields_are_counted_after_a_command_name_with_spaces_and_paren
     assert procstat.parse_stat(line) == (7, 150, 25)
 
 
-def test_ratio_cells_compare_each_path_with_its_envoy_counterpart() -> None:
-    def path(rps: float, hops: int) -> dict[str, Any]:
-        return {"status": "ok", "hops": hops, "saturation": {"rps": rps}}
+def _sample(load: str, rnd: int, us: float, busy: float) -> dict[str, Any]:
+    return {"load": load, "round": rnd, "us_per_call": us, "core_busy": busy, "rate": 1000.0, "rejected": 0,
+            "saturated": busy >= 0.9}
 
-    results = {"paths": {"kuberpc-pair": path(500, 2), "envoy-pair": path(1000, 2)}}
-    line = next(row for row in report.table(results).splitlines() if row.startswith("| saturation"))
-    assert "500 (0.50\u00d7)" in line
+
+def test_summary_takes_medians_and_ranges_and_pairs_ratios_by_round() -> None:
+    ours = {"status": "ok", "hops": 2, "rounds": [_sample("unary_same", r, us, 0.95) for r, us in enumerate((50, 70, 60))]}
+    envoy = {"status": "ok", "hops": 2, "rounds": [_sample("unary_same", r, us, b)
+                                                   for r, (us, b) in enumerate(((100, 0.99), (100, 0.91), (50, 0.97)))]}
+    s = summary_mod.summarise({"paths": {"kuberpc-pair": ours, "envoy-pair": envoy}})["kuberpc-pair"]["unary_same"]
+    assert (s["us_per_call_median"], s["us_per_call_min"], s["us_per_call_max"]) == (60, 50, 70)
+    assert s["ratio_to_envoy_median"] == 0.6
+    assert (s["ratio_to_envoy_min"], s["ratio_to_envoy_max"]) == (0.5, 1.2)
+    assert summary_mod.summarise({"paths": {"envoy-pair": envoy}})["envoy-pair"]["unary_same"]["core_busy_min"] == 0.91
+
+
+def test_a_sample_under_the_busy_floor_is_taken_again_and_flagged_when_it_never_gets_there(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    busy = iter([0.5, 0.6, 0.95])
+
+    def fake_run(load: str, target: Any, work: Any, settings: Any, calls: int) -> measure.Window:
+        return measure.Window(calls, 1.0, next(busy) if calls != measure.FULL.probe_calls else 0.1)
+
+    monkeypatch.setattr(measure, "_run_load", fake_run)
+    monkeypatch.setattr(measure.procstat, "rss_kib", lambda pid: 0)
+    proc = type("P", (), {"pid": 1, "name": "p"})()
+    target = measure.Target(1, [proc])  # type: ignore[list-item]
+    settings = measure.FULL
+    kept = measure.saturation_sample("unary_same", target, Path("."), settings)
+    assert (kept["core_busy"], kept["saturated"], kept["rejected"]) == (0.95, True, 2)
+    busy = iter([0.5, 0.8, 0.7])
+    kept = measure.saturation_sample("unary_same", target, Path("."), settings)
+    assert (kept["core_busy"], kept["saturated"], kept["rejected"]) == (0.8, False, 3)
+    assert kept["rejected_busy"] == [0.5, 0.8, 0.7]

@@ -435,7 +435,7 @@ def test_never_indexed_input_is_not_sent_as_a_reference_to_an_equal_entry() -> N
     assert isinstance(field, hpack.NeverIndexedHeaderTuple)
 
 
-@pytest.mark.parametrize("name", [b"grpc-timeout", b"content-length", b"date"])
+@pytest.mark.parametrize("name", [b"grpc-timeout", b"content-length", b"date", b"traceparent", b"x-request-id"])
 def test_per_call_values_are_sent_without_indexing(name: bytes) -> None:
     encoder = Encoder()
     block = encoder.encode([(name, b"100m")])
@@ -642,3 +642,48 @@ def test_a_never_indexed_field_is_not_served_a_plain_fields_memo_entry() -> None
     enc.encode(plain)  # memoised as an indexed reference
     block = enc.encode([NeverIndexedField((b"x-token", b"t"))])
     assert block[0] & 0xF0 == 0x10  # a never-indexed literal (RFC 7541 §6.2.3), not a table reference
+
+
+def test_blocks_carrying_a_per_call_value_are_not_memoised_on_either_side() -> None:
+    # They never come again: remembering them would only push out the blocks that do.
+    enc, dec = Encoder(), Decoder()
+    for i in range(3):
+        fields = [(b":status", b"200"), (b"x-request-id", b"%d" % i)]
+        assert dec.decode(enc.encode(fields)) == fields
+    assert enc._memo == {} and dec._memo == {}
+
+
+@pytest.mark.parametrize("entries", [1, 100, 300])
+def test_literals_naming_a_dynamic_entry_decode_at_one_and_two_continuation_bytes(entries: int) -> None:
+    # Name indices 62..; 63-190 take one continuation byte after the 6-bit prefix, 191 and up take two.
+    enc, dec = hpack.Encoder(), Decoder(max_table_size=65536)
+    enc.header_table_size = 65536
+    first = [(b"x-name-%03d" % i, b"v") for i in range(entries)]
+    assert dec.decode(enc.encode(first)) == first
+    again = [(b"x-name-000", b"other"), (b"x-name-%03d" % (entries - 1), b"w")]
+    block = enc.encode(again)
+    assert block[0] & 0xC0 == 0x40  # literal with incremental indexing, indexed name
+    assert dec.decode(block) == again
+
+
+def test_every_byte_step_of_the_huffman_automaton_matches_a_bit_by_bit_walk_of_the_code_tree() -> None:
+    # The byte table is composed from nibble steps; a plain walk of 8 bits is the reference.
+    tree = huffman._build_tree()
+    dead = len(tree)
+    for state in range(len(tree)):
+        for byte in range(256):
+            node, out = state, b""
+            for shift in range(7, -1, -1):
+                child = tree[node][(byte >> shift) & 1]
+                if child >= 0:
+                    node = child
+                elif -child - 1 == huffman.EOS:
+                    node = dead
+                    break
+                else:
+                    out += bytes((-child - 1,))
+                    node = 0
+            index = (state << 8) | byte
+            assert huffman._NEXT_STATE[index] == node << 8
+            if node != dead:  # what a step into the dead state emits is never returned
+                assert huffman._EMITTED[index] == out
