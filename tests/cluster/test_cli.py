@@ -12,9 +12,10 @@ from __future__ import annotations
 import datetime as dt
 import io
 import json
+import os
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -35,11 +36,20 @@ ARITH_ID = f"spiffe://cluster.local/ns/{EXAMPLE}/sa/arith"
 CLIENT_ID = f"spiffe://cluster.local/ns/{EXAMPLE}/sa/arith-client"
 
 
+def transcript(args: Sequence[str], out: str) -> None:
+    """With KUBERPC_CLI_TRANSCRIPT=FILE, each command and its output are appended there (the README's are)."""
+    if path := os.environ.get("KUBERPC_CLI_TRANSCRIPT"):
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(f"$ kuberpc {' '.join(args)}\n{out}")
+
+
 def kuberpc(kube: Kube, *args: str, timeout: float = 90) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
+    done = subprocess.run(
         [PYTHON, "-m", "webhook.cli", *args, "--kubeconfig", str(kube.cp.kubeconfig)],
         cwd=REPO, capture_output=True, text=True, timeout=timeout, check=False,
     )
+    transcript(args, done.stdout + done.stderr)
+    return done
 
 
 def server_pods(kube: Kube) -> list[str]:
@@ -87,6 +97,10 @@ def test_proxy_status_shows_each_meshed_pod_with_its_certificate_and_discovery(e
         assert item["discovery_updates"] > 0
     assert items[client_pod(example)]["services_with_endpoints"] == [f"arith.{EXAMPLE}"]
     assert items[client_pod(example)]["workload"] == "deploy/arith-client"
+    table = kuberpc(example, "proxy-status", "-n", EXAMPLE, "-o", "wide").stdout.splitlines()
+    assert table[0].split() == ["NAME", "VERSION", "READY", "CERT-EXPIRES", "SERVICES", "DISCOVERY-UPDATES", "AGE", "WORKLOAD"]
+    assert sorted(line.split()[0] for line in table[1:]) == sorted(items)
+    assert all(line.split()[2:4] == ["true", "in"] for line in table[1:])
 
 
 def test_stat_counts_the_calls_each_deployment_served_in_the_window(example: Kube) -> None:
@@ -99,6 +113,7 @@ def test_stat_counts_the_calls_each_deployment_served_in_the_window(example: Kub
     code = main(["stat", "deploy", "-n", EXAMPLE, "--window", "10", "-o", "json", "--kubeconfig", str(example.cp.kubeconfig)],
                 sleep=between_scrapes, stdout=out, stderr=err)
 
+    transcript(["stat", "deploy", "-n", EXAMPLE, "--window", "10", "-o", "json"], out.getvalue())
     assert code == 0, err.getvalue()
     assert len(outcomes) == 30 and all(o.startswith("arith-") for o in outcomes), outcomes
     rows = {r["name"]: r for r in json.loads(out.getvalue())["items"]}
@@ -107,6 +122,15 @@ def test_stat_counts_the_calls_each_deployment_served_in_the_window(example: Kub
     assert rows["arith"]["rps"] == 3.0
     assert 0 < rows["arith"]["latency_seconds"]["p50"] <= rows["arith"]["latency_seconds"]["p99"] < 5
     assert rows["arith-client"]["calls"] == 0
+
+    # The same, as a person reads it: 20 calls in a 10 s window.
+    table = io.StringIO()
+    code = main(["stat", "deploy", "-n", EXAMPLE, "--window", "10", "--kubeconfig", str(example.cp.kubeconfig)],
+                sleep=lambda seconds: outcomes.extend(call(example, 20)), stdout=table, stderr=err)
+    transcript(["stat", "deploy", "-n", EXAMPLE, "--window", "10"], table.getvalue())
+    lines = table.getvalue().splitlines()
+    assert code == 0 and lines[0].split() == ["NAME", "MESHED", "SUCCESS", "RPS", "LATENCY_P50", "LATENCY_P95", "LATENCY_P99"]
+    assert [line.split()[:4] for line in lines[1:]] == [["arith", "3/3", "100.00%", "2.0"], ["arith-client", "1/1", "-", "0.0"]]
 
 
 def tap_while_calling(kube: Kube, pod: str, limit: int) -> subprocess.CompletedProcess[str]:
@@ -132,6 +156,7 @@ def tap_while_calling(kube: Kube, pod: str, limit: int) -> subprocess.CompletedP
 def test_tap_through_port_forward_shows_each_call_with_both_identities(example: Kube) -> None:
     client = tap_while_calling(example, client_pod(example), 3)
     server = tap_while_calling(example, server_pods(example)[0], 1)
+    transcript(["tap", client_pod(example), "-n", EXAMPLE, "--limit", "3", "-o", "json"], client.stdout)
 
     assert client.returncode == 0, client.stderr
     *calls, end = [json.loads(line) for line in client.stdout.splitlines()]
