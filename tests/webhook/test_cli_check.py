@@ -264,6 +264,18 @@ async def test_a_pod_created_without_its_proxy_fails_the_check_with_the_fix(mesh
     assert lines[-1] == "1 check(s) failed"
 
 
+async def test_a_finished_job_pod_whose_proxy_is_gone_is_not_checked(mesh: CheckedMesh) -> None:
+    done = meshed_pod("migrate-once-q1", "migrate", "q1")  # served by no proxy: its pod proxy would answer 503
+    done["metadata"]["annotations"][a.INJECT] = a.INJECT_ENABLED
+    done["status"]["phase"] = "Succeeded"
+    mesh.fake.put(done)
+
+    code, lines = await kuberpc_check(mesh)
+
+    assert code == 0, lines
+    assert not any("migrate-once-q1" in line for line in lines)
+
+
 async def test_a_proxy_whose_certificate_has_expired_fails_the_check(mesh: CheckedMesh) -> None:
     code, lines = await kuberpc_check(mesh, now=time.time() + 2 * DAY)  # workload certificates live 24 h
 

@@ -22,6 +22,7 @@ from webhook import annotations as a
 from webhook.cli.forward import Tunnel, local_port
 
 MESHED_SELECTOR = f"{a.INJECTED}={a.INJECTED_LABEL_VALUE}"
+FINISHED = ("Succeeded", "Failed")  # pod phases after which no container runs again
 
 
 class CliError(Exception):
@@ -136,7 +137,7 @@ class Cluster:
         out = []
         for p in found.items:
             meta: Any = p.metadata
-            if p.status is not None and p.status.phase in ("Succeeded", "Failed"):
+            if p.status is not None and p.status.phase in FINISHED:
                 continue  # finished: whether it had a proxy no longer matters
             said = (meta.annotations or {}).get(a.INJECT, "").strip()
             if said == a.INJECT_ENABLED:
@@ -266,7 +267,8 @@ class Cluster:
         return str((cm.data or {}).get(a.TRUST_ANCHORS_KEY, ""))
 
     def meshed_pods(self, namespace: str | None) -> list[Pod]:
-        """Pods the injector labelled kuberpc.io/injected=true, in `namespace` or everywhere (None)."""
+        """Running (or starting) pods the injector labelled kuberpc.io/injected=true, in `namespace` or
+        everywhere (None)."""
         try:
             if namespace is None:
                 found = self._core.list_pod_for_all_namespaces(label_selector=MESHED_SELECTOR)
@@ -274,7 +276,8 @@ class Cluster:
                 found = self._core.list_namespaced_pod(namespace, label_selector=MESHED_SELECTOR)
         except (ApiException, urllib3.exceptions.HTTPError) as e:
             raise CliError(f"listing meshed pods: {_reason(e)}") from e
-        return [_pod(p) for p in found.items]
+        # A finished pod (a Job's) has no proxy left to ask: it is history, not part of the mesh.
+        return [_pod(p) for p in found.items if not (p.status and p.status.phase in FINISHED)]
 
     def proxy_metrics(self, pod: Pod) -> str:
         """The proxy's /metrics, through the API server's pod proxy (needs get on pods/proxy)."""
