@@ -24,6 +24,7 @@ class Tunnel(Protocol):
     def sendall(self, data: bytes, /) -> None: ...
     def close(self) -> None: ...
     def fileno(self) -> int: ...
+    def setblocking(self, flag: bool, /) -> None: ...
 
 
 def _pump(a: socket.socket, b: Tunnel) -> None:
@@ -43,9 +44,16 @@ def _pump(a: socket.socket, b: Tunnel) -> None:
         return
     finally:
         sel.close()
-        for s in (a, b):
-            with contextlib.suppress(OSError):
-                s.close()
+        with contextlib.suppress(OSError):
+            a.close()
+        # What the pod sent after our side stopped reading is read away first: closing a socket with unread
+        # data resets it, and the client's forwarding thread would print that reset as a traceback.
+        with contextlib.suppress(OSError):
+            b.setblocking(False)
+            while b.recv(65536):
+                pass
+        with contextlib.suppress(OSError):
+            b.close()
 
 
 @contextlib.contextmanager
