@@ -32,7 +32,7 @@ from sidecar.link import Link
 from sidecar.metrics import Metrics
 from sidecar.model import Catalog, Endpoint, ServiceKey
 from sidecar.outbound import Outbound
-from sidecar.pool import PEER_KEEPALIVE_S, TLS_FAILURE_REASONS, Pool, tls_failure_reason
+from sidecar.pool import PEER_KEEPALIVE_S, TLS_FAILURE_REASONS, Pool, connection_debug, tls_failure_reason
 from sidecar.relay import RETRY_REASONS, MeshConnection, Relay
 from sidecar.tap import Tap
 from sidecar.workload_cert import (
@@ -108,7 +108,12 @@ class Proxy:
                 "services": self.outbound.debug(),
             },
             "outbound": self.out_relay.debug(),
-            "inbound": self.in_relay.debug() if self.in_relay is not None else None,
+            "inbound": {
+                **self.in_relay.debug(),
+                "connections": [connection_debug(c) for c in self.in_relay.downstream],
+            }
+            if self.in_relay is not None
+            else None,
             "upstream_connections": self.outbound.pool.debug() if self.outbound.pool else [],
             "identity": self.workload.debug() if self.workload is not None else None,
         }

@@ -158,7 +158,18 @@ class Pool:
             await asyncio.gather(*self._tasks, return_exceptions=True)
 
     def debug(self) -> list[dict[str, object]]:
-        return [c.debug() for conns in self._conns.values() for c in conns]
+        return [connection_debug(c) for conns in self._conns.values() for c in conns]
+
+
+def connection_debug(conn: MeshConnection) -> dict[str, object]:
+    """A connection for /debug, with the peer's mesh identity when it presented one (None: plaintext)."""
+    peer = conn.link.peer_id
+    address = conn.transport.get_extra_info("peername") if conn.transport is not None else None
+    return {
+        **conn.debug(),
+        "peer_address": f"{address[0]}:{address[1]}" if isinstance(address, tuple) else None,
+        "peer_identity": str(peer) if peer is not None else None,
+    }
 
 
 _TLS_FAILURE_NEEDLES = (

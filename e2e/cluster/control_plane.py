@@ -170,6 +170,8 @@ class ControlPlane:
                 f"--service-account-key-file={pki.sa_pub}", f"--service-account-signing-key-file={pki.sa_key}",
                 "--authorization-mode=RBAC", f"--service-cluster-ip-range={SERVICE_RANGE}",
                 "--allow-privileged=true",
+                # The pod runner's Node has no resolvable host name: port-forward reaches it at its InternalIP.
+                "--kubelet-preferred-address-types=InternalIP",
                 # Webhook calls go to a ready endpoint of the webhook Service (there is no kube-proxy here).
                 "--enable-aggregator-routing=true",
                 "--profiling=false", "--v=1",

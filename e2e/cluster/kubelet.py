@@ -42,6 +42,7 @@ from kubernetes import client, config, watch
 from kubernetes.client.exceptions import ApiException
 
 from e2e import netns
+from e2e.cluster.streaming import StreamingServer
 
 log = logging.getLogger("kubelet")
 REPO = Path(__file__).resolve().parents[2]
@@ -54,6 +55,7 @@ IMAGES: dict[str, tuple[list[str], list[str]]] = {
     "ghcr.io/kuberpc/arith-example": ([], ["python", "-m", "e2e.arith.server"]),
 }
 LEASE_SECONDS = 40
+KUBELET_PORT = 10250  # the streaming endpoint (port-forward), as the Node's daemonEndpoints say
 TICK = 0.1
 
 
@@ -870,6 +872,7 @@ class Runner:
             "capacity": capacity,
             "allocatable": capacity,
             "addresses": [{"type": "InternalIP", "address": self.host_ip}, {"type": "Hostname", "address": self.node}],
+            "daemonEndpoints": {"kubeletEndpoint": {"Port": KUBELET_PORT}},
             "conditions": [
                 {"type": "Ready", "status": "True", "reason": "KubeletReady", "message": "kuberpc pod runner",
                  "lastHeartbeatTime": t, "lastTransitionTime": t},
@@ -982,6 +985,12 @@ class Runner:
                 log.info("pod watch restarting: %r", e)
                 self.stopping.wait(0.5)
 
+    def netns_of(self, namespace: str, pod: str) -> str | None:
+        """The network namespace of a running pod of this node (for port-forward), None if there is none."""
+        with self._lock:
+            workers = list(self.workers.values())
+        return next((w.netns for w in workers if (w.ns_name, w.name) == (namespace, pod) and not w.deleting.is_set()), None)
+
     def shutdown(self) -> None:
         self.stopping.set()
         with self._lock:
@@ -1012,6 +1021,7 @@ def main() -> None:
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
+    StreamingServer(gateway, KUBELET_PORT, runner.netns_of).start()
     runner.register_node()
     for target in (runner.heartbeat, runner.service_hosts, runner.watch_pods):
         threading.Thread(target=target, name=target.__name__, daemon=True).start()

@@ -10,6 +10,7 @@ import datetime as dt
 from dataclasses import dataclass
 
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 
 # discovery.k8s.io/v1 EndpointSlices, which the proxies and the control plane watch, are GA since 1.21.
 MIN_KUBERNETES = (1, 21)
@@ -75,18 +76,105 @@ def trust_anchors(namespace: str, pem: str | None, now: dt.datetime) -> Result:
     return Result(True, f"{where}: {len(certs)} trust anchor(s), valid until {expiry:%Y-%m-%d}")
 
 
-def injection(asking: list[tuple[str, str, bool]]) -> list[Result]:
-    missing = [f"{ns}/{name}" for ns, name, injected in asking if not injected]
+def injection(asking: list[tuple[str, str, bool, str]]) -> list[Result]:
+    """`asking`: (namespace, pod, injected, why it asks: the pod's annotation or its namespace's label)."""
+    missing = [(f"{ns}/{name}", why) for ns, name, injected, why in asking if not injected]
     if not missing:
         return [Result(True, f"every pod asking for a proxy has one ({len(asking)})")]
     return [
         Result(
             False,
-            f"{pod} asks for a proxy (kuberpc.io/inject: enabled) but has none",
-            "it was created while the injector did not answer: restart its workload (kubectl rollout restart)",
+            f"{pod} asks for a proxy ({why}) but has none",
+            "it was created before it asked or while the injector did not answer (or in a namespace the "
+            "injector never sees: kube-system, kuberpc-system): recreate it, e.g. kubectl rollout restart its workload",
         )
-        for pod in missing
+        for pod, why in missing
     ]
+
+
+# What `python -m webhook install | kubectl apply -f -` creates, as the API server's authorizer names it.
+# tests/webhook/test_cli_check.py fails when install renders a kind missing here.
+INSTALL_RESOURCES: dict[str, tuple[str, str, bool]] = {  # kind -> (API group, resource, namespaced)
+    "Namespace": ("", "namespaces", False),
+    "ServiceAccount": ("", "serviceaccounts", True),
+    "Secret": ("", "secrets", True),
+    "ConfigMap": ("", "configmaps", True),
+    "Service": ("", "services", True),
+    "Deployment": ("apps", "deployments", True),
+    "PodDisruptionBudget": ("policy", "poddisruptionbudgets", True),
+    "ClusterRole": ("rbac.authorization.k8s.io", "clusterroles", False),
+    "ClusterRoleBinding": ("rbac.authorization.k8s.io", "clusterrolebindings", False),
+    "Role": ("rbac.authorization.k8s.io", "roles", True),
+    "RoleBinding": ("rbac.authorization.k8s.io", "rolebindings", True),
+    "MutatingWebhookConfiguration": ("admissionregistration.k8s.io", "mutatingwebhookconfigurations", False),
+}
+
+
+def install_rights(allowed: dict[str, bool]) -> Result:
+    """`allowed`: for each resource (as "resource.group") install creates, whether the caller may create it."""
+    denied = sorted(r for r, ok in allowed.items() if not ok)
+    if not denied:
+        return Result(True, f"you may create everything kuberpc install creates ({len(allowed)} kinds)")
+    return Result(
+        False,
+        f"you may not create {', '.join(denied)}",
+        "install as a cluster administrator (kubectl auth can-i create <resource> says who may)",
+    )
+
+
+def webhook_serving(
+    pod: str, service_dns: str, ca_bundle_pem: bytes, served_der: bytes | None, error: str, now: dt.datetime
+) -> Result:
+    """Would the API server trust what pod `pod` serves? It dials `service_dns` and verifies the serving
+    certificate against the caBundle of the MutatingWebhookConfiguration, as this reproduces."""
+    reinstall = "python -m webhook install | kubectl apply -f - (it makes the CA, the certificate and the bundle together)"
+    if served_der is None:
+        return Result(
+            False,
+            f"the webhook in {pod} does not answer ({error})",
+            f"kubectl -n {pod.split('/')[0]} logs {pod.split('/')[1]} -c webhook",
+        )
+    if not ca_bundle_pem.strip():
+        return Result(False, f"the MutatingWebhookConfiguration has no caBundle: the API server cannot call {pod}", reinstall)
+    try:
+        anchors = x509.load_pem_x509_certificates(ca_bundle_pem)
+    except ValueError:
+        return Result(False, "the MutatingWebhookConfiguration's caBundle holds no readable certificate", reinstall)
+    served = x509.load_der_x509_certificate(served_der)
+    signed = False
+    for ca in anchors:
+        try:
+            served.verify_directly_issued_by(ca)
+            signed = True
+        except (ValueError, TypeError, InvalidSignature):
+            continue
+    if not signed:
+        return Result(
+            False,
+            f"the webhook in {pod} serves a certificate its caBundle does not trust "
+            f"(issued by {served.issuer.rfc4514_string()})",
+            reinstall,
+        )
+    if served.not_valid_after_utc <= now:
+        return Result(False, f"the webhook in {pod} serves a certificate that expired on {served.not_valid_after_utc:%Y-%m-%d}", reinstall)
+    try:
+        names = served.extensions.get_extension_for_class(x509.SubjectAlternativeName).value.get_values_for_type(x509.DNSName)
+    except x509.ExtensionNotFound:
+        names = []
+    if service_dns not in names:
+        return Result(False, f"the webhook in {pod} serves a certificate not valid for {service_dns}", reinstall)
+    return Result(True, f"the webhook in {pod} answers with a certificate its caBundle trusts, valid until {served.not_valid_after_utc:%Y-%m-%d}")
+
+
+def identity_service(pod: str, code: str, detail: str) -> Result:
+    """`code`: the gRPC status the identity service gave a deliberately empty Certify request."""
+    if code in ("INVALID_ARGUMENT", "UNAUTHENTICATED"):
+        return Result(True, f"the identity service in {pod} answers (an empty request: {code})")
+    return Result(
+        False,
+        f"the identity service in {pod} does not answer as it should ({code}: {detail})",
+        f"kubectl -n {pod.split('/')[0]} logs {pod.split('/')[1]} -c webhook",
+    )
 
 
 def proxy(namespace: str, name: str, ready: bool, cert_expiry: float | None, now: dt.datetime) -> Result:

@@ -14,6 +14,8 @@ import datetime as dt
 import json
 import sys
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TextIO
@@ -21,7 +23,11 @@ from typing import Any, TextIO
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
+from webhook import annotations as a
+from webhook import install
 from webhook.cli import check as checks
+from webhook.cli import debug as debug_view
+from webhook.cli import probe
 from webhook.cli import stat as stat_mod
 from webhook.cli.inject import inject_documents
 from webhook.cli.kube import CliError, Cluster, Pod
@@ -119,6 +125,12 @@ def _parser() -> argparse.ArgumentParser:
         default="kuberpc-system",
         help="where kuberpc runs (default kuberpc-system)",
     )
+    reach = (
+        "The proxy serves it on the pod's loopback only (127.0.0.1:15091): given POD, kuberpc reaches it "
+        "through the API server's pods/portforward, as `kubectl port-forward` does, so only who may "
+        "port-forward to the pod (RBAC: create pods/portforward) can read it; --admin HOST:PORT reads a "
+        "debug listener you can reach yourself (a proxy run by hand, or a port-forward you opened)."
+    )
     for name, text in (
         ("tap", "each call a proxy finishes from now on: method, status, latency, peer identity"),
         ("top", "the calls a proxy finishes over a while, by route (method) and peer, busiest first"),
@@ -127,15 +139,25 @@ def _parser() -> argparse.ArgumentParser:
             name,
             parents=[common],
             help=text,
-            description=f"{text[0].upper()}{text[1:]}. Reads the proxy's bounded /tap stream, served to "
-            "loopback only: first `kubectl port-forward -n NS POD 15091`, then --admin 127.0.0.1:15091. "
+            description=f"{text[0].upper()}{text[1:]}, from the proxy's bounded /tap stream. {reach} "
             "Never shows metadata values or message bodies (the proxy does not send them).",
         )
-        p.add_argument("--admin", required=True, help="HOST:PORT of the proxy's admin port")
+        p.add_argument("pod", nargs="?", metavar="POD", help="the meshed pod whose proxy to tap")
+        p.add_argument("--admin", help="HOST:PORT of a proxy's debug listener, instead of POD")
         p.add_argument(
             "--limit", type=int, default=100 if name == "tap" else 1000, help="calls at most (<= 1000)"
         )
         p.add_argument("--seconds", type=float, default=10.0, help="how long at most (<= 60)")
+    debug = sub.add_parser(
+        "debug",
+        parents=[common],
+        help="what one proxy knows: routes, endpoints and their state, ejections, connections, peers",
+        description="A proxy's /debug for a person: readiness (and why not), identity and certificate, "
+        "routes, every endpoint with its weight and state (ejected: why, and when it is tried again), "
+        f"connections with each peer's SPIFFE ID. -o json|yaml prints the document itself. {reach}",
+    )
+    debug.add_argument("pod", nargs="?", metavar="POD", help="the meshed pod whose proxy to show")
+    debug.add_argument("--admin", help="HOST:PORT of a proxy's debug listener, instead of POD")
     return parser
 
 
@@ -157,10 +179,18 @@ def main(
     try:
         if args.command == "inject":
             return _inject(args, stdin or sys.stdin, out, err)
-        if args.command == "tap":
-            return _tap(args, out)
-        if args.command == "top":
-            return _top(args, out)
+        if args.command in ("tap", "top", "debug"):
+            if (args.pod is None) == (args.admin is None):
+                err.write(f"kuberpc {args.command}: name a POD or give --admin HOST:PORT (one of the two)\n")
+                return USAGE
+            if args.admin is not None:
+                return _on_debug_listener(args, args.admin, clock, out)
+            c = cluster(context=args.context, kubeconfig=args.kubeconfig)
+            try:
+                with c.forward(args.namespace or "default", args.pod, a.DEBUG_PORT) as address:
+                    return _on_debug_listener(args, address, clock, out)
+            finally:
+                c.close()
         kind = None
         if args.command == "stat":
             kind = KINDS.get(args.kind.lower())
@@ -220,12 +250,44 @@ def _inject(args: argparse.Namespace, stdin: TextIO, out: TextIO, err: TextIO) -
     return PROBLEM if result.denied else OK
 
 
-def _tap(args: argparse.Namespace, out: TextIO) -> int:
+def _on_debug_listener(
+    args: argparse.Namespace, address: str, clock: Callable[[], float], out: TextIO
+) -> int:
+    if args.command == "tap":
+        return _tap(args, address, out)
+    if args.command == "top":
+        return _top(args, address, out)
+    return _debug(args, address, clock, out)
+
+
+def _debug(args: argparse.Namespace, address: str, clock: Callable[[], float], out: TextIO) -> int:
+    url = f"http://{address}/debug"
+    try:
+        with urllib.request.urlopen(url, timeout=30) as resp:
+            doc = json.loads(resp.read())
+    except urllib.error.HTTPError as e:
+        raise CliError(f"{url}: HTTP {e.code}: {e.read().decode(errors='replace').strip()}") from e
+    except (urllib.error.URLError, OSError) as e:
+        raise CliError(f"{url}: {getattr(e, 'reason', e)}") from e
+    except ValueError as e:
+        raise CliError(f"{url} did not answer JSON: {e}") from e
+    if not isinstance(doc, dict):
+        raise CliError(f"{url} answered {type(doc).__name__}, not a JSON object")
+    if args.output == "json":
+        out.write(json.dumps(doc, indent=2) + "\n")
+    elif args.output == "yaml":
+        out.write(yaml.safe_dump(doc, sort_keys=False))
+    else:
+        out.write("\n".join(debug_view.render(doc, dt.datetime.fromtimestamp(clock(), dt.UTC))) + "\n")
+    return OK if doc.get("ready") else PROBLEM
+
+
+def _tap(args: argparse.Namespace, admin: str, out: TextIO) -> int:
     columns = ("DIRECTION", "SERVICE", "METHOD", "STATUS", "LATENCY", "PEER")
     widths = (9, 24, 32, 18, 10)
     if args.output in ("table", "wide"):
         out.write("".join(c.ljust(w + 2) for c, w in zip(columns, widths, strict=False)) + columns[-1] + "\n")
-    for r in tap_stream(args.admin, limit=args.limit, seconds=args.seconds):
+    for r in tap_stream(admin, limit=args.limit, seconds=args.seconds):
         if args.output in ("json", "yaml"):
             out.write(json.dumps(r) + "\n")
         elif "end" in r:
@@ -247,8 +309,8 @@ def _tap(args: argparse.Namespace, out: TextIO) -> int:
     return OK
 
 
-def _top(args: argparse.Namespace, out: TextIO) -> int:
-    routes, end = aggregate(tap_stream(args.admin, limit=args.limit, seconds=args.seconds))
+def _top(args: argparse.Namespace, admin: str, out: TextIO) -> int:
+    routes, end = aggregate(tap_stream(admin, limit=args.limit, seconds=args.seconds))
     rows = []
     for (direction, service, method, peer), route in sorted(
         routes.items(), key=lambda kv: (-kv[1].calls, kv[0])
@@ -414,13 +476,21 @@ def _check(c: Cluster, args: argparse.Namespace, clock: Callable[[], float], out
         results.append(checks.api_version(c.version()))
     except CliError as e:
         results.append(checks.Result(False, "the API server does not answer", str(e)))
+    if results[0].ok and args.pre:
+        results.append(checks.install_rights(_install_rights(c, args.control_plane_namespace)))
     if results[0].ok and not args.pre:
         cp = args.control_plane_namespace
-        results.append(checks.control_plane(cp, c.control_plane_pods(cp)))
-        pods = c.meshed_pods(None if args.all_namespaces or not args.namespace else args.namespace)
+        control_plane = c.control_plane_pods(cp)
+        results.append(checks.control_plane(cp, control_plane))
+        ready = [name for name, ok in control_plane if ok]
+        results += _webhook_checks(c, cp, ready, now)
+        anchors = c.trust_anchors(cp)
+        results += _identity_checks(c, cp, ready, anchors)
+        scope = None if args.all_namespaces or not args.namespace else args.namespace
+        pods = c.meshed_pods(scope)
         for ns in sorted({cp} | {p.namespace for p in pods}):
-            results.append(checks.trust_anchors(ns, c.trust_anchors(ns), now))
-        results += checks.injection(c.pods_asking_for_a_proxy())
+            results.append(checks.trust_anchors(ns, anchors if ns == cp else c.trust_anchors(ns), now))
+        results += checks.injection(c.pods_asking_for_a_proxy(scope))
         for pod in pods:
             try:
                 expiry = _proxy_facts(c.proxy_metrics(pod))["cert_expiry"]
@@ -441,6 +511,68 @@ def _check(c: Cluster, args: argparse.Namespace, clock: Callable[[], float], out
         failed = sum(not r.ok for r in results)
         out.write(f"{'all checks passed' if not failed else f'{failed} check(s) failed'}\n")
     return OK if all(r.ok for r in results) else PROBLEM
+
+
+def _install_rights(c: Cluster, namespace: str) -> dict[str, bool]:
+    kinds = {str(d["kind"]) for d in install.load_kustomization(install.default_manifests_dir())}
+    kinds |= {"Secret", "ConfigMap"}  # generated by install itself
+    allowed = {}
+    for kind in sorted(kinds):
+        known = checks.INSTALL_RESOURCES.get(kind)
+        if known is None:
+            raise CliError(f"kuberpc install creates a {kind}, which check does not know how to ask about")
+        group, resource, namespaced = known
+        name = f"{resource}.{group}" if group else resource
+        allowed[name] = c.can_i("create", group, resource, namespace if namespaced else None)
+    return allowed
+
+
+def _webhook_checks(c: Cluster, cp: str, ready: Sequence[str], now: dt.datetime) -> list[checks.Result]:
+    hooks = c.webhook_ca_bundles(a.WEBHOOK_CONFIGURATION)
+    if hooks is None:
+        return [
+            checks.Result(
+                False,
+                f"MutatingWebhookConfiguration {a.WEBHOOK_CONFIGURATION} is missing: no pod gets a proxy",
+                "python -m webhook install | kubectl apply -f -",
+            )
+        ]
+    results = []
+    for _hook, where, bundle in hooks:
+        svc_ns, _, rest = where.partition("/")
+        svc, _, port = rest.partition(":")
+        if not port.isdigit():  # a url: webhook, not the one install writes
+            results.append(checks.Result(False, f"{a.WEBHOOK_CONFIGURATION} calls {where}, not kuberpc's Service"))
+            continue
+        target = c.service_target(svc_ns, svc, int(port))
+        for pod in ready if svc_ns == cp else []:
+            try:
+                with c.forward(cp, pod, target) as address:
+                    served, error = probe.webhook_certificate(address, f"{svc}.{svc_ns}.svc")
+            except CliError as e:
+                served, error = None, str(e)
+            if served is not None and error:  # a certificate, but /healthz is not happy
+                results.append(checks.Result(False, f"the webhook in {cp}/{pod} answers /healthz badly: {error}",
+                                             f"kubectl -n {cp} logs {pod} -c webhook"))
+                continue
+            results.append(checks.webhook_serving(f"{cp}/{pod}", f"{svc}.{svc_ns}.svc", bundle, served, error, now))
+    return results
+
+
+def _identity_checks(c: Cluster, cp: str, ready: Sequence[str], anchors: str | None) -> list[checks.Result]:
+    if anchors is None:
+        return []  # the trust anchors check says what is missing
+    port = int(a.DEFAULT_IDENTITY_ADDR.rpartition(":")[2])
+    name = a.DEFAULT_IDENTITY_ADDR.rpartition(":")[0]
+    results = []
+    for pod in ready:
+        try:
+            with c.forward(cp, pod, port) as address:
+                code, detail = probe.identity_answer(address, anchors.encode(), name)
+        except CliError as e:
+            code, detail = "UNREACHABLE", str(e)
+        results.append(checks.identity_service(f"{cp}/{pod}", code, detail))
+    return results
 
 
 def _expires(expiry: float | None, now: float) -> str:
