@@ -20,6 +20,7 @@ import pytest
 from aiohttp import web
 from cryptography import x509
 
+from sidecar import pki
 from tests.kubefake import FakeCluster, cluster, kubeconfig
 from tests.sidecar.harness import Backend, MeshCerts, backend, mesh_certs, run_pair
 from tests.webhook.test_cli_cluster import Mesh, meshed_pod, serve_pod_proxy
@@ -35,7 +36,7 @@ from webhook.identity import CertificateAuthority
 
 def identity_mesh(tmp_path: Path) -> IdentityMesh:
     """The mesh CA the identity service signs with (and serves its own port's certificate from)."""
-    pair = install.generate_ca("kuberpc identity CA", now=dt.datetime.now(dt.UTC), uri=f"spiffe://{TD}")
+    pair = pki.create_ca(trust_domain=TD, common_name="kuberpc identity CA", now=dt.datetime.now(dt.UTC))
     cert, key = tmp_path / "identity-ca.pem", tmp_path / "identity-ca-key.pem"
     cert.write_bytes(pair.cert_pem)
     key.write_bytes(pair.key_pem)
@@ -113,7 +114,7 @@ class Forwarding(Cluster):
 
 
 @contextlib.asynccontextmanager
-async def webhook_listener(serving: install.KeyPair, tmp_path: Path) -> AsyncIterator[str]:
+async def webhook_listener(serving: pki.KeyPair, tmp_path: Path) -> AsyncIterator[str]:
     """/healthz over TLS with `serving`, as the webhook's port 8443 answers it."""
     (tmp_path / "tls.crt").write_bytes(serving.cert_pem)
     (tmp_path / "tls.key").write_bytes(serving.key_pem)
@@ -181,8 +182,8 @@ async def mesh(
     # The kubernetes client asks for /version/ (with the slash), which kmock does not serve by itself.
     cluster.handler["get /version/"] << VERSION
     now = dt.datetime.now(dt.UTC)
-    webhook_ca = install.generate_ca("kuberpc webhook CA", now=now)
-    serving = install.issue_serving_cert(webhook_ca, install.service_dns_names(), now=now)
+    webhook_ca = pki.create_ca(trust_domain=None, common_name="kuberpc webhook CA", now=now)
+    serving = pki.issue_serving(webhook_ca, install.service_dns_names(), now=now)
     control_plane = ControlPlane(cluster, webhook_ca.cert_pem)
     identity = identity_mesh(tmp_path)
     async with (
@@ -319,7 +320,7 @@ async def test_a_pod_of_a_namespace_that_opted_in_by_label_and_has_no_proxy_fail
 
 
 async def test_a_webhook_serving_a_certificate_its_ca_bundle_does_not_trust_fails_the_check(mesh: CheckedMesh) -> None:
-    mesh.control_plane.mwc = mwc(install.generate_ca("another CA", now=dt.datetime.now(dt.UTC)).cert_pem)
+    mesh.control_plane.mwc = mwc(pki.create_ca(trust_domain=None, common_name="another CA", now=dt.datetime.now(dt.UTC)).cert_pem)
 
     code, lines = await kuberpc_check(mesh)
 
