@@ -261,10 +261,14 @@ class ServingCertificate:
     so renewal needs no timer: the first connection past the renewal time gets a fresh certificate.
     """
 
-    def __init__(self, ca: CertificateAuthority, dns_names: Sequence[str], *, clock: Clock) -> None:
+    def __init__(
+        self, ca: CertificateAuthority, dns_names: Sequence[str], *, clock: Clock, client_roots: bytes | None = None
+    ) -> None:
         self._ca = ca
         self._dns_names = list(dns_names)
         self._clock = clock
+        # With client_roots (the mesh trust anchors), clients must present a certificate chaining to them.
+        self._client_roots = client_roots
         # grpc calls fetch() from its own threads, possibly several at once.
         self._lock = threading.Lock()
         self._initial = self._mint()
@@ -275,7 +279,9 @@ class ServingCertificate:
         self.not_after = not_after
         self.renew_at = now + (not_after - now) * RENEW_AT
         log.info("event=identity_serving_cert_issued names=%s not_after=%s", ",".join(self._dns_names), not_after.isoformat())
-        return grpc.ssl_server_certificate_configuration([(pair.key_pem, pair.cert_pem)])
+        return grpc.ssl_server_certificate_configuration(
+            [(pair.key_pem, pair.cert_pem)], root_certificates=self._client_roots
+        )
 
     def fetch(self) -> Any:
         """A new certificate configuration when renewal is due, else None (keep the current one)."""
@@ -291,7 +297,9 @@ class ServingCertificate:
                 return None
 
     def credentials(self) -> Any:
-        return grpc.dynamic_ssl_server_credentials(self._initial, self.fetch, require_client_authentication=False)
+        return grpc.dynamic_ssl_server_credentials(
+            self._initial, self.fetch, require_client_authentication=self._client_roots is not None
+        )
 
 
 @asynccontextmanager
