@@ -12,6 +12,7 @@ import json
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
+from functools import partial
 from typing import Any
 
 import grpc
@@ -23,7 +24,7 @@ from proto import discovery_pb2_grpc
 from webhook.catalog import MeshCatalog
 from webhook.fanout import Hub, InvalidArgument, PermissionDenied, StreamError, Subscriber, Unauthenticated
 from webhook.identity import InvalidRequest, WorkloadIdentity, parse_identity
-from webhook.identity_service import ServingCertificate
+from webhook.identity_service import ServingCertificate, grpc_serving
 
 log = logging.getLogger(__name__)
 
@@ -39,8 +40,6 @@ SERVER_OPTIONS: tuple[tuple[str, int], ...] = (
     ("grpc.http2.max_pings_without_data", 0),
     ("grpc.http2.min_recv_ping_interval_without_data_ms", 10_000),
     ("grpc.http2.max_ping_strikes", 0),
-    # grpc's default SO_REUSEPORT would let a second process share the port silently.
-    ("grpc.so_reuseport", 0),
 )
 
 _STATUS: tuple[tuple[type[StreamError], grpc.StatusCode], ...] = (
@@ -186,13 +185,7 @@ async def serving(
             if code is not grpc.StatusCode.OK:
                 await context.abort(code, message)
 
-    server = grpc.aio.server(options=list(SERVER_OPTIONS))
-    discovery_pb2_grpc.add_DiscoveryServicer_to_server(Servicer(), server)  # type: ignore[no-untyped-call]
-    address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-    bound = server.add_secure_port(address, certificate.credentials())
-    await server.start()
-    try:
+    register = partial(discovery_pb2_grpc.add_DiscoveryServicer_to_server, Servicer())
+    async with grpc_serving(register, certificate, host=host, port=port, options=SERVER_OPTIONS, grace=grace) as bound:
         log.info("event=discovery_listening address=%s", json.dumps([host, bound]))
         yield bound
-    finally:
-        await server.stop(grace)

@@ -17,6 +17,7 @@ from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, Literal
 
 import grpc
@@ -317,19 +318,32 @@ async def serving(
             await context.abort(outcome.code, outcome.message)
             raise AssertionError("context.abort() returned")  # it raises to end the call with that status
 
-    server = grpc.aio.server(
-        options=[
-            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-            # grpc's default SO_REUSEPORT would let a second process share the port silently.
-            ("grpc.so_reuseport", 0),
-        ]
-    )
-    identity_pb2_grpc.add_IdentityServicer_to_server(Servicer(), server)  # type: ignore[no-untyped-call]
+    options = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)]
+    register = partial(identity_pb2_grpc.add_IdentityServicer_to_server, Servicer())
+    async with grpc_serving(register, certificate, host=host, port=port, options=options, grace=grace) as bound:
+        log.info("event=identity_listening address=%s", json.dumps([host, bound]))
+        yield bound
+
+
+@asynccontextmanager
+async def grpc_serving(
+    register: Callable[[grpc.aio.Server], object],
+    certificate: ServingCertificate,
+    *,
+    host: str,
+    port: int,
+    options: Sequence[tuple[str, int]],
+    grace: float,
+) -> AsyncIterator[int]:
+    """A grpc.aio server with `register`'s servicer on host:port over `certificate`'s TLS, until the block exits;
+    then in-flight calls get `grace` seconds. Yields the bound port."""
+    # grpc's default SO_REUSEPORT would let a second process share the port silently.
+    server = grpc.aio.server(options=[*options, ("grpc.so_reuseport", 0)])
+    register(server)
     address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     bound = server.add_secure_port(address, certificate.credentials())
     await server.start()
     try:
-        log.info("event=identity_listening address=%s", json.dumps([host, bound]))
         yield bound
     finally:
         await server.stop(grace)
