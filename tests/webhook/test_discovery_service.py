@@ -6,10 +6,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import json
+import os
 import random
+import re
+import signal
+import sys
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -22,12 +28,13 @@ from proto import discovery_pb2 as pb
 from proto import discovery_pb2_grpc
 from sidecar.discovery.watch import Backoff, Credentials
 from sidecar.identity import SpiffeId, create_ca, issue_workload
-from tests.kubefake import FakeCluster, Obj, cluster
+from tests.kubefake import FakeCluster, Obj, cluster, kubeconfig
 from webhook.catalog import MeshCatalog
 from webhook.discovery_service import DiscoveryMetrics, DiscoveryService, serving
 from webhook.fanout import Hub
 from webhook.identity import CertificateAuthority
 from webhook.identity_service import ServingCertificate
+from webhook.install import KeyPair, issue_serving_cert
 
 __all__ = ["cluster"]
 TD = "cluster.local"
@@ -409,3 +416,50 @@ async def test_two_replicas_serve_identical_snapshots_so_a_proxy_may_reconnect_t
     assert snapshots[0].SerializeToString(deterministic=True) == snapshots[1].SerializeToString(deterministic=True)
     cart = next(u for u in snapshots[0].services if u.service.name == "cart")
     assert sorted(e.address for e in cart.endpoints) == ["10.1.0.1", "10.1.0.7", "10.1.0.8"]
+
+
+# ---- as users run it ---------------------------------------------------------------------------------------
+
+
+async def test_python_m_webhook_serve_streams_discovery_on_its_port_and_stops_on_sigterm(
+    cluster: FakeCluster, pki: Pki, tmp_path: Path
+) -> None:
+    shop(cluster)
+    (tmp_path / "config.yaml").write_text('kubernetesVersion: "1.30"\nlogLevel: info\n')
+    (tmp_path / "ca.pem").write_bytes(pki.ca_cert)
+    (tmp_path / "ca-key.pem").write_bytes(pki.ca_key)
+    serving_pair = issue_serving_cert(KeyPair(pki.ca_cert, pki.ca_key), [SERVER_NAME], now=dt.datetime.now(dt.UTC))
+    (tmp_path / "tls.crt").write_bytes(serving_pair.cert_pem)
+    (tmp_path / "tls.key").write_bytes(serving_pair.key_pem)
+    env = {**os.environ, "KUBECONFIG": str(kubeconfig(tmp_path / "kubeconfig", cluster.url)), "POD_NAMESPACE": "kuberpc-system"}
+    env.pop("KUBERNETES_SERVICE_HOST", None)
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "webhook", "serve", "--config", str(tmp_path / "config.yaml"),
+        "--tls-cert", str(tmp_path / "tls.crt"), "--tls-key", str(tmp_path / "tls.key"), "--host", "127.0.0.1",
+        "--port", "0", "--identity-port", "0", "--discovery-port", "0", "--shutdown-delay", "0",
+        "--trust-anchors", str(tmp_path / "ca.pem"), "--identity-ca-key", str(tmp_path / "ca-key.pem"),
+        "--identity-ca-cert", str(tmp_path / "ca.pem"),
+        cwd=Path(__file__).parents[2], env=env, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    assert proc.stderr is not None
+    try:
+        async with asyncio.timeout(30):
+            while not (m := re.search(rb"event=discovery_listening address=(\[.*\])", await proc.stderr.readline())):
+                pass
+        _, port = json.loads(m.group(1))
+        async with channel(port, pki.credentials("shop", "web")) as ch:
+            s = Stream(ch)
+            await s.send(subscribe=[ref("cart")])
+            snap = (await s.read()).services[0]
+            assert snap.full and endpoints(snap)[0] == ("10.1.0.1", 15443, 300, True, True)
+            s.call.cancel()
+        # One watch per kind the catalog needs, whoever asks (and the trust anchors' namespaces).
+        assert {w.plural for w in cluster.watchers} >= {"services", "endpointslices", "pods"}
+        assert len([w for w in cluster.watchers if w.plural in ("services", "endpointslices", "pods")]) == 3
+        proc.send_signal(signal.SIGTERM)
+        async with asyncio.timeout(30):
+            assert await proc.wait() == 0
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
