@@ -155,15 +155,19 @@ class Api:
         await self.request("PATCH", path, {"endpoints": body["endpoints"]}, "application/merge-patch+json")
 
     async def watches(self) -> dict[str, float]:
-        """Watches the API server holds open on the kinds the control plane watches, by resource."""
+        """Watches the API server holds open on the kinds the control plane watches, by resource
+        (apiserver_longrunning_requests{verb="WATCH"}; also apiserver_registered_watchers, where it exists)."""
         text = await self.request("GET", "/metrics")
         out: dict[str, float] = dict.fromkeys(WATCHED, 0.0)
+        kinds = {"Service": "services", "EndpointSlice": "endpointslices", "Pod": "pods", "Namespace": "namespaces"}
         for family in text_string_to_metric_families(text):
-            if family.name != "apiserver_longrunning_requests":
-                continue
             for s in family.samples:
-                if s.labels.get("verb") == "WATCH" and s.labels.get("resource") in out:
-                    out[s.labels["resource"]] += s.value
+                if family.name == "apiserver_longrunning_requests":
+                    if s.labels.get("verb") == "WATCH" and s.labels.get("resource") in out:
+                        out[s.labels["resource"]] += s.value
+                elif family.name == "apiserver_registered_watchers" and s.labels.get("kind") in kinds:
+                    key = "registered_" + kinds[s.labels["kind"]]
+                    out[key] = out.get(key, 0.0) + s.value
         return out
 
 
@@ -271,23 +275,27 @@ async def wait_for(what: str, check: Any, timeout: float) -> None:
 
 
 async def probe(port: int, creds: grpc.ChannelCredentials, i: int, timeout: float) -> None:
-    """Wait until the control plane answers a subscription to Service i with its endpoints."""
-    sub = Subscriber(-1, [i])
-    stop = asyncio.Event()
+    """Wait until the control plane answers a subscription to Service i with its endpoints (it may be starting,
+    or its watch catching up with objects just written)."""
     deadline = time.monotonic() + timeout
+    opts = [("grpc.ssl_target_name_override", SERVER_NAME)]
     while True:
-        task = asyncio.ensure_future(subscribe(sub, port, creds, stop))
         try:
-            async with asyncio.timeout(min(10.0, max(0.1, deadline - time.monotonic()))):
-                await sub.ready.wait()
-            return
+            async with grpc.aio.secure_channel(f"127.0.0.1:{port}", creds, options=opts) as ch:
+                call = discovery_pb2_grpc.DiscoveryStub(ch).Watch()
+                await call.write(pb.WatchRequest(subscribe=[pb.ServiceRef(namespace=ns_of(i), name=f"svc-{i}")]))
+                async with asyncio.timeout(max(0.1, deadline - time.monotonic())):
+                    while (response := await call.read()) is not grpc.aio.EOF:
+                        if any(u.endpoints for u in response.services):
+                            call.cancel()
+                            return
+        except grpc.aio.AioRpcError:
+            pass
         except TimeoutError:
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"the control plane did not serve svc-{i} within {timeout:.0f} s") from None
-        finally:
-            stop.set()
-            await task
-            stop.clear()
+            raise RuntimeError(f"the control plane did not serve svc-{i} within {timeout:.0f} s") from None
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the control plane did not serve svc-{i} within {timeout:.0f} s")
+        await asyncio.sleep(0.5)
 
 
 async def change_phase(
@@ -388,7 +396,7 @@ async def bench(args: argparse.Namespace, work: Path) -> dict[str, Any]:
                         apiserver_watches_before_controlplane=before,
                         apiserver_watches_controlplane_0_subscribers=diff(with_cp, before),
                         apiserver_watches_controlplane_200_subscribers=diff(with_subs, before),
-                        apiserver_watches=sum(diff(with_subs, before).values()),
+                        apiserver_watches=held(diff(with_subs, before)),
                         controlplane_rss_mib_0_subscribers=round(rss0, 1),
                         controlplane_rss_mib=round(rss200, 1),
                         rss_per_subscriber_kib=round((rss200 - rss0) * 1024 / args.subscribers, 1),
@@ -400,7 +408,7 @@ async def bench(args: argparse.Namespace, work: Path) -> dict[str, Any]:
                         result["populate_large_s"] = round(await populate(api, args.services, args.large, args.per_service, 0), 1)
                         await probe(cpp.discovery_port, probe_creds, args.large - 1, 300)
                         await asyncio.sleep(2.0)
-                        result["apiserver_watches_at_large"] = sum(diff(await api.watches(), before).values())
+                        result["apiserver_watches_at_large"] = held(diff(await api.watches(), before))
                         result["controlplane_rss_mib_at_large"] = round(cpp.rss_mib(), 1)
                         large = await change_phase(api, cpp, subs, changes=args.changes, gap=args.gap,
                                                    per_service=args.per_service, first_marker=args.changes, rng=rng)
@@ -409,6 +417,11 @@ async def bench(args: argparse.Namespace, work: Path) -> dict[str, Any]:
                     stop.set()
                     await asyncio.gather(*tasks, return_exceptions=True)
     return result
+
+
+def held(watches: dict[str, float]) -> float:
+    """Watches open on the kinds the control plane watches (apiserver_longrunning_requests)."""
+    return sum(v for k, v in watches.items() if k in WATCHED)
 
 
 def diff(now: dict[str, float], before: dict[str, float]) -> dict[str, float]:
