@@ -75,8 +75,9 @@ def service(i: int) -> dict[str, Any]:
             "namespace": ns_of(i),
             "annotations": {"kuberpc.io/grpc-services": f"bench.Svc{i}", "kuberpc.io/timeout": "2s"},
         },
-        # No selector: the EndpointSlice controller leaves these Services' slices to us.
-        "spec": {"ports": [{"name": "grpc", "port": 50051, "protocol": "TCP"}]},
+        # No selector: the EndpointSlice controller leaves these Services' slices to us. Headless: the test
+        # control plane's Service range (a /24) holds far fewer ClusterIPs than the benchmark has Services.
+        "spec": {"clusterIP": "None", "ports": [{"name": "grpc", "port": 50051, "protocol": "TCP"}]},
     }
 
 
