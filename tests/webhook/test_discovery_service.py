@@ -418,6 +418,25 @@ async def test_two_replicas_serve_identical_snapshots_so_a_proxy_may_reconnect_t
     assert sorted(e.address for e in cart.endpoints) == ["10.1.0.1", "10.1.0.7", "10.1.0.8"]
 
 
+async def test_a_replica_going_away_ends_its_streams_and_the_other_serves_the_same_snapshot(cluster: FakeCluster, pki: Pki) -> None:
+    shop(cluster)
+    async with replica(cluster, pki) as two:
+        async with replica(cluster, pki) as one:
+            ch = channel(one.port, pki.credentials("shop", "web"))
+            s = Stream(ch)
+            await s.send(subscribe=[ref("cart")])
+            before = await s.read()
+        # The first replica stopped (as on SIGTERM or a crash): its stream ends with an error the proxy retries.
+        assert await s.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED)
+        await ch.close()
+        async with channel(two.port, pki.credentials("shop", "web")) as ch2:
+            s2 = Stream(ch2)
+            await s2.send(subscribe=[ref("cart")])
+            after = await s2.read()
+            s2.call.cancel()
+    assert after.SerializeToString(deterministic=True) == before.SerializeToString(deterministic=True)
+
+
 # ---- as users run it ---------------------------------------------------------------------------------------
 
 
