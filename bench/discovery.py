@@ -24,6 +24,7 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -143,6 +144,10 @@ class Api:
                         continue
                     raise RuntimeError(f"{method} {path}: HTTP {resp.status}: {text[:300]}")
             raise RuntimeError(f"{method} {path}: the API server kept failing")
+
+    async def exists(self, path: str) -> bool:
+        async with self.session.get(self.base + path, ssl=self.ssl, timeout=aiohttp.ClientTimeout(total=10)) as resp:
+            return resp.status == 200
 
     async def create(self, obj: dict[str, Any]) -> None:
         ns = obj["metadata"].get("namespace")
@@ -360,6 +365,8 @@ async def bench(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=32)) as session:
             api = Api(cp, session)
             await asyncio.gather(*(api.create({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": f"bench-{k}"}}) for k in range(NAMESPACES)))
+            for k in range(NAMESPACES):  # Pods are refused until the controller made the namespace's default SA
+                await wait_for(f"the default ServiceAccount of bench-{k}", partial(api.exists, f"/api/v1/namespaces/bench-{k}/serviceaccounts/default"), 60)
             result["populate_s"] = round(await populate(api, 0, args.services, args.per_service, args.pods), 1)
             before = await api.watches()
             with control_plane_process(work, cp.kubeconfig, ca) as cpp:
