@@ -12,7 +12,8 @@ from collections.abc import Iterable, Mapping
 
 from sidecar.model import LB_POLICIES, MAX_WEIGHT, ServiceKey, ServicePolicy, Upstream
 from sidecar.ports import PROXY_PORTS
-from sidecar.spiffe import is_dns_label, is_service_account
+from sidecar.spiffe import is_dns_label as is_dns_label  # re-exported: the name rule Services share
+from sidecar.spiffe import is_service_account
 from sidecar.status import Status
 
 PREFIX = "kuberpc.io/"
@@ -61,6 +62,11 @@ def parse_weight(text: str) -> int:
     if not s.isascii() or not s.isdigit() or int(s) > MAX_WEIGHT:
         raise ValueError(f"{text!r} is not a weight (an integer from 0 to {MAX_WEIGHT})")
     return int(s)
+
+
+def is_grpc_service_name(text: str) -> bool:
+    """A gRPC service name as `kuberpc.io/grpc-services` lists them (`pkg.Service`)."""
+    return len(text) <= 255 and bool(_DOTTED.fullmatch(text))
 
 
 def _items(text: str) -> list[str]:

@@ -13,6 +13,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 from kubernetes import client
 
+from sidecar.discovery.watch import Backoff
 from webhook.trust import TrustAnchorSync, wants_trust_anchors
 
 BUNDLE = "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n"
@@ -32,6 +33,7 @@ class FakeAPI:
     writes: list[tuple[str, str]] = field(default_factory=list)
     changed: asyncio.Event = field(default_factory=asyncio.Event)
     rv: int = 100
+    fail_writes: int = 0  # answer this many writes with 500 first
 
     def app(self) -> web.Application:
         async def list_or_watch(request: web.Request) -> web.StreamResponse:
@@ -58,6 +60,10 @@ class FakeAPI:
 
         async def write_cm(request: web.Request) -> web.Response:
             ns = request.match_info["ns"]
+            if self.fail_writes > 0:
+                self.fail_writes -= 1
+                self.writes.append(("FAILED", ns))
+                return web.json_response({"kind": "Status", "apiVersion": "v1", "code": 500, "reason": "InternalError"}, status=500)
             body = await request.json()
             assert body["metadata"]["name"] == "kuberpc-trust-anchors"
             self.configmaps[ns] = body["data"]
@@ -172,3 +178,21 @@ async def test_bookmarks_move_the_watch_on_without_a_relist(
         await api.events.put(None)
     assert api.lists == 1
     assert not [r for r in caplog.records if "trust_anchors_error" in r.getMessage()]
+
+
+async def test_a_failed_write_is_retried_with_backoff_and_the_watch_goes_on(
+    fake: tuple[FakeAPI, client.ApiClient], caplog: pytest.LogCaptureFixture
+) -> None:
+    api, api_client = fake
+    api.namespaces = {"shop": ENABLED}
+    api.fail_writes = 2
+    stop = asyncio.Event()
+    sync = TrustAnchorSync(api_client, bundle=BUNDLE, window_seconds=5, backoff=Backoff(base=0.01, cap=0.05))
+    async with asyncio.TaskGroup() as tg:
+        tg.create_task(sync.run(stop))
+        await api.wait_for(("POST", "shop"))
+        await api.events.put({"type": "ADDED", "object": namespace("new", ENABLED, 151)})
+        await api.wait_for(("POST", "new"))
+        stop.set()
+    assert api.writes[:2] == [("FAILED", "shop"), ("FAILED", "shop")] and api.lists == 1
+    assert len([r for r in caplog.records if "event=trust_anchors_error namespace=shop status=500" in r.getMessage()]) == 2
