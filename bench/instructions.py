@@ -102,12 +102,15 @@ async def _wait_routable(proxy: Proxy) -> None:
 async def _harness(mode: str, calls: int, warmup: int, work: Path) -> None:
     from bench import grpcwire, loadgen, rawapp
     from bench.procs import free_port
-    from sidecar import identity
+    from sidecar import pki
+    from sidecar.spiffe import SpiffeId
 
     ids: dict[str, dict[str, str]] = {}
-    ca_key, ca_cert = identity.create_ca(trust_domain="cluster.local")
+    ca = pki.create_ca(trust_domain="cluster.local")
+    ca_cert = ca.cert_pem
     for sa in ("bench-client", "bench-server"):
-        key, chain = identity.issue_workload(ca_key, ca_cert, identity=identity.SpiffeId("cluster.local", "default", sa))
+        issued = pki.issue_workload(ca, identity=SpiffeId("cluster.local", "default", sa))
+        key, chain = issued.key_pem, issued.cert_pem
         d = work / sa
         d.mkdir(parents=True, exist_ok=True)
         (d / "key.pem").write_bytes(key)
