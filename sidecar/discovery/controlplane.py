@@ -355,6 +355,10 @@ class ControlPlaneDiscovery:
             ",".join(str(k) for k in self._declared) or "-",
             "/".join(self._pod) if self._pod else "-",
         )
+        if self._initial_answered():
+            # Nothing to wait for (no declared upstream, no inbound): ready at once, Services come on demand.
+            self._published = True
+            publish(self.view.catalog())
         last_ip: str | None = None
         while True:
             try:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import queue
 import threading
+import time
 from collections.abc import Iterator, Mapping
 from concurrent import futures
 from dataclasses import dataclass, field
@@ -235,7 +236,16 @@ class RunningPlane:
         creds = grpc.ssl_server_credentials(
             [(self.cert.key_pem, self.cert.chain_pem)], root_certificates=self.cert.ca_pem, require_client_auth=True
         )
-        self.port = server.add_secure_port(f"127.0.0.1:{self.port}", creds)
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                # A port just released by a stopped replica may take grpc a moment to let go of.
+                self.port = server.add_secure_port(f"127.0.0.1:{self.port}", creds)
+                break
+            except RuntimeError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
         server.start()
         self._server = server
 
