@@ -540,6 +540,13 @@ def proxy_container(cfg: InjectorConfig, s: ProxySettings) -> JsonObject:
         _field_env("POD_IP", "status.podIP"),
         _field_env("SERVICE_ACCOUNT", "spec.serviceAccountName"),
     ]
+    mounts: list[Json] = [
+        {"name": a.IDENTITY_VOLUME, "mountPath": a.IDENTITY_DIR},
+        {"name": a.TRUST_ANCHORS_VOLUME, "mountPath": a.TRUST_ANCHORS_DIR, "readOnly": True},
+        {"name": a.TOKEN_VOLUME, "mountPath": a.TOKEN_DIR, "readOnly": True},
+    ]
+    if direct:  # with the control plane the pod holds no Kubernetes API token at all
+        mounts.append({"name": a.API_ACCESS_VOLUME, "mountPath": a.API_ACCESS_DIR, "readOnly": True})
     container: JsonObject = {
         "name": a.PROXY_CONTAINER,
         "image": s.image,
@@ -564,13 +571,7 @@ def proxy_container(cfg: InjectorConfig, s: ProxySettings) -> JsonObject:
             "capabilities": {"drop": ["ALL"]},
             "seccompProfile": {"type": "RuntimeDefault"},
         },
-        "volumeMounts": [
-            {"name": a.IDENTITY_VOLUME, "mountPath": a.IDENTITY_DIR},
-            {"name": a.TRUST_ANCHORS_VOLUME, "mountPath": a.TRUST_ANCHORS_DIR, "readOnly": True},
-            {"name": a.TOKEN_VOLUME, "mountPath": a.TOKEN_DIR, "readOnly": True},
-            # Direct discovery only: with the control plane the pod holds no Kubernetes API token at all.
-            *([{"name": a.API_ACCESS_VOLUME, "mountPath": a.API_ACCESS_DIR, "readOnly": True}] if direct else []),
-        ],
+        "volumeMounts": mounts,
         # Startup allows two minutes for the first certificate; readiness then follows /ready.
         "startupProbe": _probe(a.READY_PATH, period=1, failures=120),
         "readinessProbe": _probe(a.READY_PATH, period=5, failures=3),
