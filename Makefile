@@ -13,7 +13,7 @@ LOCK := requirements/dev.lock
 # e2e/cluster/gobuild into a cache outside the repo (~/.cache/kuberpc/k8s/<version>-<hash>/bin).
 K8S_BUILD := e2e/cluster/build-k8s.sh
 
-.PHONY: setup tools k8s demo test test-cluster bench lint typecheck proto lock clean
+.PHONY: setup tools k8s demo test test-cluster bench bench-discovery lint typecheck proto lock clean
 
 setup: $(STAMP) $(NODE_STAMP)
 
@@ -58,6 +58,11 @@ test-cluster: setup tools k8s
 
 bench: setup tools
 	$(PY) -m bench
+
+# The control plane's discovery at scale on a real API server (needs root, like test-cluster): 1,000 then 5,000
+# Services, 200 subscribers; writes bench/results/discovery-latest.json. Heavy: run alone.
+bench-discovery: setup tools k8s
+	flock /tmp/kuberpc-heavy.lock $(PY) -m bench.discovery
 
 lint: setup
 	$(VENV)/bin/ruff check sidecar webhook tests e2e bench

@@ -52,6 +52,7 @@ class Endpoint:
     serving: bool = True
     terminating: bool = False
     pod: str = ""
+    zone: str = ""  # topology.kubernetes.io/zone of the endpoint, when the EndpointSlice says
 
     @property
     def key(self) -> tuple[str, int]:

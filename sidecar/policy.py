@@ -50,6 +50,16 @@ def parse_weight(text: str) -> int:
     return int(s)
 
 
+def is_grpc_service_name(text: str) -> bool:
+    """A gRPC service name as `kuberpc.io/grpc-services` lists them (`pkg.Service`)."""
+    return len(text) <= 255 and bool(_DOTTED.fullmatch(text))
+
+
+def is_dns_label(text: str) -> bool:
+    """A Kubernetes namespace or Service name (an RFC 1123 label)."""
+    return bool(_DNS_LABEL.fullmatch(text))
+
+
 def _items(text: str) -> list[str]:
     return [x.strip() for x in text.split(",") if x.strip()]
 

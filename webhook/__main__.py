@@ -11,15 +11,18 @@ import datetime as dt
 import gc
 import logging
 import os
+import random
 import re
 import signal
 import sys
+import time
 from collections.abc import Mapping, Sequence
 from contextlib import AbstractAsyncContextManager, AsyncExitStack
 from dataclasses import replace
 from functools import partial
 from pathlib import Path
 
+from cryptography.hazmat.primitives import serialization
 from prometheus_client import CollectorRegistry
 
 from webhook import __version__
@@ -77,6 +80,13 @@ def _parser() -> argparse.ArgumentParser:
         help="mesh CA certificate of --identity-ca-key (default /etc/kuberpc/identity-ca/ca.pem)",
     )
     s.add_argument(
+        "--discovery-port",
+        type=int,
+        default=8082,
+        help="discovery service (gRPC over mTLS, proxies present their mesh certificate) listen port (default 8082); "
+        "off without the identity CA key or Kubernetes credentials",
+    )
+    s.add_argument(
         "--shutdown-delay",
         type=float,
         default=3.0,
@@ -129,6 +139,11 @@ async def _serve(
     args: argparse.Namespace, cfg: InjectorConfig, bundle: str | None, ca: CertificateAuthority | None
 ) -> None:
     # Imported here so `--help` and `install` work without loading uvicorn, grpc and the kubernetes client.
+    from sidecar.discovery.watch import credentials_from
+    from webhook.catalog import MeshCatalog
+    from webhook.discovery_service import DiscoveryMetrics, DiscoveryService
+    from webhook.discovery_service import serving as serving_discovery
+    from webhook.fanout import Hub
     from webhook.identity_service import (
         IdentityMetrics,
         IdentityService,
@@ -172,6 +187,21 @@ async def _serve(
         )
         cert = ServingCertificate(ca, identity_dns_names(cfg.control_plane_namespace, cfg.identity_addr), clock=_utcnow)
         identity = serving(service, cert, host=args.host, port=args.identity_port)
+    discovery: AbstractAsyncContextManager[int] | None = None
+    catalog: MeshCatalog | None = None
+    if ca is not None and api is not None:
+        # One watch per kind for every proxy this replica serves; the proxies authenticate with their mesh
+        # certificates, verified against the trust anchors (the bundle, else the CA itself).
+        catalog = MeshCatalog()
+        service_d = DiscoveryService(catalog, Hub(catalog), metrics=DiscoveryMetrics(registry))
+        roots = bundle.encode() if bundle is not None else ca.cert.public_bytes(serialization.Encoding.PEM)
+        names = identity_dns_names(cfg.control_plane_namespace, cfg.identity_addr)
+        cert_d = ServingCertificate(ca, names, clock=_utcnow, client_roots=roots)
+        discovery = serving_discovery(
+            service_d, cert_d, trust_domain=cfg.trust_domain, host=args.host, port=args.discovery_port
+        )
+    elif ca is not None:
+        log.warning("event=discovery_service_off reason=no_kubernetes_credentials")
     trust = None
     if bundle is not None and api is not None:
         trust = TrustAnchorSync(api, bundle=bundle, control_plane=cfg.control_plane_namespace)
@@ -190,12 +220,21 @@ async def _serve(
     ):
         if identity is not None:
             await stack.enter_async_context(identity)
+        watching = None
+        if discovery is not None and catalog is not None and api is not None:
+            await stack.enter_async_context(discovery)
+            watching = tg.create_task(
+                catalog.run(credentials_from(api.configuration), rng=random.Random(), clock=time.monotonic),
+                name="discovery-catalog",
+            )
         if trust is not None:
             tg.create_task(trust.run(stop), name="trust-anchors")
         await stop.wait()
         log.info("event=stopping delay=%s", args.shutdown_delay)
         # Endpoints lag behind SIGTERM: keep answering the API server and the proxies until they stop sending here.
         await asyncio.sleep(max(0.0, args.shutdown_delay))
+        if watching is not None:
+            watching.cancel()  # the streams keep the last state until the server closes them
 
 
 def _install(args: argparse.Namespace) -> int:

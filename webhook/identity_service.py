@@ -17,6 +17,7 @@ from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, Literal
 
 import grpc
@@ -261,10 +262,14 @@ class ServingCertificate:
     so renewal needs no timer: the first connection past the renewal time gets a fresh certificate.
     """
 
-    def __init__(self, ca: CertificateAuthority, dns_names: Sequence[str], *, clock: Clock) -> None:
+    def __init__(
+        self, ca: CertificateAuthority, dns_names: Sequence[str], *, clock: Clock, client_roots: bytes | None = None
+    ) -> None:
         self._ca = ca
         self._dns_names = list(dns_names)
         self._clock = clock
+        # With client_roots (the mesh trust anchors), clients must present a certificate chaining to them.
+        self._client_roots = client_roots
         # grpc calls fetch() from its own threads, possibly several at once.
         self._lock = threading.Lock()
         self._initial = self._mint()
@@ -275,7 +280,9 @@ class ServingCertificate:
         self.not_after = not_after
         self.renew_at = now + (not_after - now) * RENEW_AT
         log.info("event=identity_serving_cert_issued names=%s not_after=%s", ",".join(self._dns_names), not_after.isoformat())
-        return grpc.ssl_server_certificate_configuration([(pair.key_pem, pair.cert_pem)])
+        return grpc.ssl_server_certificate_configuration(
+            [(pair.key_pem, pair.cert_pem)], root_certificates=self._client_roots
+        )
 
     def fetch(self) -> Any:
         """A new certificate configuration when renewal is due, else None (keep the current one)."""
@@ -291,7 +298,9 @@ class ServingCertificate:
                 return None
 
     def credentials(self) -> Any:
-        return grpc.dynamic_ssl_server_credentials(self._initial, self.fetch, require_client_authentication=False)
+        return grpc.dynamic_ssl_server_credentials(
+            self._initial, self.fetch, require_client_authentication=self._client_roots is not None
+        )
 
 
 @asynccontextmanager
@@ -309,19 +318,32 @@ async def serving(
             await context.abort(outcome.code, outcome.message)
             raise AssertionError("context.abort() returned")  # it raises to end the call with that status
 
-    server = grpc.aio.server(
-        options=[
-            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-            # grpc's default SO_REUSEPORT would let a second process share the port silently.
-            ("grpc.so_reuseport", 0),
-        ]
-    )
-    identity_pb2_grpc.add_IdentityServicer_to_server(Servicer(), server)  # type: ignore[no-untyped-call]
+    options = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)]
+    register = partial(identity_pb2_grpc.add_IdentityServicer_to_server, Servicer())
+    async with grpc_serving(register, certificate, host=host, port=port, options=options, grace=grace) as bound:
+        log.info("event=identity_listening address=%s", json.dumps([host, bound]))
+        yield bound
+
+
+@asynccontextmanager
+async def grpc_serving(
+    register: Callable[[grpc.aio.Server], object],
+    certificate: ServingCertificate,
+    *,
+    host: str,
+    port: int,
+    options: Sequence[tuple[str, int]],
+    grace: float,
+) -> AsyncIterator[int]:
+    """A grpc.aio server with `register`'s servicer on host:port over `certificate`'s TLS, until the block exits;
+    then in-flight calls get `grace` seconds. Yields the bound port."""
+    # grpc's default SO_REUSEPORT would let a second process share the port silently.
+    server = grpc.aio.server(options=[*options, ("grpc.so_reuseport", 0)])
+    register(server)
     address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     bound = server.add_secure_port(address, certificate.credentials())
     await server.start()
     try:
-        log.info("event=identity_listening address=%s", json.dumps([host, bound]))
         yield bound
     finally:
         await server.stop(grace)

@@ -1,6 +1,6 @@
 """Keeps the `kuberpc-trust-anchors` ConfigMap (the identity CA bundle) in every namespace pods may be meshed in.
 
-Lists then watches Namespaces (relisting on 410 Gone, backing off on errors) and writes only that ConfigMap.
+Watches Namespaces with the mesh's one watcher (sidecar/discovery/watch.py) and writes only that ConfigMap.
 """
 
 from __future__ import annotations
@@ -8,12 +8,17 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-from collections.abc import Mapping
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Literal
 
-from kubernetes import client, watch
+import aiohttp
+from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
+from sidecar.discovery.objects import Key, Kind, json_map, json_str, object_key
+from sidecar.discovery.watch import WATCH_SECONDS, Backoff, Credentials, Watcher, credentials_from
 from webhook import annotations as a
 
 log = logging.getLogger(__name__)
@@ -30,8 +35,36 @@ def wants_trust_anchors(labels: Mapping[str, str] | None, *, control_plane: str,
     return name != control_plane and name not in SYSTEM_NAMESPACES
 
 
+@dataclass(frozen=True, slots=True)
+class NamespaceRecord:
+    name: str
+    labels: tuple[tuple[str, str], ...] = ()
+    terminating: bool = False
+
+
+def parse_namespace(obj: Mapping[str, object]) -> NamespaceRecord | None:
+    key = object_key(obj)
+    if key is None:
+        return None
+    labels = json_map(json_map(obj.get("metadata")).get("labels"))
+    phase = json_str(json_map(obj.get("status")).get("phase"))
+    return NamespaceRecord(
+        key[1], tuple(sorted((k, v) for k, v in labels.items() if isinstance(v, str))), phase == "Terminating"
+    )
+
+
+NAMESPACES = Kind("namespaces", "/api/v1", "", parse_namespace)
+# ConfigMap writes retried from 1 s to 30 s while they fail (the API server may be restarting).
+WRITE_BACKOFF = Backoff(base=1.0, cap=30.0)
+
+
 class TrustAnchorSync:
-    """One controller per webhook process; `run(stop)` returns when `stop` is set (after the current watch window)."""
+    """One controller per webhook process; `run(stop)` returns as soon as `stop` is set.
+
+    Every namespace is ensured after each complete list (so a relist also corrects drift) and whenever a
+    watch event changes it; ConfigMap writes go through the official client in a thread, one at a time,
+    retried with backoff while they fail.
+    """
 
     def __init__(
         self,
@@ -39,16 +72,20 @@ class TrustAnchorSync:
         *,
         bundle: str,
         control_plane: str = a.DEFAULT_CONTROL_PLANE_NAMESPACE,
-        window_seconds: int = 20,
-        max_backoff: float = 30.0,
+        window_seconds: int | None = None,
+        backoff: Backoff = WRITE_BACKOFF,
         rng: random.Random | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        credentials: Credentials | None = None,
     ) -> None:
         self._core = client.CoreV1Api(api)
+        self._creds = credentials or credentials_from(api.configuration)
         self._bundle = bundle
         self._control_plane = control_plane
         self._window = window_seconds
-        self._max_backoff = max_backoff
+        self._backoff = backoff
         self._rng = rng or random.Random()
+        self._clock = clock
 
     def ensure(self, namespace: str) -> Change:
         """Create or correct the ConfigMap in `namespace`; other ConfigMaps are never touched."""
@@ -79,76 +116,65 @@ class TrustAnchorSync:
         log.info("event=trust_anchors_updated namespace=%s", namespace)
         return "updated"
 
-    def _handle(self, ns: client.V1Namespace) -> None:
-        meta = ns.metadata
-        if meta is None or not meta.name:
-            return
-        if not wants_trust_anchors(meta.labels, control_plane=self._control_plane, name=meta.name):
-            return
-        if ns.status is not None and ns.status.phase == "Terminating":
-            return  # creating objects in a terminating namespace is refused
-        self.ensure(meta.name)
-
-    def sync_all(self) -> str:
-        """Ensure every namespace that wants the bundle; returns the list's resourceVersion to watch from."""
-        listing = self._core.list_namespace(_request_timeout=30)
-        for ns in listing.items:
-            self._handle(ns)
-        return str(listing.metadata.resource_version if listing.metadata else "")
-
-    def watch_window(self, resource_version: str) -> str:
-        """Apply namespace events for one bounded window; returns the resourceVersion to resume from."""
-        w = watch.Watch()  # type: ignore[no-untyped-call]
-        for event in w.stream(  # type: ignore[no-untyped-call]
-            self._core.list_namespace,
-            resource_version=resource_version,
-            timeout_seconds=self._window,
-            allow_watch_bookmarks=True,
-            _request_timeout=self._window + 10,
-        ):
-            obj = event["object"]
-            if isinstance(obj, dict):
-                # The client leaves BOOKMARK (and ERROR) objects undeserialized: a bookmark only moves the
-                # resourceVersion on; an ERROR carries the API's Status (410 Gone when ours is too old).
-                if event["type"] == "ERROR":
-                    raise ApiException(status=int(obj.get("code") or 500), reason=str(obj.get("message", "")))
-                rv = (obj.get("metadata") or {}).get("resourceVersion")
-                if rv:
-                    resource_version = str(rv)
-                continue
-            if obj.metadata is not None and obj.metadata.resource_version:
-                resource_version = obj.metadata.resource_version
-            if event["type"] in ("ADDED", "MODIFIED"):
-                self._handle(obj)
-        return resource_version
+    def _wants(self, ns: NamespaceRecord | None) -> bool:
+        if ns is None or ns.terminating:  # creating objects in a terminating namespace is refused
+            return False
+        return wants_trust_anchors(dict(ns.labels), control_plane=self._control_plane, name=ns.name)
 
     async def run(self, stop: asyncio.Event) -> None:
-        backoff = 1.0
-        resource_version: str | None = None
-        while not stop.is_set():
-            try:
-                if resource_version is None:
-                    resource_version = await asyncio.to_thread(self.sync_all)
-                    log.info("event=trust_anchors_synced")
-                resource_version = await asyncio.to_thread(self.watch_window, resource_version)
-                backoff = 1.0
-            except ApiException as e:
-                if e.status == 410:  # our resourceVersion is too old: list again
-                    resource_version = None
-                    continue
-                log.warning("event=trust_anchors_error status=%s", e.status)
-                resource_version = None
-                backoff = await self._pause(stop, backoff)
-            except Exception as e:  # network errors from urllib3: keep going with backoff
-                log.warning("event=trust_anchors_error error=%s", type(e).__name__)
-                resource_version = None
-                backoff = await self._pause(stop, backoff)
+        pending: dict[str, None] = {}  # namespaces to ensure, in order, each once
+        wake = asyncio.Event()
 
-    async def _pause(self, stop: asyncio.Event, backoff: float) -> float:
-        delay = backoff * (0.5 + self._rng.random())  # jitter: replicas do not retry in step
-        try:
-            async with asyncio.timeout(delay):
-                await stop.wait()
-        except TimeoutError:
-            pass
-        return min(self._max_backoff, backoff * 2)
+        def changed(key: Key, old: NamespaceRecord | None, new: NamespaceRecord | None) -> None:
+            if self._wants(new):
+                pending[key[1]] = None
+                wake.set()
+
+        def listed() -> None:
+            log.info("event=trust_anchors_synced")
+            for key, ns in watcher.records.items():
+                if self._wants(ns):
+                    pending[key[1]] = None
+            wake.set()
+
+        window = WATCH_SECONDS if self._window is None else (self._window, self._window)
+        watcher = Watcher(
+            NAMESPACES,
+            self._creds,
+            on_change=changed,
+            on_list=listed,
+            backoff=self._backoff,
+            rng=self._rng,
+            clock=self._clock,
+            forbidden_hint="the control plane's ClusterRole kuberpc-webhook grants list/watch on namespaces",
+            window=window,
+        )
+        async with aiohttp.ClientSession() as session, asyncio.TaskGroup() as tg:
+            tasks = [
+                tg.create_task(watcher.run(session), name="trust-anchors-watch"),
+                tg.create_task(self._write(watcher, pending, wake), name="trust-anchors-write"),
+            ]
+            await stop.wait()
+            for task in tasks:
+                task.cancel()
+
+    async def _write(self, watcher: Watcher[NamespaceRecord], pending: dict[str, None], wake: asyncio.Event) -> None:
+        failures = 0
+        while True:
+            await wake.wait()
+            wake.clear()
+            while pending:
+                name = next(iter(pending))
+                del pending[name]
+                if not self._wants(watcher.records.get(("", name))):
+                    continue  # deleted or terminating since
+                try:
+                    await asyncio.to_thread(self.ensure, name)
+                    failures = 0
+                except Exception as e:  # ApiException, urllib3 and socket errors: keep going with backoff
+                    failures += 1
+                    status = e.status if isinstance(e, ApiException) else type(e).__name__
+                    delay = self._backoff.delay(failures, self._rng)
+                    log.warning("event=trust_anchors_error namespace=%s status=%s retry_in=%.2fs", name, status, delay)
+                    pending[name] = None
+                    await asyncio.sleep(delay)

@@ -91,7 +91,16 @@ def _parse_endpoint(raw: object, where: str, problems: list[str]) -> Endpoint | 
     if not isinstance(pod, str):
         problems.append(f"{where}: pod: {pod!r} is not a string (ignored)")
         pod = ""
-    return Endpoint(address, port, weight, pod=pod, **flags)
+    return Endpoint(
+        address,
+        port,
+        weight,
+        tls=flags["tls"],
+        ready=flags["ready"],
+        serving=flags["serving"],
+        terminating=flags["terminating"],
+        pod=pod,
+    )
 
 
 def _is_ip(text: str) -> bool:

@@ -346,7 +346,9 @@ def test_webhook_deployment_runs_the_contracted_container() -> None:
     assert "command" not in c, "the image's ENTRYPOINT (python -m webhook) must run"
     env = {e["name"]: e for e in c["env"]}
     assert env["POD_NAMESPACE"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.namespace"
-    assert {(p["name"], p["containerPort"]) for p in c["ports"]} == {("https", 8443), ("grpc-identity", 8081)}
+    assert {(p["name"], p["containerPort"]) for p in c["ports"]} == {
+        ("https", 8443), ("grpc-identity", 8081), ("grpc-discovery", 8082)
+    }
     assert c["resources"]["requests"] and c["resources"]["limits"]["memory"]
 
 
@@ -404,12 +406,12 @@ def test_webhook_replicas_spread_and_survive_voluntary_disruption() -> None:
     assert dep["spec"]["strategy"]["rollingUpdate"]["maxUnavailable"] == 0
 
 
-def test_webhook_service_maps_443_to_8443_and_exposes_identity() -> None:
+def test_webhook_service_maps_443_to_8443_and_exposes_identity_and_discovery() -> None:
     svc = _one("service.yaml", "Service", "kuberpc-webhook")
     dep = _one("deployment.yaml", "Deployment", "kuberpc-webhook")
     assert svc["spec"]["selector"].items() <= dep["spec"]["template"]["metadata"]["labels"].items()
     ports = {p["name"]: (p["port"], p["targetPort"]) for p in svc["spec"]["ports"]}
-    assert ports == {"https": (443, 8443), "grpc-identity": (8081, 8081)}
+    assert ports == {"https": (443, 8443), "grpc-identity": (8081, 8081), "grpc-discovery": (8082, 8082)}
 
 
 def test_injector_config_holds_every_contracted_key() -> None:
@@ -524,6 +526,19 @@ def test_rbac_grants_exactly_the_least_privilege_set() -> None:
     assert _grants(role) == RBAC_ALLOWED
     assert all("*" not in r["verbs"] + r["resources"] + r["apiGroups"] for r in role["rules"])
     assert all("nonResourceURLs" not in r for r in role["rules"])
+
+
+def test_rbac_grants_list_and_watch_on_every_kind_the_control_plane_watches() -> None:
+    from sidecar.discovery.objects import ENDPOINT_SLICES, PODS, SERVICES
+    from webhook.trust import NAMESPACES
+
+    role = _one("rbac.yaml", "ClusterRole", "kuberpc-webhook")
+    watched = {
+        (kind.api.split("/")[2] if kind.api.startswith("/apis/") else "", kind.plural, verb)
+        for kind in (SERVICES, ENDPOINT_SLICES, PODS, NAMESPACES)
+        for verb in ("list", "watch")
+    }
+    assert watched <= _grants(role)
 
 
 def test_rbac_lets_the_webhook_change_only_the_trust_anchor_configmap() -> None:

@@ -29,16 +29,10 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from sidecar import config as config_mod
 from sidecar.app import StartupError, serve
-from sidecar.discovery import kubernetes as kube
-from sidecar.discovery.kubernetes import (
-    Backoff,
-    Credentials,
-    KubernetesDiscovery,
-    build_catalog,
-    parse_pod,
-    parse_service,
-    parse_slice,
-)
+from sidecar.discovery import objects, watch
+from sidecar.discovery.kubernetes import KubernetesDiscovery
+from sidecar.discovery.objects import build_catalog, parse_pod, parse_service, parse_slice
+from sidecar.discovery.watch import Backoff, Credentials
 from sidecar.model import Catalog, Endpoint, ServiceKey
 from tests.kubefake import FakeCluster, Obj, cluster, free_loopback_addresses, kubeconfig
 from tests.sidecar.harness import (
@@ -582,7 +576,7 @@ async def test_watch_ended_by_the_server_resumes_from_the_last_resource_version(
 async def test_api_outage_keeps_the_last_catalog_backs_off_counts_restarts_and_recovers(
     cluster: FakeCluster, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.WARNING, logger="sidecar.discovery.kubernetes")
+    caplog.set_level(logging.WARNING, logger="sidecar.discovery.watch")
     cluster.put(*echo_with(endpoint("10.0.0.5", "echo-0")), pod("echo-0", "10.0.0.5"))
     async with discovering(cluster) as run:
         before = await run.published.until(lambda c: ECHO in c.services, "the first catalog")
@@ -645,7 +639,7 @@ async def test_bad_annotation_is_logged_once_while_it_stays(
 async def test_forbidden_answer_is_logged_with_the_rbac_to_bind_and_nothing_published(
     cluster: FakeCluster, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.WARNING, logger="sidecar.discovery.kubernetes")
+    caplog.set_level(logging.WARNING, logger="sidecar.discovery.watch")
     cluster.put(*echo_with())
     cluster.forbidden.add("pods")
     async with discovering(cluster) as run:
@@ -660,7 +654,7 @@ async def test_forbidden_answer_is_logged_with_the_rbac_to_bind_and_nothing_publ
 async def test_paginated_list_is_read_to_the_end(
     cluster: FakeCluster, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(kube, "LIST_PAGE", 2)
+    monkeypatch.setattr(watch, "LIST_PAGE", 2)
     cluster.put(*(service(f"svc-{i}") for i in range(5)))
     async with discovering(cluster) as run:
         catalog = await run.published.until(lambda c: len(c) == 5, "all five Services")
@@ -807,7 +801,7 @@ def test_kubeconfig_https_credentials_verify_the_server_with_the_kubeconfig_ca(
         'server: "https', f'certificate-authority: "{mesh_certs.client.ca}", server: "https'
     )
     path.write_text(text)
-    creds = kube.load_credentials(kubeconfig=str(path))
+    creds = watch.load_credentials(kubeconfig=str(path))
     assert creds.host == "https://127.0.0.1:6443" and creds.authorization() == "Bearer t0k3n"
     assert creds.ssl is not None and creds.ssl.verify_mode == ssl.CERT_REQUIRED and creds.ssl.check_hostname
     assert [c["subject"] for c in creds.ssl.get_ca_certs()] == [
@@ -829,7 +823,7 @@ def test_proxy_cluster_role_grants_exactly_what_direct_discovery_reads() -> None
     }
     read = {
         (kind.api.split("/")[2] if kind.api.startswith("/apis/") else "", kind.plural, verb)
-        for kind in (kube.SERVICES, kube.ENDPOINT_SLICES, kube.PODS)
+        for kind in (objects.SERVICES, objects.ENDPOINT_SLICES, objects.PODS)
         for verb in ("get", "list", "watch")
     }
     assert (role["kind"], role["metadata"]["name"]) == ("ClusterRole", "kuberpc-proxy") and granted == read
