@@ -320,11 +320,11 @@ def _grpc_timeout(seconds: float) -> bytes:
 MAX_STREAM_MESSAGE = 16 << 20
 # The stream may stay quiet for hours: a connection that stopped answering (a replica gone without a RST,
 # a black hole) is noticed by PINGs after this long without a byte from the server, closed when one goes
-# unanswered for STREAM_KEEPALIVE_TIMEOUT. gRPC servers count PINGs sent while they send nothing as abuse
-# past 2 within their `min_ping_interval_without_data` (5 min by default): a server that wants faster
-# detection pings the proxy itself (any byte from it resets this timer), so the proxy's own PINGs stay rare.
-STREAM_KEEPALIVE = 300.0
-STREAM_KEEPALIVE_TIMEOUT = 20.0
+# unanswered for STREAM_KEEPALIVE_TIMEOUT. The control plane accepts a PING every 10 s on a quiet stream
+# (webhook/discovery_service.py; grpc's default is one per 5 min) and pings every 30 s itself: any byte from
+# it resets this timer, so the proxy's own PINGs go out only when the server has fallen silent.
+STREAM_KEEPALIVE = 20.0
+STREAM_KEEPALIVE_TIMEOUT = 10.0
 
 
 class _StreamReceiver:

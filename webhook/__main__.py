@@ -195,7 +195,7 @@ async def _serve(
         catalog = MeshCatalog()
         service_d = DiscoveryService(catalog, Hub(catalog), metrics=DiscoveryMetrics(registry))
         roots = bundle.encode() if bundle is not None else ca.cert.public_bytes(serialization.Encoding.PEM)
-        names = identity_dns_names(cfg.control_plane_namespace, cfg.identity_addr)
+        names = identity_dns_names(cfg.control_plane_namespace, cfg.discovery_addr)  # the host proxies dial
         cert_d = ServingCertificate(ca, names, clock=_utcnow, client_roots=roots)
         discovery = serving_discovery(
             service_d, cert_d, trust_domain=cfg.trust_domain, host=args.host, port=args.discovery_port

@@ -74,6 +74,7 @@ def endpoint_of(ep: pb.Endpoint) -> Endpoint:
         serving=ep.serving,
         terminating=ep.terminating,
         pod=ep.pod,
+        zone=ep.zone,
     )
 
 
@@ -188,6 +189,10 @@ async def resolve(host: str, port: int) -> list[str]:
     return list(dict.fromkeys(str(info[4][0]) for info in infos))
 
 
+def _where(ip: str, port: int) -> str:
+    return f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
+
+
 class ControlPlaneDiscovery:
     """The discovery stream: subscribes to `upstreams` and, once, `pod`; then to whatever `want_service` and
     `want_grpc_service` are asked (routing asks on a miss). Publishes the first Catalog once every declared
@@ -245,6 +250,7 @@ class ControlPlaneDiscovery:
         self.failures = 0
         self.reconnects = 0
         self.last_error: str | None = None
+        self._last_dialled: str | None = None
 
     # ---- what routing asks ----
 
@@ -359,10 +365,10 @@ class ControlPlaneDiscovery:
             # Nothing to wait for (no declared upstream, no inbound): ready at once, Services come on demand.
             self._published = True
             publish(self.view.catalog())
-        last_ip: str | None = None
+        last: str | None = None  # ip:port of the replica the last stream went to
         while True:
             try:
-                last_ip = await self._session(last_ip)
+                await self._session(last)
                 error = "the control plane ended the stream"
             except grpc_client.CallError as e:
                 error = f"{e.code}: {e.message}"
@@ -370,6 +376,7 @@ class ControlPlaneDiscovery:
                 error = f"{type(e).__name__}: {e.strerror or e}"
             except DecodeError as e:
                 error = f"undecodable WatchResponse: {e}"
+            last = self._last_dialled  # _session raises: the replica it tried is the one to avoid next
             self._ended(error)
             self.failures += 1
             delay = retry_delay(self.failures, self._rng, base=self._retry_base, cap=self._retry_cap)
@@ -380,7 +387,8 @@ class ControlPlaneDiscovery:
             await asyncio.sleep(delay)
 
     async def _pick(self, avoid: str | None) -> tuple[Address, str]:
-        """An address of the control plane and the IP to dial, at random, avoiding the one that just failed."""
+        """An address of the control plane and the IP to dial, at random, avoiding the replica (ip:port) that
+        just failed when there is another."""
         choices: list[tuple[Address, str]] = []
         problems: list[str] = []
         for address in self._addresses:
@@ -392,16 +400,16 @@ class ControlPlaneDiscovery:
             choices.extend((address, ip) for ip in found)
         if not choices:
             raise OSError(f"cannot resolve the control plane ({'; '.join(problems) or 'no address'})")
-        others = [c for c in choices if c[1] != avoid]
+        others = [c for c in choices if _where(c[1], c[0].port) != avoid]
         return self._rng.choice(others or choices)
 
-    async def _session(self, avoid: str | None) -> str:
-        """One stream, from connect to its end (which raises); returns the IP dialled."""
+    async def _session(self, avoid: str | None) -> None:
+        """One stream, from connect to its end (which raises); the replica dialled is `_last_dialled`."""
         address, ip = await self._pick(avoid)
+        where = self._last_dialled = _where(ip, address.port)
         call = await grpc_client.open_bidi(
             address, WATCH_PATH, ssl_context=self._ssl, connect_timeout=self._connect_timeout, dial=ip
         )
-        where = f"{ip}:{address.port}" if ":" not in ip else f"[{ip}]:{address.port}"
         self._call = call
         try:
             call.send(self._interest().SerializeToString())
