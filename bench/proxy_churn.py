@@ -233,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             result = asyncio.run(bounded())
         finally:
-            for log in sorted(Path(tmp).glob("*/proxy.log")) + [Path(tmp) / "controlplane.log"]:
+            for log in [*sorted(Path(tmp).glob("*/proxy.log")), Path(tmp) / "controlplane.log"]:
                 if log.exists():
                     tail = "\n".join(log.read_text(errors="replace").splitlines()[-15:])
                     print(f"--- {log.parent.name}/{log.name} (tail)\n{tail}", file=sys.stderr)

@@ -196,7 +196,7 @@ def test_added_removed_reweighted_not_ready_and_terminating_endpoints_move_real_
 ) -> None:
     kube, a, b = manual
     name_a, name_b = a["metadata"]["name"], b["metadata"]["name"]
-    only = lambda n: (lambda c: set(c) == {n})  # noqa: E731
+    only = lambda n: (lambda c: set(c) == {n})
     kube.kubectl("apply", "-f", "-", input=slice_json([(a, READY)]))
     until_calls(kube, MANUAL, "one endpoint", only(name_a))
     kube.kubectl("apply", "-f", "-", input=slice_json([(a, READY), (b, READY)]))
