@@ -251,6 +251,7 @@ class ControlPlaneDiscovery:
         self.reconnects = 0
         self.last_error: str | None = None
         self._last_dialled: str | None = None
+        self._full_logged = False
 
     # ---- what routing asks ----
 
@@ -288,6 +289,7 @@ class ControlPlaneDiscovery:
 
     def _make_room(self) -> bool:
         if len(self._on_demand) < self._max_on_demand:
+            self._full_logged = False
             return True
         for key in self._on_demand:
             if key in self.view.answered and key not in self.view.services:
@@ -295,8 +297,11 @@ class ControlPlaneDiscovery:
                 del self._subscribed[key]
                 self.view.forget(key)
                 self._send(pb.WatchRequest(unsubscribe=[_ref(key)]))
+                self._full_logged = False
                 return True
-        log.warning("control plane on-demand subscriptions full limit=%d", self._max_on_demand)
+        if not self._full_logged:  # once per time it fills up, not once per call
+            log.warning("control plane on-demand subscriptions full limit=%d", self._max_on_demand)
+            self._full_logged = True
         return False
 
     def _send(self, request: pb.WatchRequest) -> None:

@@ -349,3 +349,17 @@ async def test_refused_streams_are_retried_with_backoff_and_said_in_debug(
     assert "PERMISSION_DENIED" in (disc.last_error or "")
     plane.refuse = None
     await wait_until(lambda: disc.current, "the stream up once allowed", 15)
+
+
+async def test_on_demand_subscriptions_are_bounded_and_make_room_by_dropping_services_that_do_not_exist(pki: Pki) -> None:
+    disc = ControlPlaneDiscovery(
+        [Address("localhost", 1)], ssl_context=client_context(pki), rng=random.Random(1), clock=time.monotonic,
+        max_on_demand=2,
+    )  # fmt: skip
+    a, b, c = (ServiceKey(n, "default") for n in ("a", "b", "c"))
+    assert disc.want_service(a) is not None and disc.want_service(b) is not None
+    assert disc.want_service(c) is None  # full, and nothing to drop: the call's own miss stands
+    disc.view.apply(pb.WatchResponse(services=[pb.ServiceUpdate(service=ref("default", "a"), exists=False, full=True)]))
+    assert disc.want_service(c) is not None  # `a` (answered: no such Service) made room
+    assert disc.debug()["subscribed"] == ["b.default", "c.default"]
+    assert disc.want_service(a) is None  # full again (b and c await their answers)
