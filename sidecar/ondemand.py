@@ -19,6 +19,7 @@ from sidecar.routing import grpc_service_of, service_named
 
 # The first call to a Service waits this long for its snapshot (the control plane answers in milliseconds).
 DEFAULT_WAIT = 5.0
+MEMO_LIMIT = 4096
 
 
 class Interest(Protocol):
@@ -53,17 +54,37 @@ class OnDemandRouter:
         self.namespace = namespace
         self.fail = fail
         self.wait = wait
+        self._memo: dict[str, ServiceKey | None] = {}
+
+    def _named(self, authority: str) -> ServiceKey | None:
+        """The Service `authority` names (memoized: it runs per call; bounded, as authorities come from the app)."""
+        memo = self._memo
+        if authority in memo:
+            return memo[authority]
+        found = service_named(authority, self.namespace)
+        key = found if isinstance(found, ServiceKey) else None
+        if len(memo) >= MEMO_LIMIT:
+            del memo[next(iter(memo))]
+        memo[authority] = key
+        return key
 
     def route(self, conn: Connection, request: Request) -> Target | Reject:
+        upstream: ServiceKey | None = conn.extra.get("upstream")
+        authority = request.authority
+        if upstream is None and authority:
+            # The `:authority` comes first (DESIGN §1): a Service it names that discovery has not answered about
+            # yet is awaited before anything else, or the gRPC name in the path would route the call elsewhere.
+            named = self._named(authority)
+            if named is not None and (w := self.interest.want_service(named)) is not None:
+                return PendingCall(self, conn, request, [w], service=str(named), asked=f"service {str(named)!r}")
         found = self.inner.route(conn, request)
         if not isinstance(found, Reject):
             return found
         waits: list[asyncio.Future[None]] = []
         asked: list[str] = []
-        upstream: ServiceKey | None = conn.extra.get("upstream")
         key: ServiceKey | str | None = upstream
-        if key is None and request.authority:
-            key = service_named(request.authority, self.namespace)
+        if key is None and authority:
+            key = self._named(authority)
         if isinstance(key, ServiceKey) and (w := self.interest.want_service(key)) is not None:
             waits.append(w)
             asked.append(f"service {str(key)!r}")

@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from tests.cluster.conftest import CLIENT, EXAMPLE, PYTHON, SERVER, Kube, call, client_pod
+from tests.cluster.conftest import CALLER, CLIENT, EXAMPLE, PYTHON, SERVER, Kube, call, client_pod
 from tests.cluster.test_user_path import Traffic, failures
 
 pytestmark = [pytest.mark.cluster, pytest.mark.timeout(900)]
@@ -287,13 +287,19 @@ def seen_at(watchers: list[Any]) -> list[float | None]:
 def test_the_api_server_killed_fails_no_call_and_a_change_then_reaches_every_proxy_within_2s(
     example: Kube, tmp_path: Path
 ) -> None:
+    client = client_pod(example)
+    servers = sorted(p["metadata"]["name"] for p in example.ready_pods(EXAMPLE, SERVER))
+    meshed = [*servers, client]
     traffic = Traffic(example, tmp_path, limit_s=120)
     example.cp.kill_apiserver()
-    outcomes_down = call(example, 40, seconds=30)  # served from the last endpoints the control plane sent
-    example.cp.start_apiserver()
-    example.cp.wait_ready()
-    servers = sorted(p["metadata"]["name"] for p in example.ready_pods(EXAMPLE, SERVER))
-    meshed = servers + [client_pod(example)]
+    try:
+        # Nothing may ask the API server now: the calls are served from the last endpoints the control plane sent.
+        done = example.exec(EXAMPLE, client, [PYTHON, "-c", CALLER, "40", "30", "0"], timeout=90)
+    finally:
+        example.cp.start_apiserver()
+        example.cp.wait_ready()
+    assert done.returncode == 0, done.stderr[-2000:]
+    outcomes_down: list[str] = json.loads(done.stdout.strip().splitlines()[-1])
     target = servers[0]
     watchers = watch_weight(example, tmp_path, meshed, f"arith.{EXAMPLE}", target, 7)
     changed_at = time.time()

@@ -313,3 +313,19 @@ async def test_inbound_follows_the_services_selecting_the_pod_and_their_allow_ch
                 while not await denied():
                     assert time.monotonic() < deadline, "the allow change never took effect"
                     await asyncio.sleep(0.05)
+
+
+async def test_an_authority_naming_a_service_not_yet_known_wins_over_a_known_grpc_service_claim(
+    plane: FakeControlPlane, replica: RunningPlane, pki: Pki, tmp_path: Path
+) -> None:
+    with start_backend("a") as backend_a, start_backend("b") as backend_b:
+        async with (
+            server_side(pki, backend_a, tmp_path, "a") as srv_a,
+            server_side(pki, backend_b, tmp_path, "b") as srv_b,
+        ):
+            plane.set_service("default", "echo", echo(endpoint("127.0.0.1", srv_a.inbound_port)))  # claims test.Echo
+            plane.set_service("default", "other", FakeService([endpoint("127.0.0.1", srv_b.inbound_port)]))
+            env = cp_env(replica, pki, KUBERPC_UPSTREAMS="echo.default:50051=39520")
+            async with cp_proxy(env) as client:
+                # The path's gRPC name is claimed by a Service the proxy holds; the authority names another.
+                assert await call(outbound(client), "other.default:50051") == (grpc.StatusCode.OK, "", "b")
