@@ -50,6 +50,21 @@ RESULTS = REPO / "bench" / "results" / "proxy-churn-latest.json"
 UPSTREAM = f"svc-0.{ns_of(0)}"
 
 
+class PatientApi(Api):
+    """bench.discovery's writer, retrying longer: on a loaded 2-core host the API server answers 429/5xx to
+    bursts of creates for seconds at a time."""
+
+    async def request(self, method: str, path: str, body: Any = None, ctype: str = "application/json") -> Any:
+        for attempt in range(20):
+            try:
+                return await super().request(method, path, body, ctype)
+            except (RuntimeError, aiohttp.ClientError, TimeoutError) as e:
+                if "kept failing" not in str(e) and not isinstance(e, aiohttp.ClientError | TimeoutError):
+                    raise
+                await asyncio.sleep(min(2.0, 0.2 * (attempt + 1)))
+        raise RuntimeError(f"{method} {path}: the API server kept failing for a minute")
+
+
 @dataclass
 class ProxyProcess:
     name: str
@@ -177,7 +192,7 @@ async def bench(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     }  # fmt: skip
     with ControlPlane(work / "k8s") as cp:
         async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=32)) as session:
-            api = Api(cp, session)
+            api = PatientApi(cp, session)
             await asyncio.gather(*(api.create({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": f"bench-{k}"}}) for k in range(NAMESPACES)))
             result["populate_s"] = round(await populate(api, 0, args.services, args.per_service, args.pods), 1)
             with control_plane_process(work, cp.kubeconfig, ca) as cpp:
