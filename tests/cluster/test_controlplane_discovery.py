@@ -318,7 +318,9 @@ def test_killing_one_of_two_control_plane_replicas_fails_no_call(example: Kube, 
     before = proxy_debug(example, client)["discovery"]
     assert before["current"] is True and before["connected_to"], before
     ip = before["connected_to"].rpartition(":")[0]
-    (victim,) = [p for p in example.pods("kuberpc-system") if p["status"].get("podIP") == ip]
+    replicas = example.ready_pods("kuberpc-system", "app.kubernetes.io/name=kuberpc-webhook")
+    assert len(replicas) == 2
+    (victim,) = [p for p in replicas if p["status"].get("podIP") == ip]
     traffic = Traffic(example, tmp_path, limit_s=120)
     netns_name = example.where("kuberpc-system", victim["metadata"]["name"])["netns"]
     pids = subprocess.run(["ip", "netns", "pids", netns_name], capture_output=True, text=True, check=True).stdout.split()
