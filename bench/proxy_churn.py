@@ -191,12 +191,15 @@ async def bench(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         "churn_writes_per_s": args.rate, "churn_seconds": args.seconds, "upstream": UPSTREAM,
     }  # fmt: skip
     with ControlPlane(work / "k8s") as cp:
+        step("API server up")
         async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=32)) as session:
             api = PatientApi(cp, session)
             await asyncio.gather(*(api.create({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": f"bench-{k}"}}) for k in range(NAMESPACES)))
             result["populate_s"] = round(await populate(api, 0, args.services, args.per_service, args.pods), 1)
+            step(f"populated in {result['populate_s']} s")
             with control_plane_process(work, cp.kubeconfig, ca) as cpp:
                 await probe(cpp.discovery_port, credentials(ca, "bench-0", "probe"), args.services - 1, 180)
+                step("control plane serving")
                 hosts = work / "hosts"
                 hosts.write_text(f"127.0.0.1 localhost {SERVER_NAME}\n")
                 with (
@@ -205,6 +208,7 @@ async def bench(args: argparse.Namespace, work: Path) -> dict[str, Any]:
                 ):  # fmt: skip
                     proxies = [cpx, direct]
                     result["ready_s"] = {p.name: round(await wait_ready(p, 180), 2) for p in proxies}
+                    step(f"proxies ready {result['ready_s']}")
                     await asyncio.sleep(3.0)  # the start's own work (imports, first lists) out of the idle window
                     result["idle_cpu_cores"] = await cpu_over(proxies, args.idle)
                     result["rss_mib_idle"] = {p.name: round(p.rss_mib(), 1) for p in proxies}
@@ -222,6 +226,10 @@ async def bench(args: argparse.Namespace, work: Path) -> dict[str, Any]:
                         p.name: await change_reaches(api, p, args.per_service, f"10.252.0.{k + 1}") for k, p in enumerate(proxies)
                     }
     return result
+
+
+def step(what: str) -> None:
+    print(f"{time.strftime('%H:%M:%S')} {what}", file=sys.stderr, flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
