@@ -13,7 +13,7 @@ LOCK := requirements/dev.lock
 # e2e/cluster/gobuild into a cache outside the repo (~/.cache/kuberpc/k8s/<version>-<hash>/bin).
 K8S_BUILD := e2e/cluster/build-k8s.sh
 
-.PHONY: setup tools k8s demo test test-cluster bench bench-discovery lint typecheck proto lock clean
+.PHONY: setup tools k8s demo test test-cluster bench bench-discovery bench-proxy-churn lint typecheck proto lock clean
 
 setup: $(STAMP) $(NODE_STAMP)
 
@@ -63,6 +63,11 @@ bench: setup tools
 # Services, 200 subscribers; writes bench/results/discovery-latest.json. Heavy: run alone.
 bench-discovery: setup tools k8s
 	flock /tmp/kuberpc-heavy.lock $(PY) -m bench.discovery
+
+# One proxy's CPU and memory while 20 EndpointSlices/s change elsewhere: control-plane discovery vs direct mode,
+# on the real API server; writes bench/results/proxy-churn-latest.json. Heavy: run alone.
+bench-proxy-churn: setup tools k8s
+	flock /tmp/kuberpc-heavy.lock $(PY) -m bench.proxy_churn
 
 lint: setup
 	$(VENV)/bin/ruff check sidecar webhook tests e2e bench

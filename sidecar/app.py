@@ -73,6 +73,7 @@ class Proxy:
     workload: WorkloadIdentity | None = None
     discovered: set[ServiceKey] = field(default_factory=set)  # Services ever seen with a usable endpoint
     wall_clock: Callable[[], float] = time.time
+    discovery_debug: Callable[[], dict[str, object]] | None = None  # the source's own state, if it tells
 
     def not_ready_because(self) -> list[str]:
         """Why /ready says no (empty: ready): starting or draining, no valid certificate, an upstream unknown."""
@@ -116,6 +117,7 @@ class Proxy:
             else None,
             "upstream_connections": self.outbound.pool.debug() if self.outbound.pool else [],
             "identity": self.workload.debug() if self.workload is not None else None,
+            "discovery": self.discovery_debug() if self.discovery_debug is not None else {"source": cfg.discovery},
         }
 
 
@@ -141,9 +143,15 @@ def count_handshake_failures(ctx: ssl.SSLContext, on_failure: Callable[[str], No
 
 
 def _load_identity(
-    cfg: Config, *, metrics: Metrics, rng: random.Random, inbound: Inbound | None = None
+    cfg: Config,
+    *,
+    metrics: Metrics,
+    rng: random.Random,
+    inbound: Inbound | None = None,
+    also: tuple[ssl.SSLContext, ...] = (),
 ) -> tuple[ssl.SSLContext, ssl.SSLContext, WorkloadIdentity]:
-    """Client and server mTLS contexts, and what keeps their certificate current; once, before serving.
+    """Client and server mTLS contexts, and what keeps their certificate (and that of the contexts in `also`)
+    current; once, before serving.
 
     With an identity service the contexts start with no certificate (nothing is served until the workload's
     obtain() has one); otherwise the files are loaded now and must exist.
@@ -167,18 +175,27 @@ def _load_identity(
                 files=tls,
                 token_file=svc.token_file,
                 certify=GrpcCertifier(svc.address, tls.trust_anchors),
-                contexts=(client_ctx, server_ctx),
+                contexts=(client_ctx, server_ctx, *also),
                 on_certificate=on_certificate,
                 clock=time.time,
                 rng=rng,
             )
         else:
-            from_files = FileIdentity(files=tls, contexts=(client_ctx, server_ctx), on_certificate=on_certificate)
+            from_files = FileIdentity(files=tls, contexts=(client_ctx, server_ctx, *also), on_certificate=on_certificate)
             from_files.load()
             workload = from_files
     except (OSError, ssl.SSLError, ValueError, identity.IdentityError) as e:
         raise StartupError(f"cannot load the workload identity: {e}") from e
     return client_ctx, server_ctx, workload
+
+
+def _control_plane_context(trust_anchors_file: str) -> ssl.SSLContext:
+    """The discovery stream's client context: like every mesh connection (TLS 1.3, ALPN h2, our workload
+    certificate, the mesh anchors), and the server's name checked against the host dialled: a workload
+    certificate carries only a SPIFFE URI, so no meshed pod can pose as the control plane."""
+    ctx = identity.client_context(None, None, trust_anchors_file)
+    ctx.check_hostname = True
+    return ctx
 
 
 async def serve(
@@ -204,7 +221,14 @@ async def serve(
             raise StartupError("inbound is on but no app port is configured (KUBERPC_APP_PORT)")
         app_ep = Endpoint(cfg.app.host, cfg.app.port, tls=False)
         inbound = Inbound(app=app_ep, namespace=cfg.namespace, trust_domain=cfg.trust_domain, metrics=metrics)
-    client_ctx, server_ctx, workload = _load_identity(cfg, metrics=metrics, rng=rng, inbound=inbound)
+    control_plane_ctx: ssl.SSLContext | None = None
+    if cfg.discovery == "control-plane" and cfg.tls is not None:
+        try:
+            control_plane_ctx = _control_plane_context(cfg.tls.trust_anchors)
+        except identity.IdentityError as e:
+            raise StartupError(str(e)) from e
+    also = (control_plane_ctx,) if control_plane_ctx is not None else ()
+    client_ctx, server_ctx, workload = _load_identity(cfg, metrics=metrics, rng=rng, inbound=inbound, also=also)
 
     outbound = Outbound(namespace=cfg.namespace, metrics=metrics, rng=rng, max_ejected_share=cfg.max_ejected_share)
     def make_pool(
@@ -291,6 +315,26 @@ async def serve(
             on_restart=metrics.watch_restart,
             pod=(cfg.namespace, cfg.pod_name) if cfg.pod_name else None,
         )
+    elif cfg.discovery == "control-plane":
+        from sidecar.discovery.controlplane import ControlPlaneDiscovery
+        from sidecar.ondemand import OnDemandRouter
+
+        assert control_plane_ctx is not None
+        # Readiness: the first catalog comes once every declared upstream (and, inbound on, the Services
+        # selecting this pod) has been answered; calls naming other Services subscribe on demand.
+        plane = ControlPlaneDiscovery(
+            cfg.discovery_addresses,
+            ssl_context=control_plane_ctx,
+            upstreams=[u.service for u in cfg.upstreams],
+            pod=(cfg.namespace, cfg.pod_name) if cfg.inbound is not None and cfg.pod_name else None,
+            rng=rng,
+            clock=time.monotonic,
+            on_restart=metrics.watch_restart,
+        )
+        out_relay.router = OnDemandRouter(outbound, plane, namespace=cfg.namespace, fail=out_relay.fail)
+        metrics.discovery_age(plane.last_update_age)
+        proxy.discovery_debug = plane.debug
+        source = plane
     else:
         raise StartupError(f"discovery source {cfg.discovery!r} is not available in this build")
 

@@ -30,7 +30,7 @@ ENV_DOC: dict[str, str] = {
     "KUBERPC_APP_ADDR": "host of the local app (default 127.0.0.1)",
     "KUBERPC_APP_PORT": "port of the local app's gRPC server (required when inbound is on)",
     "KUBERPC_UPSTREAMS": "dedicated local ports: svc.ns:port=localport,... (kuberpc.io/upstreams)",
-    "KUBERPC_DISCOVERY": "file:/path.yaml | kubernetes (default kubernetes)",
+    "KUBERPC_DISCOVERY": "control-plane:host:port[,host:port...] (the control plane's discovery stream over mTLS; what the injector sets, e.g. control-plane:kuberpc-webhook.kuberpc-system.svc:8082; a name resolving to several IPs reaches any replica) | kubernetes (direct: this proxy watches the API itself, needs RBAC) | file:/path.yaml (default kubernetes)",
     "KUBERPC_DISCOVERY_NAMESPACES": "kubernetes discovery: comma-separated namespaces to watch (default: all)",
     "KUBERNETES_SERVICE_HOST": "kubernetes discovery: the API server's address (set in every pod)",
     "KUBERNETES_SERVICE_PORT": "kubernetes discovery: the API server's port (set in every pod)",
@@ -47,12 +47,13 @@ ENV_DOC: dict[str, str] = {
     "KUBERPC_ACCESS_LOG": "json: one JSON line per call on stdout (no metadata values, no bodies) | off (default)",
     "KUBERPC_MAX_EJECTED_PERCENT": "at most this share of a Service's endpoints is ejected at once (default 50)",
     "POD_NAMESPACE": "namespace of this pod; resolves short service names (default 'default')",
-    "POD_NAME": "name of this pod (logs, /debug; with kubernetes discovery and inbound on, required: its labels decide whose allow applies)",
+    "POD_NAME": "name of this pod (logs, /debug; with kubernetes or control-plane discovery and inbound on, required: its labels decide whose allow applies)",
     "POD_IP": "IP of this pod (logs and /debug only)",
     "KUBERPC_POD_LABELS": "file discovery: this pod's labels, key=value,... matched against Services' selector to decide whose allow policy applies inbound (kubernetes discovery reads them from the API)",
     "SERVICE_ACCOUNT": "service account of this pod (expected identity)",
 }
 
+CONTROL_PLANE_PREFIX = "control-plane:"
 
 
 class ConfigError(ValueError):
@@ -97,6 +98,7 @@ class Config:
     upstreams: tuple[Upstream, ...] = ()
     discovery: str = "kubernetes"
     discovery_file: str | None = None
+    discovery_addresses: tuple[Address, ...] = ()  # control-plane discovery: where its replicas answer
     discovery_namespaces: tuple[str, ...] = ()  # kubernetes discovery: () watches every namespace
     kubernetes_service_host: str = ""  # in-cluster API server; empty: use the kubeconfig
     kubernetes_service_port: str = ""
@@ -214,8 +216,19 @@ def load(environ: Mapping[str, str]) -> Config:
         values["discovery"], values["discovery_file"] = "file", disc[5:]
     elif disc == "kubernetes":
         values["discovery"] = "kubernetes"
+    elif disc.startswith(CONTROL_PLANE_PREFIX):
+        values["discovery"] = "control-plane"
+        addresses: list[Address] = []
+        for entry in (e.strip() for e in disc[len(CONTROL_PLANE_PREFIX) :].split(",")):
+            try:
+                addresses.append(parse_dial_address(entry))
+            except ValueError as e:
+                problems.append(f"KUBERPC_DISCOVERY: control plane address {e}")
+        values["discovery_addresses"] = tuple(dict.fromkeys(addresses))
     else:
-        problems.append(f"KUBERPC_DISCOVERY: {disc!r} is not 'kubernetes' or 'file:/path'")
+        problems.append(
+            f"KUBERPC_DISCOVERY: {disc!r} is not 'control-plane:host:port[,host:port...]', 'kubernetes' or 'file:/path'"
+        )
     if (nss := get("KUBERPC_DISCOVERY_NAMESPACES")) is not None:
         names = tuple(dict.fromkeys(n.strip() for n in nss.split(",") if n.strip()))
         bad = [n for n in names if not is_dns_label(n)]
@@ -302,12 +315,13 @@ def load(environ: Mapping[str, str]) -> Config:
             values["identity_service"] = IdentityService(address, token)
 
     inbound_on = "inbound" not in values or values["inbound"] is not None  # on by default
-    if values.get("discovery") == "kubernetes" and inbound_on:
-        # Which Services' allow applies to inbound calls is decided by this pod's labels, read from the API.
+    if values.get("discovery") in ("kubernetes", "control-plane") and inbound_on:
+        # Which Services' allow applies to inbound calls is decided by this pod's labels, read from the API
+        # (by this proxy, or by the control plane for the pod it names).
         if not values["pod_name"]:
-            problems.append("POD_NAME: required with kubernetes discovery while inbound is on (its labels decide whose allow applies)")
+            problems.append(f"POD_NAME: required with {values['discovery']} discovery while inbound is on (its labels decide whose allow applies)")
         watched = values.get("discovery_namespaces", ())
-        if isinstance(watched, tuple) and watched and namespace not in watched:
+        if values["discovery"] == "kubernetes" and isinstance(watched, tuple) and watched and namespace not in watched:
             problems.append(f"KUBERPC_DISCOVERY_NAMESPACES: must include this pod's namespace {namespace!r} while inbound is on")
 
     if problems:

@@ -1,12 +1,14 @@
-"""One unary gRPC call over TLS, made with the proxy's own HTTP/2 Connection on a connection opened for it.
+"""gRPC calls over TLS made with the proxy's own HTTP/2 Connection, each on a connection opened for it: one
+unary call (certificates), and one long-lived bidirectional stream (discovery, see BidiCall).
 
-Must not import grpc (the proxy image ships without it), keep the connection after the call, nor read the
+Must not import grpc (the proxy image ships without it), keep a connection after its call, nor read the
 messages it carries: it moves bytes and reports the call's status.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import math
 import ssl
 import struct
@@ -105,14 +107,17 @@ class _Handshake(asyncio.Protocol):
         self.lost = True
 
 
-async def _open(address: Address, ctx: ssl.SSLContext) -> tuple[asyncio.Transport, bytes]:
-    """A TLS connection that negotiated h2, and the bytes already received on it."""
+async def _open(
+    address: Address, ctx: ssl.SSLContext, *, dial: str | None = None
+) -> tuple[asyncio.Transport, bytes]:
+    """A TLS connection that negotiated h2, and the bytes already received on it. `dial`: the IP to connect
+    to instead of resolving `address.host` (which stays the server name checked)."""
     loop = asyncio.get_running_loop()
     handshake = _Handshake()
     try:
         transport, _ = await loop.create_connection(
             lambda: handshake,
-            address.host,
+            dial or address.host,
             address.port,
             ssl=ctx,
             server_hostname=address.host,
@@ -295,3 +300,195 @@ def _grpc_timeout(seconds: float) -> bytes:
     """grpc-timeout in whole milliseconds, rounded up (at most 8 digits: ~27 h). Not relay.format_grpc_timeout:
     the relay is a layer above, and one unit is enough for a deadline of seconds."""
     return b"%dm" % min(max(math.ceil(seconds * 1000), 1), 99_999_999)
+
+
+# ---- a long-lived bidirectional-streaming call (the discovery stream) -------------------------------------
+
+# A larger message from the server fails the call (a snapshot of a Service with 10,000 endpoints is ~1 MiB).
+MAX_STREAM_MESSAGE = 16 << 20
+# The stream may stay quiet for hours: a connection that stopped answering (a replica gone without a RST,
+# a black hole) is noticed by PINGs after this long without a byte from the server, closed when one goes
+# unanswered for STREAM_KEEPALIVE_TIMEOUT. The control plane accepts a PING every 10 s on a quiet stream
+# (webhook/discovery_service.py; grpc's default is one per 5 min) and pings every 30 s itself: any byte from
+# it resets this timer, so the proxy's own PINGs go out only when the server has fallen silent.
+STREAM_KEEPALIVE = 20.0
+STREAM_KEEPALIVE_TIMEOUT = 10.0
+
+
+class _StreamReceiver:
+    """The ConnectionHandler of a BidiCall's connection: splits the response body into gRPC messages, queued
+    until `BidiCall.receive` takes them; the flow-control credit of what is queued is given back as it is taken."""
+
+    def __init__(self, address: Address, max_message: int) -> None:
+        self.address = address
+        self.max_message = max_message
+        self.messages: collections.deque[bytes] = collections.deque()
+        self.arrived = asyncio.Event()
+        self.ended: CallError | None = None  # set once: the call is over (code OK: the server ended it)
+        self.headers: Headers | None = None
+        self._buf = bytearray()
+        self._uncredited: list[tuple[Stream[None, None], int]] = []
+
+    def end(self, error: CallError) -> None:
+        if self.ended is None:
+            self.ended = error
+        self.arrived.set()
+
+    def credit(self) -> None:
+        """Let the server send as much again as what was taken from the queue (flow control)."""
+        taken, self._uncredited = self._uncredited, []
+        for stream, n in taken:
+            stream.conn.credit(stream, n)
+
+    # ---- ConnectionHandler ----
+
+    def on_request(
+        self, conn: Connection[None, None], stream: Stream[None, None], headers: Headers, end_stream: bool
+    ) -> None:
+        raise AssertionError("a client connection is not sent requests")  # pragma: no cover
+
+    def on_headers(self, stream: Stream[None, None], headers: Headers, end_stream: bool) -> None:
+        first = self.headers is None
+        if first:
+            self.headers = headers
+            http = _header(headers, b":status") or b""
+            if http != b"200" and _header(headers, b"grpc-status") is None:
+                mapped = _HTTP_STATUS.get(http, Status.UNKNOWN).name
+                self.end(CallError(mapped, f"HTTP status {http.decode('latin-1')}"))
+                return
+        if not end_stream:
+            return
+        status = _header(headers, b"grpc-status")
+        if status is None:
+            self.end(CallError("INTERNAL", "the response ended without trailers (no grpc-status)"))
+            return
+        code = int(status) if status.isdigit() and len(status) <= 2 else -1
+        name = Status(code).name if code in _KNOWN_CODES else "UNKNOWN"
+        self.end(CallError(name, _decode_message(_header(headers, b"grpc-message") or b"") or "the server ended the call"))
+
+    def on_data(self, stream: Stream[None, None], data: bytes, end_stream: bool, flow: int) -> None:
+        self._uncredited.append((stream, flow))
+        buf = self._buf
+        buf += data
+        while len(buf) >= _PREFIX.size:
+            compressed, length = _PREFIX.unpack_from(buf)
+            if compressed:
+                self.end(CallError("INTERNAL", "compressed message, but no compression was accepted"))
+                return
+            if length > self.max_message:
+                self.end(CallError("RESOURCE_EXHAUSTED", f"message larger than {self.max_message} bytes"))
+                return
+            if len(buf) < _PREFIX.size + length:
+                break
+            self.messages.append(bytes(buf[_PREFIX.size : _PREFIX.size + length]))
+            del buf[: _PREFIX.size + length]
+        if self.messages:
+            self.arrived.set()
+        else:
+            self.credit()  # a message still incomplete: its bytes are held here, not by the queue
+        if end_stream:
+            self.end(CallError("INTERNAL", "the response ended without trailers (no grpc-status)"))
+
+    def on_reset(self, stream: Stream[None, None], code: int) -> None:
+        if stream.conn.closed:
+            self.end(CallError("UNAVAILABLE", f"the connection to {self.address} was lost"))
+            return
+        name = F.ERROR_NAMES.get(code, str(code))
+        self.end(CallError(_RESET_STATUS.get(code, Status.INTERNAL).name, f"the call was reset (RST_STREAM {name})"))
+
+    def on_closed(self, stream: Stream[None, None]) -> None:
+        self.end(CallError("INTERNAL", "the stream closed before the response ended"))
+
+    def on_refused(self, stream: Stream[None, None]) -> None:
+        self.end(CallError("UNAVAILABLE", f"{self.address} refused the call (GOAWAY)"))
+
+    def on_connection_made(self, conn: Connection[None, None]) -> None:
+        pass
+
+    def on_connection_lost(self, conn: Connection[None, None]) -> None:
+        self.end(CallError("UNAVAILABLE", f"the connection to {self.address} was lost"))
+
+
+class BidiCall:
+    """One bidirectional-streaming call on a connection of its own, open until `close()` or the server ends it.
+
+    `send` queues a message (the connection writes it as flow control allows); `receive` waits for the next.
+    """
+
+    def __init__(self, conn: Connection[None, None], stream: Stream[None, None], receiver: _StreamReceiver) -> None:
+        self._conn = conn
+        self._stream = stream
+        self._receiver = receiver
+        self.peer: tuple[str, int] | None = None  # the address connected to (for logs and /debug)
+        if conn.transport is not None:
+            peer = conn.transport.get_extra_info("peername")
+            if isinstance(peer, tuple) and len(peer) >= 2:
+                self.peer = (str(peer[0]), int(peer[1]))
+
+    def send(self, message: bytes) -> None:
+        """Queue one serialized message; CallError when the call is already over."""
+        if self._receiver.ended is not None:
+            raise self._receiver.ended
+        self._conn.send_data(self._stream, _PREFIX.pack(0, len(message)) + message, False, None, 0)
+
+    async def receive(self) -> bytes:
+        """The next message; CallError when the call is over (code "OK": the server ended it normally)."""
+        r = self._receiver
+        while not r.messages:
+            if r.ended is not None:
+                raise r.ended
+            r.arrived.clear()
+            await r.arrived.wait()
+        message = r.messages.popleft()
+        if not r.messages:
+            r.credit()
+        return message
+
+    def close(self) -> None:
+        """Cancel the call (RST_STREAM CANCEL) and close its connection."""
+        if not self._conn.closed:
+            if not self._stream.reset and not self._stream.local_closed:
+                self._conn.reset_stream(self._stream, F.CANCEL)
+            self._conn.close()
+        self._receiver.end(CallError("CANCELLED", "closed by the client"))
+
+
+async def open_bidi(
+    address: Address,
+    path: str,
+    *,
+    ssl_context: ssl.SSLContext,
+    connect_timeout: float,
+    dial: str | None = None,
+    max_message: int = MAX_STREAM_MESSAGE,
+    keepalive: float = STREAM_KEEPALIVE,
+) -> BidiCall:
+    """Starts a bidirectional-streaming call of `path` at `address` (dialled at `dial`, an IP, when given; the
+    server name checked is `address.host`). Connecting, TLS and HTTP/2 set-up have `connect_timeout` seconds;
+    the call itself has no deadline. CallError (UNAVAILABLE, DEADLINE_EXCEEDED) when it cannot be started."""
+    loop = asyncio.get_running_loop()
+    try:
+        async with asyncio.timeout(connect_timeout):
+            transport, early = await _open(address, ssl_context, dial=dial)
+    except TimeoutError:
+        raise CallError("DEADLINE_EXCEEDED", f"cannot connect to {address} within {connect_timeout:g} s") from None
+    receiver = _StreamReceiver(address, max_message)
+    limits = Limits(keepalive_interval=keepalive, keepalive_timeout=STREAM_KEEPALIVE_TIMEOUT)
+    conn = Connection(receiver, link=None, client=True, flusher=Flusher(loop), limits=limits, name=str(address))
+    transport.set_protocol(conn)
+    if early:
+        conn.data_received(early)
+    conn.connection_made(transport)
+    stream: Stream[None, None] = Stream(conn)
+    headers: Headers = [
+        (b":method", b"POST"),
+        (b":scheme", b"https"),
+        (b":path", path.encode()),
+        (b":authority", str(address).encode()),
+        (b"content-type", b"application/grpc"),
+        (b"te", b"trailers"),
+    ]
+    if not conn.open_stream(stream, headers, False):
+        conn.close()
+        raise CallError("UNAVAILABLE", f"{address} closed the connection before the call")
+    return BidiCall(conn, stream, receiver)

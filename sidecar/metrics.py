@@ -34,7 +34,7 @@ Must not call prometheus_client per call, touch the default registry, keep modul
 from __future__ import annotations
 
 from bisect import bisect_left
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from itertools import accumulate
 from typing import NamedTuple
 
@@ -156,6 +156,7 @@ class Metrics:
         self._cert_expiry: float | None = None
         self._discovery_updates: dict[str, int] = {}
         self._watch_restarts: dict[str, int] = {}
+        self._discovery_age: Callable[[], float] | None = None
         registry.register(self)
 
     # -- the per-call path: keep it to dict lookups and adds -------------------------------------
@@ -262,6 +263,11 @@ class Metrics:
     def watch_restart(self, service: str) -> None:
         _increment(self._watch_restarts, self._services.admit(service))
 
+    def discovery_age(self, age: Callable[[], float]) -> None:
+        """Where kuberpc_discovery_last_update_age_seconds is read at scrape time: seconds since the source last
+        knew its endpoints current (0 while its stream is up; grows while no control plane answers)."""
+        self._discovery_age = age
+
     # -- the Collector protocol, called by the registry at scrape time -------------------------
 
     def describe(self) -> list[Metric]:
@@ -313,6 +319,8 @@ class Metrics:
                 family.add_metric([label], count)
         if self._cert_expiry is not None:
             f.cert_expiry.add_metric([], self._cert_expiry)
+        if self._discovery_age is not None:
+            f.discovery_age.add_metric([], self._discovery_age())
         return list(f)
 
 
@@ -332,6 +340,7 @@ class _Families(NamedTuple):
     cert_expiry: GaugeMetricFamily
     discovery_updates: CounterMetricFamily
     watch_restarts: CounterMetricFamily
+    discovery_age: GaugeMetricFamily
 
 
 def _new_families() -> _Families:
@@ -382,6 +391,12 @@ def _new_families() -> _Families:
         watch_restarts=CounterMetricFamily(
             "kuberpc_discovery_watch_restarts_total", "Discovery watches restarted per Service.",
             labels=("service",),
+        ),
+        discovery_age=GaugeMetricFamily(
+            "kuberpc_discovery_last_update_age_seconds",
+            "Seconds since discovery last knew its endpoints current (0 while the control plane stream is up; "
+            "the last known endpoints serve meanwhile).",
+            labels=(),
         ),
     )
 

@@ -637,6 +637,13 @@ class Relay:
         if up is not None and not up.reset:
             up.conn.reset_stream(up, F.CANCEL)
 
+    def fail(self, stream: MeshStream, status: int, message: str) -> None:
+        """Answer the call of `stream` (either side) with this status: for a Target that accepted a call in
+        `open` and then could not place it (sidecar/ondemand.py). Nothing when the call is already over."""
+        call = stream.call
+        if call is not None and call.down is not None:
+            self._fail(call, status, message)
+
     def drain(self) -> None:
         for conn in list(self.downstream):
             conn.drain()

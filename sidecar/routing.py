@@ -57,6 +57,23 @@ def _is_address(host: str) -> bool:
     return True
 
 
+def service_named(authority: str, namespace: str) -> ServiceKey | str:
+    """The Service an `:authority` names, whether or not it exists, or why it names none."""
+    host, _ = split_authority(authority)
+    if not host:
+        return "empty host"
+    if _is_address(host):
+        return "an address, not a service name"
+    labels = host.split(".")
+    # name | name.ns | name.ns.svc | name.ns.svc.<cluster domain>: the cluster domain is
+    # configurable in Kubernetes, so any suffix after `svc` is accepted.
+    if len(labels) == 1:
+        return ServiceKey(labels[0], namespace)
+    if len(labels) == 2 or labels[2] == "svc":
+        return ServiceKey(labels[0], labels[1])
+    return "not a cluster service name"
+
+
 class Router:
     """Resolves calls against one Catalog; rebuilt on every catalog update, so its memo never goes stale.
 
@@ -100,20 +117,10 @@ class Router:
 
     def _by_authority(self, authority: str) -> ServiceKey | str:
         """The Service named by `authority`, or why it names none (for the miss message)."""
-        host, port = split_authority(authority)
-        if not host:
-            return "empty host"
-        if _is_address(host):
-            return "an address, not a service name"
-        labels = host.split(".")
-        # name | name.ns | name.ns.svc | name.ns.svc.<cluster domain>: the cluster domain is
-        # configurable in Kubernetes, so any suffix after `svc` is accepted.
-        if len(labels) == 1:
-            key = ServiceKey(labels[0], self._namespace)
-        elif len(labels) == 2 or labels[2] == "svc":
-            key = ServiceKey(labels[0], labels[1])
-        else:
-            return "not a cluster service name"
+        key = service_named(authority, self._namespace)
+        if not isinstance(key, ServiceKey):
+            return key
+        _, port = split_authority(authority)
         es = self._catalog.get(key)
         if es is None:
             return f"no service {str(key)!r}"

@@ -24,6 +24,7 @@ from pathlib import Path
 from cryptography.hazmat.primitives import serialization
 from prometheus_client import CollectorRegistry
 
+from sidecar.ports import DISCOVERY_PORT
 from sidecar.spiffe import is_dns_label
 from webhook import __version__
 from webhook import annotations as a
@@ -82,8 +83,8 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument(
         "--discovery-port",
         type=int,
-        default=8082,
-        help="discovery service (gRPC over mTLS, proxies present their mesh certificate) listen port (default 8082); "
+        default=DISCOVERY_PORT,
+        help=f"discovery service (gRPC over mTLS, proxies present their mesh certificate) listen port (default {DISCOVERY_PORT}); "
         "off without the identity CA key or Kubernetes credentials",
     )
     s.add_argument(
@@ -195,7 +196,7 @@ async def _serve(
         catalog = MeshCatalog()
         service_d = DiscoveryService(catalog, Hub(catalog), metrics=DiscoveryMetrics(registry))
         roots = bundle.encode() if bundle is not None else ca.cert.public_bytes(serialization.Encoding.PEM)
-        names = identity_dns_names(cfg.control_plane_namespace, cfg.identity_addr)
+        names = identity_dns_names(cfg.control_plane_namespace, cfg.discovery_addr)  # the host proxies dial
         cert_d = ServingCertificate(ca, names, clock=_utcnow, client_roots=roots)
         discovery = serving_discovery(
             service_d, cert_d, trust_domain=cfg.trust_domain, host=args.host, port=args.discovery_port

@@ -23,6 +23,14 @@ PROXY_LOG_LEVEL: Final = PREFIX + "proxy-log-level"
 PROXY_IMAGE: Final = PREFIX + "proxy-image"
 NATIVE_SIDECAR: Final = PREFIX + "native-sidecar"
 DRAIN_SECONDS: Final = PREFIX + "drain-seconds"
+# Where the proxy learns endpoints: "control-plane" (the default: one mTLS stream to the control plane's
+# discovery service; the pod gets no Kubernetes API token and needs no RBAC) or "direct" (the proxy watches the
+# API itself with the pod's ServiceAccount, which must be bound to the kuberpc-proxy ClusterRole).
+DISCOVERY: Final = PREFIX + "discovery"
+DISCOVERY_CONTROL_PLANE: Final = "control-plane"
+DISCOVERY_DIRECT: Final = "direct"
+DISCOVERY_MODES: Final = (DISCOVERY_CONTROL_PLANE, DISCOVERY_DIRECT)
+DEFAULT_DISCOVERY: Final = DISCOVERY_CONTROL_PLANE
 # Direct discovery's reach: "cluster" (watch every namespace; needs a ClusterRoleBinding) or "namespace"
 # (watch the pod's own namespace only; a RoleBinding there is enough, so an example applies to any namespace).
 DISCOVERY_SCOPE: Final = PREFIX + "discovery-scope"
@@ -48,7 +56,7 @@ PROMETHEUS_PATH: Final = "prometheus.io/path"
 # Every kuberpc.io/ pod annotation: any other is a typo the injector warns about (naming it and its value).
 POD_ANNOTATIONS: Final = frozenset(
     {INJECT, APP_PORT, UPSTREAMS, WEIGHT, PROXY_CPU, PROXY_MEMORY, PROXY_LOG_LEVEL, PROXY_IMAGE}
-    | {NATIVE_SIDECAR, DRAIN_SECONDS, DISCOVERY_SCOPE, ACCESS_LOG, INJECTED}
+    | {NATIVE_SIDECAR, DRAIN_SECONDS, DISCOVERY, DISCOVERY_SCOPE, ACCESS_LOG, INJECTED}
 )
 
 # --- namespace label ---
@@ -65,6 +73,7 @@ ADMIN_PORT: Final = ports.ADMIN_PORT
 DEBUG_PORT: Final = ports.DEBUG_PORT
 PROXY_PORTS: Final = ports.PROXY_PORTS
 IDENTITY_PORT: Final = ports.IDENTITY_PORT
+DISCOVERY_PORT: Final = ports.DISCOVERY_PORT
 PORT_NAMES: Final = {OUTBOUND_PORT: "proxy-outbound", INBOUND_PORT: "proxy-inbound", ADMIN_PORT: "proxy-admin"}
 READY_PATH: Final = ports.READY_PATH
 LIVE_PATH: Final = ports.LIVE_PATH
@@ -103,7 +112,7 @@ TOKEN_DIR: Final = "/var/run/secrets/kuberpc.io/tokens"
 TOKEN_AUDIENCE: Final = "kuberpc-identity"
 TOKEN_FILE: Final = "kuberpc-identity"
 TOKEN_EXPIRATION_SECONDS: Final = 3600
-# The proxy's own credentials for the Kubernetes API (discovery), where in-cluster clients look for them. The
+# Direct discovery only: the proxy's own credentials for the Kubernetes API, where in-cluster clients look for them. The
 # ServiceAccount admission plugin mounts the same at this path into the pod's containers, but it ran before
 # this webhook and mounts nothing when automountServiceAccountToken is false: the proxy gets its own copy,
 # made like the plugin's (a bound token the kubelet rotates, the cluster's CA, the namespace).
@@ -119,6 +128,8 @@ TOKEN_PATH: Final = TOKEN_DIR + "/" + TOKEN_FILE
 # --- injector config defaults (config.yaml) ---
 DEFAULT_TRUST_DOMAIN: Final = spiffe.DEFAULT_TRUST_DOMAIN
 DEFAULT_IDENTITY_ADDR: Final = f"kuberpc-webhook.kuberpc-system.svc:{IDENTITY_PORT}"
+# The control plane's discovery service (proto/discovery.proto), same Service, its own port.
+DEFAULT_DISCOVERY_ADDR: Final = f"kuberpc-webhook.kuberpc-system.svc:{DISCOVERY_PORT}"
 DEFAULT_CONTROL_PLANE_NAMESPACE: Final = "kuberpc-system"
 DEFAULT_IMAGE_PULL_POLICY: Final = "IfNotPresent"
 NATIVE_SIDECAR_MIN_VERSION: Final = (1, 29)

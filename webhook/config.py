@@ -25,6 +25,7 @@ KEYS = (
     "imagePullPolicy",
     "trustDomain",
     "identityAddr",
+    "discoveryAddr",
     "controlPlaneNamespace",
     "nativeSidecar",
     "kubernetesVersion",
@@ -86,6 +87,7 @@ class InjectorConfig:
     image_pull_policy: str = a.DEFAULT_IMAGE_PULL_POLICY
     trust_domain: str = a.DEFAULT_TRUST_DOMAIN
     identity_addr: str = a.DEFAULT_IDENTITY_ADDR
+    discovery_addr: str = a.DEFAULT_DISCOVERY_ADDR  # where injected proxies stream discovery from
     control_plane_namespace: str = a.DEFAULT_CONTROL_PLANE_NAMESPACE
     native_sidecar: NativeSidecarMode = "auto"
     kubernetes_version: tuple[int, int] | None = None  # None with "auto": not known, so not native
@@ -177,11 +179,12 @@ def load_config(text: str, *, base: InjectorConfig | None = None) -> InjectorCon
         if not is_trust_domain(td):
             problems.append(f"trustDomain: {td!r} is not a SPIFFE trust domain")
         values["trust_domain"] = td
-    if (addr := _string(data, "identityAddr", problems)) is not None:
-        m = _HOSTPORT.match(addr)
-        if not m or not 1 <= int(m.group(1)) <= 65535:
-            problems.append(f"identityAddr: {addr!r} is not host:port")
-        values["identity_addr"] = addr
+    for key, attr in (("identityAddr", "identity_addr"), ("discoveryAddr", "discovery_addr")):
+        if (addr := _string(data, key, problems)) is not None:
+            m = _HOSTPORT.match(addr)
+            if not m or not 1 <= int(m.group(1)) <= 65535:
+                problems.append(f"{key}: {addr!r} is not host:port")
+            values[attr] = addr
     if (ns := _string(data, "controlPlaneNamespace", problems)) is not None:
         if not is_dns_label(ns):
             problems.append(f"controlPlaneNamespace: {ns!r} is not a namespace name")

@@ -21,6 +21,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from proto import discovery_pb2 as pb
 from proto import discovery_pb2_grpc
+from sidecar.ports import DISCOVERY_PORT
 from sidecar.spiffe import SpiffeId
 from webhook.catalog import MeshCatalog
 from webhook.fanout import Hub, InvalidArgument, PermissionDenied, StreamError, Subscriber, Unauthenticated
@@ -29,7 +30,7 @@ from webhook.identity_service import ServingCertificate, grpc_serving
 
 log = logging.getLogger(__name__)
 
-DEFAULT_PORT = 8082
+DEFAULT_PORT = DISCOVERY_PORT
 # A WatchRequest names Services by namespace and name: 10,000 of them fit well below this.
 MAX_MESSAGE_BYTES = 1 << 20
 # Proxies keep their stream for their whole life: pings find the ones that vanished (a node gone, no RST).

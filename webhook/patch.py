@@ -254,7 +254,8 @@ class ProxySettings:
     startup_hold: bool
     app_container: str | None
     weight: str | None  # corrected `kuberpc.io/weight` to write back, or None to leave it
-    discovery_scope: str = a.DEFAULT_DISCOVERY_SCOPE
+    discovery: str = a.DEFAULT_DISCOVERY  # control-plane | direct
+    discovery_scope: str = a.DEFAULT_DISCOVERY_SCOPE  # direct only
     access_log: str = "off"  # KUBERPC_ACCESS_LOG: "json" writes one line per call
 
 
@@ -425,8 +426,19 @@ def _plan_injection(f: PodFacts, ann: Mapping[str, str], cfg: InjectorConfig, *,
         else:
             warnings.append(f"{a.PROXY_LOG_LEVEL}: {show(ann[a.PROXY_LOG_LEVEL])} is unknown; using {log_level}")
 
+    discovery = a.DEFAULT_DISCOVERY
+    if a.DISCOVERY in ann:
+        text = ann[a.DISCOVERY].strip().lower()
+        if text in a.DISCOVERY_MODES:
+            discovery = text
+        else:
+            warnings.append(
+                f"{a.DISCOVERY}: {show(ann[a.DISCOVERY])} is not one of {', '.join(a.DISCOVERY_MODES)}; using {discovery}"
+            )
     scope = a.DEFAULT_DISCOVERY_SCOPE
-    if a.DISCOVERY_SCOPE in ann:
+    if a.DISCOVERY_SCOPE in ann and discovery != a.DISCOVERY_DIRECT:
+        warnings.append(f"{a.DISCOVERY_SCOPE}: applies to {a.DISCOVERY}: {a.DISCOVERY_DIRECT} only; ignored")
+    elif a.DISCOVERY_SCOPE in ann:
         text = ann[a.DISCOVERY_SCOPE].strip().lower()
         if text in a.DISCOVERY_SCOPES:
             scope = text
@@ -461,6 +473,7 @@ def _plan_injection(f: PodFacts, ann: Mapping[str, str], cfg: InjectorConfig, *,
         startup_hold=cfg.startup_hold,
         app_container=f.app_container,
         weight=weight,
+        discovery=discovery,
         discovery_scope=scope,
         access_log=access_log,
     )
@@ -491,11 +504,13 @@ def proxy_container(cfg: InjectorConfig, s: ProxySettings) -> JsonObject:
         env.append({"name": "KUBERPC_UPSTREAMS", "value": s.upstreams})
     if s.access_log != "off":
         env.append({"name": "KUBERPC_ACCESS_LOG", "value": s.access_log})
-    env += [
-        {"name": "KUBERPC_DISCOVERY", "value": "kubernetes"},
-    ]
-    if s.discovery_scope == "namespace":
-        env.append(_field_env("KUBERPC_DISCOVERY_NAMESPACES", "metadata.namespace"))
+    direct = s.discovery == a.DISCOVERY_DIRECT
+    if direct:
+        env.append({"name": "KUBERPC_DISCOVERY", "value": "kubernetes"})
+        if s.discovery_scope == "namespace":
+            env.append(_field_env("KUBERPC_DISCOVERY_NAMESPACES", "metadata.namespace"))
+    else:
+        env.append({"name": "KUBERPC_DISCOVERY", "value": f"control-plane:{cfg.discovery_addr}"})
     env += [
         {"name": "KUBERPC_TLS_CERT", "value": a.TLS_CERT_PATH},
         {"name": "KUBERPC_TLS_KEY", "value": a.TLS_KEY_PATH},
@@ -510,6 +525,13 @@ def proxy_container(cfg: InjectorConfig, s: ProxySettings) -> JsonObject:
         _field_env("POD_IP", "status.podIP"),
         _field_env("SERVICE_ACCOUNT", "spec.serviceAccountName"),
     ]
+    mounts: list[Json] = [
+        {"name": a.IDENTITY_VOLUME, "mountPath": a.IDENTITY_DIR},
+        {"name": a.TRUST_ANCHORS_VOLUME, "mountPath": a.TRUST_ANCHORS_DIR, "readOnly": True},
+        {"name": a.TOKEN_VOLUME, "mountPath": a.TOKEN_DIR, "readOnly": True},
+    ]
+    if direct:  # with the control plane the pod holds no Kubernetes API token at all
+        mounts.append({"name": a.API_ACCESS_VOLUME, "mountPath": a.API_ACCESS_DIR, "readOnly": True})
     container: JsonObject = {
         "name": a.PROXY_CONTAINER,
         "image": s.image,
@@ -534,12 +556,7 @@ def proxy_container(cfg: InjectorConfig, s: ProxySettings) -> JsonObject:
             "capabilities": {"drop": ["ALL"]},
             "seccompProfile": {"type": "RuntimeDefault"},
         },
-        "volumeMounts": [
-            {"name": a.IDENTITY_VOLUME, "mountPath": a.IDENTITY_DIR},
-            {"name": a.TRUST_ANCHORS_VOLUME, "mountPath": a.TRUST_ANCHORS_DIR, "readOnly": True},
-            {"name": a.TOKEN_VOLUME, "mountPath": a.TOKEN_DIR, "readOnly": True},
-            {"name": a.API_ACCESS_VOLUME, "mountPath": a.API_ACCESS_DIR, "readOnly": True},
-        ],
+        "volumeMounts": mounts,
         # Startup allows two minutes for the first certificate; readiness then follows /ready.
         "startupProbe": _probe(a.READY_PATH, period=1, failures=120),
         "readinessProbe": _probe(a.READY_PATH, period=5, failures=3),
@@ -560,8 +577,9 @@ PROXY_VOLUME_NAMES: frozenset[str] = frozenset(
 )
 
 
-def proxy_volumes() -> list[JsonObject]:
-    return [
+def proxy_volumes(*, direct: bool = True) -> list[JsonObject]:
+    """The proxy's volumes; the Kubernetes API credentials only for direct discovery."""
+    volumes: list[JsonObject] = [
         {"name": a.IDENTITY_VOLUME, "emptyDir": {"medium": "Memory", "sizeLimit": a.IDENTITY_VOLUME_SIZE}},
         {
             "name": a.TRUST_ANCHORS_VOLUME,
@@ -581,6 +599,11 @@ def proxy_volumes() -> list[JsonObject]:
                 ]
             },
         },
+    ]
+    if not direct:
+        return volumes
+    return [
+        *volumes,
         {
             "name": a.API_ACCESS_VOLUME,
             "projected": {
@@ -624,7 +647,9 @@ def patch_ops(cfg: InjectorConfig, settings: ProxySettings, layout: PatchLayout)
         ops += _append_items("initContainers", layout.init_containers, [proxy_container(cfg, settings)], first=True)
     else:
         ops += _append_items("containers", layout.containers, [proxy_container(cfg, settings)], first=True)
-    ops += _append_items("volumes", layout.volumes, proxy_volumes(), first=False)
+    ops += _append_items(
+        "volumes", layout.volumes, proxy_volumes(direct=settings.discovery == a.DISCOVERY_DIRECT), first=False
+    )
     ops += _metadata_ops(cfg, settings, layout)
     return ops
 

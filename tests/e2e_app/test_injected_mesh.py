@@ -138,6 +138,9 @@ async def identity_service(plane: ControlPlane, api: Any) -> AsyncIterator[tuple
 def example_pod(manifest: str, name: str) -> Obj:
     """The Pod the example Deployment's ReplicaSet creates, as the API server sends it to the webhook."""
     template = yaml.safe_load((EXAMPLE / manifest).read_text())["spec"]["template"]
+    # Direct discovery against the fake API server: this test is about injection, identity and the proxies'
+    # own watch; control-plane discovery (the default) runs against the real control plane in tests/cluster.
+    template["metadata"]["annotations"] |= {a.DISCOVERY: a.DISCOVERY_DIRECT, a.DISCOVERY_SCOPE: "namespace"}
     return {
         "apiVersion": "v1",
         "kind": "Pod",

@@ -423,6 +423,7 @@ def test_injector_config_holds_every_contracted_key() -> None:
         "imagePullPolicy": "IfNotPresent",
         "trustDomain": "cluster.local",
         "identityAddr": "kuberpc-webhook.kuberpc-system.svc:8081",
+        "discoveryAddr": "kuberpc-webhook.kuberpc-system.svc:8082",
         "controlPlaneNamespace": "kuberpc-system",
         "nativeSidecar": "auto",
         "startupHold": True,
@@ -440,6 +441,16 @@ def test_identity_address_in_the_injector_config_reaches_the_identity_port() -> 
     svc = _one("service.yaml", "Service", "kuberpc-webhook")
     assert host == f"{svc['metadata']['name']}.{svc['metadata']['namespace']}.svc"
     assert int(port) in {p["port"] for p in svc["spec"]["ports"]}
+
+
+def test_the_arith_example_binds_nothing_and_mounts_no_api_token() -> None:
+    """Meshed apps need no RBAC: the example grants its ServiceAccounts nothing, and asks for no API token."""
+    docs = [d for f in sorted((MANIFESTS / "examples" / "arith").glob("*.yaml")) for d in _load(f)]
+    assert not [d for d in docs if d.get("kind") in ("Role", "RoleBinding", "ClusterRole", "ClusterRoleBinding")]
+    accounts = [d for d in docs if d.get("kind") == "ServiceAccount"]
+    assert accounts and all(d["automountServiceAccountToken"] is False for d in accounts)
+    kustomization = yaml.safe_load((MANIFESTS / "examples" / "arith" / "kustomization.yaml").read_text())
+    assert "proxy-rbac.yaml" not in kustomization["resources"]
 
 
 def test_mutating_webhook_is_configured_as_contracted() -> None:
@@ -609,7 +620,6 @@ def test_arith_server_opts_in_with_a_weight_and_its_app_port() -> None:
     assert dep["spec"]["replicas"] == 3
     assert annotations == {
         "kuberpc.io/inject": "enabled",
-        "kuberpc.io/discovery-scope": "namespace",
         "kuberpc.io/weight": "100",
         "kuberpc.io/app-port": "50051",
     }
@@ -665,7 +675,8 @@ def test_arith_client_calls_the_dedicated_upstream_port(path: str, kind: str, na
     assert annotations["kuberpc.io/inject"] == "enabled"
     # A short name: it resolves in the namespace the example is applied to.
     assert annotations["kuberpc.io/upstreams"] == "arith:50051=9001"
-    assert annotations["kuberpc.io/discovery-scope"] == "namespace"
+    # Control-plane discovery (the default): no discovery annotation, no binding.
+    assert not any(k.startswith("kuberpc.io/discovery") for k in annotations)
     # The value must be one the proxy accepts, and the client must dial the local port it declares.
     (upstream,) = parse_upstreams(annotations["kuberpc.io/upstreams"], "default")
     assert (upstream.service.name, upstream.port) == ("arith", 50051)

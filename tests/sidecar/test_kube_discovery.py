@@ -829,36 +829,3 @@ def test_proxy_cluster_role_grants_exactly_what_direct_discovery_reads() -> None
     assert (role["kind"], role["metadata"]["name"]) == ("ClusterRole", "kuberpc-proxy") and granted == read
 
 
-def test_example_binds_every_meshed_workloads_service_account_to_the_proxy_role_in_its_namespace() -> None:
-    # A RoleBinding whose subjects name no namespace: the one the example is applied to (kubectl apply -k -n NS),
-    # and every meshed workload watches only that namespace, so the binding is all its discovery needs.
-    example = REPO / "manifests" / "examples" / "arith"
-    docs = [
-        d
-        for p in sorted(example.glob("*.yaml"))
-        if p.name != "kustomization.yaml"
-        for d in yaml.safe_load_all(p.read_text())
-        if d
-    ]
-    meshed = {
-        d["spec"]["template"]["spec"].get("serviceAccountName", "default")
-        for d in docs
-        if d["kind"] in ("Deployment", "Job")
-        and d["spec"]["template"]["metadata"].get("annotations", {}).get("kuberpc.io/inject") == "enabled"
-    }
-    bound = {
-        s["name"]
-        for d in docs
-        if d["kind"] == "RoleBinding" and d["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "kuberpc-proxy"}
-        for s in d["subjects"]
-        if s["kind"] == "ServiceAccount" and "namespace" not in s
-    }
-    accounts = {d["metadata"]["name"] for d in docs if d["kind"] == "ServiceAccount"}
-    assert meshed == {"arith", "arith-client"} and meshed <= bound and meshed <= accounts
-    scopes = {
-        d["spec"]["template"]["metadata"]["annotations"].get("kuberpc.io/discovery-scope")
-        for d in docs
-        if d["kind"] in ("Deployment", "Job")
-    }
-    assert scopes == {"namespace"}
-    assert not [d for d in docs if d["kind"] == "ClusterRoleBinding"]

@@ -48,6 +48,14 @@ resources: {requests: {cpu: 10m, memory: 32Mi}, limits: {cpu: 500m, memory: 64Mi
     )
 
 
+def test_the_discovery_address_is_read_and_checked() -> None:
+    assert InjectorConfig().discovery_addr == "kuberpc-webhook.kuberpc-system.svc:8082"
+    assert load_config("discoveryAddr: discovery.mesh.svc:9443").discovery_addr == "discovery.mesh.svc:9443"
+    with pytest.raises(ConfigError) as e:
+        load_config("discoveryAddr: nowhere\nidentityAddr: nor-here")
+    assert e.value.problems == ["identityAddr: 'nor-here' is not host:port", "discoveryAddr: 'nowhere' is not host:port"]
+
+
 def test_the_shipped_manifest_config_is_valid() -> None:
     import yaml
 

@@ -119,7 +119,7 @@ def test_the_proxy_accepts_the_injected_environment(review: Review, apply: Apply
 def test_env_carries_identity_paths_config_and_downward_api(review: Review, apply: Apply, native_cfg: InjectorConfig) -> None:
     env = env_of(proxy_of(injected(review, apply, "deployment-pod-review", native_cfg)))
     assert env["KUBERPC_APP_PORT"] == "50051"
-    assert env["KUBERPC_DISCOVERY"] == "kubernetes"
+    assert env["KUBERPC_DISCOVERY"] == "control-plane:kuberpc-webhook.kuberpc-system.svc:8082"
     assert env["KUBERPC_TLS_CERT"] == "/var/run/kuberpc/identity/cert.pem"
     assert env["KUBERPC_TLS_KEY"] == "/var/run/kuberpc/identity/key.pem"
     assert env["KUBERPC_TRUST_ANCHORS"] == "/var/run/kuberpc/trust-anchors/ca.pem"
@@ -197,13 +197,50 @@ def test_adds_token_trust_anchor_and_in_memory_identity_volumes(review: Review, 
 
 
 @pytest.mark.parametrize("automount", [None, False])
-def test_the_proxy_gets_its_own_api_credentials_where_in_cluster_clients_look(
+def test_with_control_plane_discovery_the_pod_gets_no_api_token_only_the_identity_token(
     review: Review, apply: Apply, native_cfg: InjectorConfig, automount: bool | None
 ) -> None:
-    """The ServiceAccount plugin ran before the webhook and mounts nothing when automount is off; discovery
-    needs the API either way, so the proxy's container gets a bound token, the cluster CA and the namespace."""
+    """The default: discovery streams from the control plane, so nothing the webhook adds can reach the Kubernetes
+    API. The one token injected has the identity service's audience, which the API server refuses."""
     r = review("deployment-pod-review")
     pod = r["request"]["object"]
+    if automount is not None:
+        pod["spec"]["automountServiceAccountToken"] = automount
+    volumes_before = [v["name"] for v in pod["spec"].get("volumes", [])]
+    apps_before = [dict(c) for c in pod["spec"]["containers"]]
+    patched = apply(pod, admit(r, native_cfg))
+    added = [v for v in patched["spec"]["volumes"] if v["name"] not in volumes_before]
+    tokens = [
+        src["serviceAccountToken"]
+        for v in added
+        for src in v.get("projected", {}).get("sources", [])
+        if "serviceAccountToken" in src
+    ]
+    assert tokens == [{"audience": "kuberpc-identity", "expirationSeconds": 3600, "path": "kuberpc-identity"}]
+    assert "kuberpc-api-access" not in {v["name"] for v in added}
+    mounts = {m["mountPath"] for m in proxy_of(patched)["volumeMounts"]}
+    assert "/var/run/secrets/kubernetes.io/serviceaccount" not in mounts
+    assert env_of(proxy_of(patched))["KUBERPC_DISCOVERY"] == "control-plane:kuberpc-webhook.kuberpc-system.svc:8082"
+    assert patched["spec"]["containers"] == apps_before
+    assert patched["spec"].get("automountServiceAccountToken") == automount
+
+
+def test_the_discovery_address_comes_from_the_injector_config(review: Review, apply: Apply, native_cfg: InjectorConfig) -> None:
+    cfg = replace(native_cfg, discovery_addr="discovery.mesh.svc:9443")
+    env = env_of(proxy_of(injected(review, apply, "deployment-pod-review", cfg)))
+    assert env["KUBERPC_DISCOVERY"] == "control-plane:discovery.mesh.svc:9443"
+
+
+@pytest.mark.parametrize("automount", [None, False])
+def test_direct_discovery_gives_the_proxy_its_own_api_credentials_where_in_cluster_clients_look(
+    review: Review, apply: Apply, native_cfg: InjectorConfig, automount: bool | None
+) -> None:
+    """`kuberpc.io/discovery: direct`: the ServiceAccount plugin ran before the webhook and mounts nothing when
+    automount is off; direct discovery needs the API either way, so the proxy's container gets a bound token,
+    the cluster CA and the namespace."""
+    r = review("deployment-pod-review")
+    pod = r["request"]["object"]
+    pod["metadata"].setdefault("annotations", {})["kuberpc.io/discovery"] = "direct"
     if automount is not None:
         pod["spec"]["automountServiceAccountToken"] = automount
     apps_before = [dict(c) for c in pod["spec"]["containers"]]
@@ -214,6 +251,7 @@ def test_the_proxy_gets_its_own_api_credentials_where_in_cluster_clients_look(
     assert sources["downwardAPI"]["items"] == [
         {"path": "namespace", "fieldRef": {"apiVersion": "v1", "fieldPath": "metadata.namespace"}}
     ]
+    assert env_of(proxy_of(patched))["KUBERPC_DISCOVERY"] == "kubernetes"
     mounts = {m["mountPath"]: m for m in proxy_of(patched)["volumeMounts"]}
     assert mounts["/var/run/secrets/kubernetes.io/serviceaccount"] == {
         "name": "kuberpc-api-access", "mountPath": "/var/run/secrets/kubernetes.io/serviceaccount", "readOnly": True
@@ -228,7 +266,7 @@ def test_creates_the_volumes_list_when_the_pod_has_none(review: Review, apply: A
     assert "volumes" not in r["request"]["object"]["spec"]
     pod = apply(r["request"]["object"], admit(r, native_cfg))
     assert {v["name"] for v in pod["spec"]["volumes"]} == {
-        "kuberpc-identity", "kuberpc-trust-anchors", "kuberpc-identity-token", "kuberpc-api-access"
+        "kuberpc-identity", "kuberpc-trust-anchors", "kuberpc-identity-token"
     }
 
 
@@ -599,6 +637,7 @@ def test_the_volume_names_checked_for_clashes_are_those_of_the_injected_volumes(
 
 def test_namespace_discovery_scope_watches_the_pods_own_namespace(review: Review, apply: Apply, native_cfg: InjectorConfig) -> None:
     r = review("deployment-pod-review")
+    r["request"]["object"]["metadata"]["annotations"]["kuberpc.io/discovery"] = "direct"
     r["request"]["object"]["metadata"]["annotations"]["kuberpc.io/discovery-scope"] = "namespace"
     env = env_of(proxy_of(apply(r["request"]["object"], admit(r, native_cfg))))
     # The downward API names the namespace, so one answer serves the same template in any namespace.
@@ -606,17 +645,36 @@ def test_namespace_discovery_scope_watches_the_pods_own_namespace(review: Review
 
 
 def test_cluster_discovery_scope_is_the_default(review: Review, apply: Apply, native_cfg: InjectorConfig) -> None:
-    env = env_of(proxy_of(injected(review, apply, "deployment-pod-review", native_cfg)))
-    assert "KUBERPC_DISCOVERY_NAMESPACES" not in env
+    env = env_of(proxy_of(injected(review, apply, "deployment-pod-review", native_cfg, discovery="direct")))
+    assert env["KUBERPC_DISCOVERY"] == "kubernetes" and "KUBERPC_DISCOVERY_NAMESPACES" not in env
 
 
 def test_an_unknown_discovery_scope_is_admitted_with_a_warning_naming_it(review: Review, apply: Apply, native_cfg: InjectorConfig) -> None:
     r = review("deployment-pod-review")
+    r["request"]["object"]["metadata"]["annotations"]["kuberpc.io/discovery"] = "direct"
     r["request"]["object"]["metadata"]["annotations"]["kuberpc.io/discovery-scope"] = "galaxy"
     outcome = admit(r, native_cfg)
     env = env_of(proxy_of(apply(r["request"]["object"], outcome)))
     assert "KUBERPC_DISCOVERY_NAMESPACES" not in env
     assert any("kuberpc.io/discovery-scope" in w and "galaxy" in w and "using cluster" in w for w in outcome.warnings)
+def test_a_discovery_scope_without_direct_discovery_is_ignored_with_a_warning(review: Review, apply: Apply, native_cfg: InjectorConfig) -> None:
+    r = review("deployment-pod-review")
+    r["request"]["object"]["metadata"]["annotations"]["kuberpc.io/discovery-scope"] = "namespace"
+    outcome = admit(r, native_cfg)
+    env = env_of(proxy_of(apply(r["request"]["object"], outcome)))
+    assert env["KUBERPC_DISCOVERY"].startswith("control-plane:") and "KUBERPC_DISCOVERY_NAMESPACES" not in env
+    assert any("kuberpc.io/discovery-scope" in w and "direct only" in w for w in outcome.warnings)
+
+
+def test_an_unknown_discovery_mode_is_admitted_with_a_warning_and_the_control_plane(review: Review, apply: Apply, native_cfg: InjectorConfig) -> None:
+    r = review("deployment-pod-review")
+    r["request"]["object"]["metadata"]["annotations"]["kuberpc.io/discovery"] = "telepathy"
+    outcome = admit(r, native_cfg)
+    env = env_of(proxy_of(apply(r["request"]["object"], outcome)))
+    assert env["KUBERPC_DISCOVERY"].startswith("control-plane:")
+    assert any("kuberpc.io/discovery" in w and "telepathy" in w and "using control-plane" in w for w in outcome.warnings)
+
+
 # --- warnings: kuberpc.io/ annotations the injector does not know ---
 
 
