@@ -42,8 +42,8 @@ from bench.discovery import (
 )
 from bench.procstat import cpu_seconds, rss_kib
 from e2e.cluster.control_plane import ControlPlane
-from sidecar.identity import SpiffeId, create_ca, issue_workload
-from webhook.install import KeyPair
+from sidecar.pki import KeyPair, create_ca, issue_workload
+from sidecar.spiffe import SpiffeId
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results" / "proxy-churn-latest.json"
@@ -98,7 +98,8 @@ class ProxyProcess:
 def proxy_process(name: str, work: Path, ca: KeyPair, env: dict[str, str], *, hosts: Path | None) -> Iterator[ProxyProcess]:
     d = work / name
     d.mkdir()
-    key, chain = issue_workload(ca.key_pem, ca.cert_pem, identity=SpiffeId(TD, ns_of(1), name))
+    issued = issue_workload(ca, identity=SpiffeId(TD, ns_of(1), name))
+    key, chain = issued.key_pem, issued.cert_pem
     (d / "key.pem").write_bytes(key)
     (d / "cert.pem").write_bytes(chain)
     (d / "ca.pem").write_bytes(ca.cert_pem)
@@ -183,8 +184,7 @@ async def change_reaches(api: Api, p: ProxyProcess, per_service: int, marker: st
 
 
 async def bench(args: argparse.Namespace, work: Path) -> dict[str, Any]:
-    key_pem, cert_pem = create_ca(trust_domain=TD)
-    ca = KeyPair(cert_pem, key_pem)
+    ca = create_ca(trust_domain=TD)
     result: dict[str, Any] = {
         "command": " ".join(["python -m bench.proxy_churn", *sys.argv[1:]]),
         "services": args.services, "endpoints": args.services * args.per_service, "meshed_pods": args.pods,

@@ -17,7 +17,7 @@ import grpc
 
 from proto import discovery_pb2 as pb
 from proto import discovery_pb2_grpc as pb_grpc
-from sidecar import identity
+from sidecar import identity, pki
 
 Key = tuple[str, str]  # (namespace, name)
 
@@ -214,11 +214,12 @@ class ServerCert:
 
 
 def server_cert(ca_dir_ca_key: bytes, ca_cert: bytes, dns_name: str = "localhost") -> ServerCert:
-    key, chain = identity.issue_workload(
-        ca_dir_ca_key, ca_cert, identity=identity.SpiffeId("cluster.local", "kuberpc-system", "kuberpc-webhook"),
+    issued = pki.issue_workload(
+        pki.KeyPair(ca_cert, ca_dir_ca_key),
+        identity=identity.SpiffeId("cluster.local", "kuberpc-system", "kuberpc-webhook"),
         dns_names=[dns_name],
     )
-    return ServerCert(key, chain, ca_cert)
+    return ServerCert(issued.key_pem, issued.cert_pem, ca_cert)
 
 
 class RunningPlane:

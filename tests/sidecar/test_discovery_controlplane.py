@@ -16,6 +16,7 @@ import pytest
 
 from proto import discovery_pb2 as pb
 from sidecar import identity
+from sidecar import pki as _pki
 from sidecar.app import _control_plane_context
 from sidecar.config import Address
 from sidecar.discovery.controlplane import ControlPlaneDiscovery, ServiceView, policy_of, retry_delay
@@ -128,7 +129,8 @@ class Pki:
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
     root = tmp_path_factory.mktemp("plane")
-    ca_key, ca_cert = identity.create_ca(trust_domain="cluster.local")
+    _ca = _pki.create_ca(trust_domain="cluster.local")
+    ca_key, ca_cert = _ca.key_pem, _ca.cert_pem
     client = _issue(ca_key, ca_cert, root / "client", "default", "client")
     return Pki(client, server_cert(ca_key, ca_cert), server_cert(ca_key, ca_cert, "other.example"), client.ca)
 

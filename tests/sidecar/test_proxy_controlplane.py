@@ -19,7 +19,7 @@ import pytest
 
 from proto import discovery_pb2 as pb
 from sidecar import config as config_mod
-from sidecar import identity
+from sidecar import pki as _pki
 from sidecar.app import Proxy, serve
 from tests.sidecar.fake_control_plane import (
     FakeControlPlane,
@@ -52,7 +52,8 @@ class Pki:
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
     root = tmp_path_factory.mktemp("cp-mesh")
-    ca_key, ca_cert = identity.create_ca(trust_domain="cluster.local")
+    _ca = _pki.create_ca(trust_domain="cluster.local")
+    ca_key, ca_cert = _ca.key_pem, _ca.cert_pem
     return Pki(
         _issue(ca_key, ca_cert, root / "client", "default", "client"),
         _issue(ca_key, ca_cert, root / "server", "default", "arith"),

@@ -11,6 +11,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 
 from sidecar import identity
+from sidecar import pki as pki_
 from sidecar.app import _control_plane_context
 from sidecar.config import Address
 from sidecar.discovery.controlplane import ControlPlaneDiscovery
@@ -59,7 +60,8 @@ class Published:
 
 @contextlib.asynccontextmanager
 async def proxy_source(pki: Pki, tmp: object, *ports: int) -> AsyncIterator[tuple[ControlPlaneDiscovery, Published]]:
-    key, chain = identity.issue_workload(pki.ca_key, pki.ca_cert, identity=identity.SpiffeId(TD, "shop", "web"))
+    issued = pki_.issue_workload(pki_.KeyPair(pki.ca_cert, pki.ca_key), identity=identity.SpiffeId(TD, "shop", "web"))
+    key, chain = issued.key_pem, issued.cert_pem
     import tempfile
     from pathlib import Path
 
