@@ -142,11 +142,46 @@ async def _open(
     return transport, bytes(handshake.early)
 
 
-class _Exchange:
+class _CallHandler:
+    """What both of this module's calls do with their connection's events: everything but a response's headers
+    and DATA ends the call with the matching CallError, handed to `end`."""
+
+    def __init__(self, address: Address) -> None:
+        self.address = address
+
+    def end(self, error: CallError) -> None:
+        raise NotImplementedError
+
+    def on_request(
+        self, conn: Connection[None, None], stream: Stream[None, None], headers: Headers, end_stream: bool
+    ) -> None:
+        raise AssertionError("a client connection is not sent requests")  # pragma: no cover
+
+    def on_reset(self, stream: Stream[None, None], code: int) -> None:
+        if stream.conn.closed:
+            self.end(CallError("UNAVAILABLE", f"the connection to {self.address} was lost during the call"))
+            return
+        name = F.ERROR_NAMES.get(code, str(code))
+        self.end(CallError(_RESET_STATUS.get(code, Status.INTERNAL).name, f"the call was reset (RST_STREAM {name})"))
+
+    def on_closed(self, stream: Stream[None, None]) -> None:
+        self.end(CallError("INTERNAL", "the stream closed before the response ended"))
+
+    def on_refused(self, stream: Stream[None, None]) -> None:
+        self.end(CallError("UNAVAILABLE", f"{self.address} refused the call (GOAWAY)"))
+
+    def on_connection_made(self, conn: Connection[None, None]) -> None:
+        pass
+
+    def on_connection_lost(self, conn: Connection[None, None]) -> None:
+        self.end(CallError("UNAVAILABLE", f"the connection to {self.address} was lost during the call"))
+
+
+class _Exchange(_CallHandler):
     """The ConnectionHandler of the call's connection: it keeps the response's headers, body and trailers."""
 
     def __init__(self, address: Address, max_response: int) -> None:
-        self.address = address
+        super().__init__(address)
         self.max_response = max_response
         self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.headers: Headers | None = None
@@ -161,10 +196,10 @@ class _Exchange:
         else:
             self.done.set_exception(error)
 
-    # ---- ConnectionHandler ----
+    def end(self, error: CallError) -> None:
+        self._finish(error)
 
-    def on_request(self, conn: Connection[None, None], stream: Stream[None, None], headers: Headers, end_stream: bool) -> None:
-        raise AssertionError("a client connection is not sent requests")  # pragma: no cover
+    # ---- ConnectionHandler ----
 
     def on_headers(self, stream: Stream[None, None], headers: Headers, end_stream: bool) -> None:
         if self.headers is None:
@@ -182,29 +217,6 @@ class _Exchange:
         self.body += data
         if end_stream:
             self._finish()  # no trailers: the result says so
-
-    def on_reset(self, stream: Stream[None, None], code: int) -> None:
-        if stream.conn.closed:
-            self._finish(
-                CallError("UNAVAILABLE", f"the connection to {self.address} was lost during the call")
-            )
-            return
-        name = F.ERROR_NAMES.get(code, str(code))
-        self._finish(
-            CallError(_RESET_STATUS.get(code, Status.INTERNAL).name, f"the call was reset (RST_STREAM {name})")
-        )
-
-    def on_closed(self, stream: Stream[None, None]) -> None:
-        self._finish(CallError("INTERNAL", "the stream closed before the response ended"))
-
-    def on_refused(self, stream: Stream[None, None]) -> None:
-        self._finish(CallError("UNAVAILABLE", f"{self.address} refused the call (GOAWAY)"))
-
-    def on_connection_made(self, conn: Connection[None, None]) -> None:
-        pass
-
-    def on_connection_lost(self, conn: Connection[None, None]) -> None:
-        self._finish(CallError("UNAVAILABLE", f"the connection to {self.address} was lost during the call"))
 
 
 async def _exchange(
@@ -315,12 +327,12 @@ STREAM_KEEPALIVE = 20.0
 STREAM_KEEPALIVE_TIMEOUT = 10.0
 
 
-class _StreamReceiver:
+class _StreamReceiver(_CallHandler):
     """The ConnectionHandler of a BidiCall's connection: splits the response body into gRPC messages, queued
     until `BidiCall.receive` takes them; the flow-control credit of what is queued is given back as it is taken."""
 
     def __init__(self, address: Address, max_message: int) -> None:
-        self.address = address
+        super().__init__(address)
         self.max_message = max_message
         self.messages: collections.deque[bytes] = collections.deque()
         self.arrived = asyncio.Event()
@@ -341,11 +353,6 @@ class _StreamReceiver:
             stream.conn.credit(stream, n)
 
     # ---- ConnectionHandler ----
-
-    def on_request(
-        self, conn: Connection[None, None], stream: Stream[None, None], headers: Headers, end_stream: bool
-    ) -> None:
-        raise AssertionError("a client connection is not sent requests")  # pragma: no cover
 
     def on_headers(self, stream: Stream[None, None], headers: Headers, end_stream: bool) -> None:
         first = self.headers is None
@@ -388,25 +395,6 @@ class _StreamReceiver:
             self.credit()  # a message still incomplete: its bytes are held here, not by the queue
         if end_stream:
             self.end(CallError("INTERNAL", "the response ended without trailers (no grpc-status)"))
-
-    def on_reset(self, stream: Stream[None, None], code: int) -> None:
-        if stream.conn.closed:
-            self.end(CallError("UNAVAILABLE", f"the connection to {self.address} was lost"))
-            return
-        name = F.ERROR_NAMES.get(code, str(code))
-        self.end(CallError(_RESET_STATUS.get(code, Status.INTERNAL).name, f"the call was reset (RST_STREAM {name})"))
-
-    def on_closed(self, stream: Stream[None, None]) -> None:
-        self.end(CallError("INTERNAL", "the stream closed before the response ended"))
-
-    def on_refused(self, stream: Stream[None, None]) -> None:
-        self.end(CallError("UNAVAILABLE", f"{self.address} refused the call (GOAWAY)"))
-
-    def on_connection_made(self, conn: Connection[None, None]) -> None:
-        pass
-
-    def on_connection_lost(self, conn: Connection[None, None]) -> None:
-        self.end(CallError("UNAVAILABLE", f"the connection to {self.address} was lost"))
 
 
 class BidiCall:
