@@ -87,6 +87,7 @@ class Upstream:
     """Router and Target at once: every call goes to the one upstream connection."""
 
     direction = "outbound"
+    callers_replace = False  # the callers are apps (an outbound relay)
     service = "arith.default"
     timeout = None
     plaintext = False
