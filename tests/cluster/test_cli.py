@@ -70,6 +70,7 @@ def test_check_passes_on_the_meshed_example_and_names_every_part(example: Kube) 
         assert any(line.startswith(f"✔ the webhook in kuberpc-system/{pod} answers with a certificate its caBundle trusts")
                    for line in lines), lines
         assert f"✔ the identity service in kuberpc-system/{pod} answers (an empty request: INVALID_ARGUMENT)" in lines
+        assert f"✔ the discovery service in kuberpc-system/{pod} answers with the mesh's certificate and requires one" in lines
     for pod in [*server_pods(example), client_pod(example)]:
         assert f"✔ the proxy of {EXAMPLE}/{pod} is ready with a valid certificate" in lines
     assert any(line.startswith(f"✔ {EXAMPLE}/kuberpc-trust-anchors: 1 trust anchor(s)") for line in lines)

@@ -24,6 +24,8 @@ from sidecar import pki
 from tests.kubefake import FakeCluster, cluster, kubeconfig
 from tests.sidecar.harness import Backend, MeshCerts, backend, mesh_certs, run_pair
 from tests.webhook.test_cli_cluster import Mesh, meshed_pod, serve_pod_proxy
+from tests.webhook.test_discovery_service import Pki as DiscoveryPki
+from tests.webhook.test_discovery_service import replica as discovery_replica
 from tests.webhook.test_identity_service import TD, running_service
 from tests.webhook.test_identity_service import Mesh as IdentityMesh
 from webhook import annotations as a
@@ -177,7 +179,7 @@ def mwc(ca_bundle: bytes) -> dict[str, Any]:
 async def mesh(
     cluster: FakeCluster, mesh_certs: MeshCerts, backend: Backend, tmp_path: Path
 ) -> AsyncIterator[CheckedMesh]:
-    """A healthy mesh: a ready control plane (its webhook and identity ports answering), trust anchors where
+    """A healthy mesh: a ready control plane (its webhook, identity and discovery ports answering), trust anchors where
     pods are meshed, two ready proxies."""
     # The kubernetes client asks for /version/ (with the slash), which kmock does not serve by itself.
     cluster.handler["get /version/"] << VERSION
@@ -190,8 +192,13 @@ async def mesh(
         run_pair(mesh_certs, backend.port, tmp_path) as pair,
         webhook_listener(serving, tmp_path) as webhook_address,
         running_service(identity, lambda token: None) as identity_service,
+        discovery_replica(cluster, DiscoveryPki(identity.pair.key_pem, identity.pair.cert_pem)) as discovery,
     ):
-        Forwarding.ports = {8443: webhook_address, 8081: f"127.0.0.1:{identity_service.port}"}
+        Forwarding.ports = {
+            8443: webhook_address,
+            8081: f"127.0.0.1:{identity_service.port}",
+            8082: f"127.0.0.1:{discovery.port}",
+        }
         Forwarding.opted_in = set()
         cluster.put(
             webhook_pod(ready=True),
@@ -241,6 +248,7 @@ async def test_a_healthy_mesh_passes_every_check(mesh: CheckedMesh) -> None:
                                "its caBundle trusts, valid until ")
         ],
         f"✔ the identity service in kuberpc-system/{WEBHOOK_POD} answers (an empty request: INVALID_ARGUMENT)",
+        f"✔ the discovery service in kuberpc-system/{WEBHOOK_POD} answers with the mesh's certificate and requires one",
         *[line for line in lines if "kuberpc-trust-anchors: 1 trust anchor(s), valid until" in line],
         "✔ every pod asking for a proxy has one (2)",
         "✔ the proxy of default/client-7c9d-x1 is ready with a valid certificate",
@@ -339,6 +347,32 @@ async def test_a_control_plane_whose_ports_do_not_answer_fails_the_check_naming_
     assert f"✘ the webhook in kuberpc-system/{WEBHOOK_POD} does not answer (port-forward to kuberpc-system/{WEBHOOK_POD}:8443: HTTP 404 Not Found)" in lines
     assert any(line.startswith(f"✘ the identity service in kuberpc-system/{WEBHOOK_POD} does not answer as it should (UNREACHABLE: ")
                for line in lines)
+    assert any(line.startswith(f"✘ the discovery service in kuberpc-system/{WEBHOOK_POD} does not answer (")
+               for line in lines)
+
+
+async def test_a_discovery_port_that_serves_clients_without_a_mesh_certificate_fails_the_check(mesh: CheckedMesh) -> None:
+    # The identity service's port: TLS with the mesh's certificate for the same name, but no client certificate asked.
+    Forwarding.ports[8082] = Forwarding.ports[8081]
+
+    code, lines = await kuberpc_check(mesh)
+
+    assert code == 1
+    i = lines.index(f"✘ the discovery service in kuberpc-system/{WEBHOOK_POD} serves clients without a mesh certificate")
+    assert lines[i + 1] == f"    fix: kubectl -n kuberpc-system logs {WEBHOOK_POD} -c webhook"
+
+
+async def test_a_discovery_port_whose_certificate_the_trust_anchors_do_not_vouch_for_fails_the_check(
+    mesh: CheckedMesh, tmp_path: Path
+) -> None:
+    other = DiscoveryPki(*(lambda ca: (ca.key_pem, ca.cert_pem))(pki.create_ca(trust_domain=TD, common_name="another mesh CA")))
+    async with discovery_replica(mesh.fake, other) as stranger:
+        Forwarding.ports[8082] = f"127.0.0.1:{stranger.port}"
+        code, lines = await kuberpc_check(mesh)
+
+    assert code == 1
+    assert any(line.startswith(f"✘ the discovery service in kuberpc-system/{WEBHOOK_POD} serves a certificate the trust "
+                               "anchors do not vouch for") for line in lines), lines
 
 
 async def test_a_missing_webhook_configuration_fails_the_check(mesh: CheckedMesh) -> None:

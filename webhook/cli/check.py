@@ -177,6 +177,22 @@ def identity_service(pod: str, code: str, detail: str) -> Result:
     )
 
 
+def discovery_service(pod: str, state: str, detail: str) -> Result:
+    """`state`: what a TLS connection without a client certificate found at the discovery port (cli/probe.py)."""
+    logs = f"kubectl -n {pod.split('/')[0]} logs {pod.split('/')[1]} -c webhook"
+    if state == "MTLS":
+        return Result(True, f"the discovery service in {pod} answers with the mesh's certificate and requires one")
+    if state == "NO_CLIENT_AUTH":
+        return Result(False, f"the discovery service in {pod} serves clients without a mesh certificate", logs)
+    if state == "UNTRUSTED":
+        return Result(
+            False,
+            f"the discovery service in {pod} serves a certificate the trust anchors do not vouch for ({detail})",
+            "check the identity CA Secret and the kuberpc-trust-anchors ConfigMap (kuberpc install)",
+        )
+    return Result(False, f"the discovery service in {pod} does not answer ({detail})", logs)
+
+
 def proxy(namespace: str, name: str, ready: bool, cert_expiry: float | None, now: dt.datetime) -> Result:
     where = f"{namespace}/{name}"
     if cert_expiry is not None and cert_expiry <= now.timestamp():

@@ -486,6 +486,7 @@ def _check(c: Cluster, args: argparse.Namespace, clock: Callable[[], float], out
         results += _webhook_checks(c, cp, ready, now)
         anchors = c.trust_anchors(cp)
         results += _identity_checks(c, cp, ready, anchors)
+        results += _discovery_checks(c, cp, ready, anchors)
         scope = None if args.all_namespaces or not args.namespace else args.namespace
         pods = c.meshed_pods(scope)
         for ns in sorted({cp} | {p.namespace for p in pods}):
@@ -572,6 +573,21 @@ def _identity_checks(c: Cluster, cp: str, ready: Sequence[str], anchors: str | N
         except CliError as e:
             code, detail = "UNREACHABLE", str(e)
         results.append(checks.identity_service(f"{cp}/{pod}", code, detail))
+    return results
+
+
+def _discovery_checks(c: Cluster, cp: str, ready: Sequence[str], anchors: str | None) -> list[checks.Result]:
+    if anchors is None:
+        return []  # the trust anchors check says what is missing
+    name, _, port = a.DEFAULT_DISCOVERY_ADDR.rpartition(":")
+    results = []
+    for pod in ready:
+        try:
+            with c.forward(cp, pod, int(port)) as address:
+                state, detail = probe.discovery_answer(address, anchors.encode(), name)
+        except CliError as e:
+            state, detail = probe.UNREACHABLE, str(e)
+        results.append(checks.discovery_service(f"{cp}/{pod}", state, detail))
     return results
 
 
