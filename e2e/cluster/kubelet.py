@@ -252,6 +252,9 @@ class Container:
         return out
 
 
+# How long a pod waits for a ConfigMap or Secret its volumes name to exist (a kubelet waits without end).
+SOURCE_WAIT_S = 120.0
+
 class PodWorker(threading.Thread):
     """Everything one Pod goes through on this node, from its namespace to its deletion."""
 
@@ -320,19 +323,25 @@ class PodWorker(threading.Thread):
         return str(max(1, int(-(-amount // 1))) if kind == "cpu" else int(amount))
 
     def config_data(self, kind: str, name: str, optional: bool) -> dict[str, bytes] | None:
+        """A ConfigMap's or Secret's data. One that does not exist yet is waited for, as a kubelet leaves the pod
+        ContainerCreating (a new namespace's kube-root-ca.crt comes from the controller manager a moment after
+        the namespace), for at most SOURCE_WAIT_S; an optional one is skipped at once."""
         api = self.runner.api
-        try:
-            if kind == "configMap":
-                cm = api.retry("read configmap", api.core.read_namespaced_config_map, name, self.ns_name)
-                data = {k: v.encode() for k, v in (cm.data or {}).items()}
-                data.update({k: base64.b64decode(v) for k, v in (cm.binary_data or {}).items()})
-                return data
-            sec = api.retry("read secret", api.core.read_namespaced_secret, name, self.ns_name)
-            return {k: base64.b64decode(v) for k, v in (sec.data or {}).items()}
-        except ApiException as e:
-            if e.status == 404 and optional:
-                return None
-            raise
+        deadline = time.monotonic() + SOURCE_WAIT_S
+        while True:
+            try:
+                if kind == "configMap":
+                    cm = api.retry("read configmap", api.core.read_namespaced_config_map, name, self.ns_name)
+                    data = {k: v.encode() for k, v in (cm.data or {}).items()}
+                    data.update({k: base64.b64decode(v) for k, v in (cm.binary_data or {}).items()})
+                    return data
+                sec = api.retry("read secret", api.core.read_namespaced_secret, name, self.ns_name)
+                return {k: base64.b64decode(v) for k, v in (sec.data or {}).items()}
+            except ApiException as e:
+                if e.status == 404 and optional:
+                    return None
+                if e.status != 404 or time.monotonic() > deadline or self.deleting.wait(0.5):
+                    raise
 
     def env(self, c: dict[str, Any]) -> dict[str, str]:
         env = {

@@ -72,9 +72,11 @@ class Kube:
         env = {"PATH": f"{Path(PYTHON).parent}:/usr/bin:/bin", "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1"}
         return netns.spawn(ns, argv, name=name, log_dir=log_dir, env=env, cwd=REPO, pipe_stdout=True)
 
-    def pod_log(self, namespace: str, pod: str, container: str) -> str:
+    def pod_log(self, namespace: str, pod: str, container: str, *, lines: int | None = 60) -> str:
+        """The container's log: its last `lines` lines, or all of it with None."""
         try:
-            return tail(Path(self.where(namespace, pod)["dir"]) / "logs" / f"{container}.log", 60)
+            path = Path(self.where(namespace, pod)["dir"]) / "logs" / f"{container}.log"
+            return path.read_text(errors="replace") if lines is None else tail(path, lines)
         except (OSError, KeyError):
             return ""
 

@@ -9,10 +9,12 @@ tap and debug reach the proxy's loopback-only listener through the API server's 
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import io
 import json
 import os
+import signal
 import subprocess
 import time
 from collections.abc import Iterator, Sequence
@@ -104,6 +106,40 @@ def test_proxy_status_shows_each_meshed_pod_with_its_certificate_and_discovery(e
     assert all(line.split()[2:4] == ["true", "in"] for line in table[1:])
 
 
+
+@contextlib.contextmanager
+def background_calls_paused(kube: Kube) -> Iterator[None]:
+    """Stops the example client's own loop (a batch of every call shape every few seconds, for the dashboards)
+    and waits for its batch in flight to end, so a window counts only the calls the test makes; resumes it after.
+
+    The loop is the `sh` of the client pod's container: found among the processes of the pod's network namespace.
+    """
+    ns = kube.where(EXAMPLE, client_pod(kube))["netns"]
+    pids = subprocess.run(["ip", "netns", "pids", ns], capture_output=True, text=True, check=True).stdout.split()
+
+    def cmdline(pid: str) -> str:
+        try:
+            return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            return ""
+
+    loops = [int(p) for p in pids if "while true" in cmdline(p)]
+    assert loops, "the example client's loop was not found"
+    for pid in loops:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        deadline = time.monotonic() + 60
+        while any("e2e.arith.client" in cmdline(p) for p in
+                  subprocess.run(["ip", "netns", "pids", ns], capture_output=True, text=True).stdout.split()):
+            assert time.monotonic() < deadline, "the example client's batch did not end within 60 s"
+            time.sleep(0.2)
+        yield
+    finally:
+        for pid in loops:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
+
+
 def test_stat_counts_the_calls_each_deployment_served_in_the_window(example: Kube) -> None:
     outcomes: list[str] = []
 
@@ -111,8 +147,9 @@ def test_stat_counts_the_calls_each_deployment_served_in_the_window(example: Kub
         outcomes.extend(call(example, 30))
 
     out, err = io.StringIO(), io.StringIO()
-    code = main(["stat", "deploy", "-n", EXAMPLE, "--window", "10", "-o", "json", "--kubeconfig", str(example.cp.kubeconfig)],
-                sleep=between_scrapes, stdout=out, stderr=err)
+    with background_calls_paused(example):
+        code = main(["stat", "deploy", "-n", EXAMPLE, "--window", "10", "-o", "json", "--kubeconfig", str(example.cp.kubeconfig)],
+                    sleep=between_scrapes, stdout=out, stderr=err)
 
     transcript(["stat", "deploy", "-n", EXAMPLE, "--window", "10", "-o", "json"], out.getvalue())
     assert code == 0, err.getvalue()
@@ -126,8 +163,9 @@ def test_stat_counts_the_calls_each_deployment_served_in_the_window(example: Kub
 
     # The same, as a person reads it: 20 calls in a 10 s window.
     table = io.StringIO()
-    code = main(["stat", "deploy", "-n", EXAMPLE, "--window", "10", "--kubeconfig", str(example.cp.kubeconfig)],
-                sleep=lambda seconds: outcomes.extend(call(example, 20)), stdout=table, stderr=err)
+    with background_calls_paused(example):
+        code = main(["stat", "deploy", "-n", EXAMPLE, "--window", "10", "--kubeconfig", str(example.cp.kubeconfig)],
+                    sleep=lambda seconds: outcomes.extend(call(example, 20)), stdout=table, stderr=err)
     transcript(["stat", "deploy", "-n", EXAMPLE, "--window", "10"], table.getvalue())
     lines = table.getvalue().splitlines()
     assert code == 0 and lines[0].split() == ["NAME", "MESHED", "SUCCESS", "RPS", "LATENCY_P50", "LATENCY_P95", "LATENCY_P99"]

@@ -63,7 +63,8 @@ def test_example_pods_carry_the_proxy_and_get_certificates_through_tokenreview(e
         sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
         assert sans.get_values_for_type(x509.UniformResourceIdentifier) == [f"spiffe://cluster.local/ns/{EXAMPLE}/sa/arith"]
     # The identity service issued them after a TokenReview of each pod's own projected token.
-    logs = "".join(example.pod_log("kuberpc-system", p["metadata"]["name"], "webhook") for p in example.pods("kuberpc-system"))
+    logs = "".join(example.pod_log("kuberpc-system", p["metadata"]["name"], "webhook", lines=None)
+                   for p in example.pods("kuberpc-system"))
     assert f"event=certificate_issued identity=spiffe://cluster.local/ns/{EXAMPLE}/sa/arith " in logs, logs[-2000:]
 
 
