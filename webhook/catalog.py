@@ -82,6 +82,7 @@ class MeshCatalog:
         self.listener: Listener = listener or _Nobody()
         self.synced = asyncio.Event()  # set once every kind has been listed: until then nothing is answered
         self.rebuilds = 0  # EndpointSets computed (for the benchmark's work-per-change figure)
+        self.rebuilds_of: Counter[ServiceKey] = Counter()  # the same, per Service
         self._services: dict[ServiceKey, ServiceRecord] = {}
         self._slices_of: dict[ServiceKey, dict[str, SliceRecord]] = {}
         self._pods: dict[Key, PodRecord] = {}
@@ -176,6 +177,7 @@ class MeshCatalog:
         problems: frozenset[str] = frozenset()
         if svc is not None:
             self.rebuilds += 1
+            self.rebuilds_of[skey] += 1
             new, found = endpoint_set(svc, self._slices_of.get(skey, {}).values(), self._pods)
             problems = frozenset(found)
         self._report(skey, problems)
