@@ -77,7 +77,7 @@ lint: setup
 typecheck: lint
 
 # The control-plane API's generated modules are committed (images carry no protoc); a test checks
-# they match proto/identity.proto, so run this after changing it.
+# they match proto/*.proto, so run this after changing one.
 proto: setup
 	$(PY) -m grpc_tools.protoc -I. --python_out=. --pyi_out=. --grpc_python_out=. proto/identity.proto proto/discovery.proto
 
