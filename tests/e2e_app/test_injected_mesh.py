@@ -12,7 +12,6 @@ import base64
 import contextlib
 import datetime as dt
 import os
-import socket
 import stat
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -35,6 +34,7 @@ from sidecar import config as config_mod
 from sidecar import pki
 from sidecar.app import Proxy, serve
 from tests.kubefake import API_AUDIENCE, FakeCluster, Obj, cluster, free_loopback_addresses, kubeconfig
+from tests.ports import free_port
 from tests.sidecar.harness import wait_for
 from webhook import annotations as a
 from webhook.config import InjectorConfig, load_config
@@ -397,12 +397,6 @@ def uri_sans(cert: x509.Certificate) -> list[str]:
     return cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value.get_values_for_type(
         x509.UniformResourceIdentifier
     )
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 # ---- the test -----------------------------------------------------------------------------------------

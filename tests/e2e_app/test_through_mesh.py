@@ -11,7 +11,6 @@ import contextlib
 import json
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -25,6 +24,7 @@ import pytest
 
 from e2e.arith import client
 from tests.e2e_app.nodeclient import find_node, run_node_client
+from tests.ports import free_port
 from tests.sidecar.harness import (
     MeshCerts,
     RunningProxy,
@@ -103,14 +103,6 @@ class Mesh:
             },
         )
         return value or 0.0
-
-
-def free_port() -> int:
-    # The proxy's upstream listener needs a fixed port number (as the annotation gives one), so borrow one the
-    # kernel has just handed out; another process taking it in between would fail the bind loudly, not quietly.
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @contextlib.asynccontextmanager
@@ -257,8 +249,6 @@ async def test_a_call_through_the_dedicated_upstream_port_is_still_subject_to_th
 SHARE_ROW = re.compile(
     r"^(arith-[123])\s+127\.0\.0\.[234]:15443\s+(\d+)\s+(\d+)\s+([\d.]+)%\s+([\d.]+)%", re.M
 )
-
-
 
 
 @pytest.mark.slow

@@ -13,7 +13,6 @@ import contextlib
 import datetime as dt
 import json
 import re
-import socket
 import subprocess
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -28,6 +27,7 @@ import yaml
 from prometheus_client import CollectorRegistry
 
 from sidecar import pki
+from tests.ports import free_port
 from tests.sidecar.harness import Backend, MeshCerts, backend, mesh_certs, run_pair
 from tests.sidecar.test_mesh import channel
 from webhook.config import InjectorConfig
@@ -109,13 +109,6 @@ async def webhook_server(tmp_path: Path) -> AsyncIterator[int]:
         yield port
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
 @contextlib.contextmanager
 def prometheus(binary: str, tmp_path: Path, targets: dict[str, list[dict[str, Any]]]) -> Iterator[str]:
     """A Prometheus scraping `targets` (job -> static_configs) every second; yields its base URL."""
@@ -128,7 +121,7 @@ def prometheus(binary: str, tmp_path: Path, targets: dict[str, list[dict[str, An
     }
     path = tmp_path / "prometheus.yml"
     path.write_text(yaml.safe_dump(config))
-    port = _free_port()
+    port = free_port()
     log = (tmp_path / "prometheus.log").open("wb")
     proc = subprocess.Popen(
         [

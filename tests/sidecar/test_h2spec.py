@@ -13,7 +13,6 @@ import contextlib
 import os
 import re
 import shutil
-import socket
 import ssl
 import subprocess
 import xml.etree.ElementTree as ET
@@ -26,6 +25,7 @@ import h2.events
 import h2.exceptions
 import pytest
 
+from tests.ports import free_port
 from tests.sidecar.h2peer import client_tls, grpc_frame
 from tests.sidecar.harness import MeshCerts, endpoints_yaml, run_proxy, start_backend, wait_for_endpoints
 
@@ -86,12 +86,6 @@ class AnswerEveryRequest(asyncio.Protocol):
                     self.conn.send_data(ev.stream_id, grpc_frame(b"answered"))
                     self.conn.send_headers(ev.stream_id, [(b"grpc-status", b"0")], end_stream=True)
         self.transport.write(self.conn.data_to_send())
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @contextlib.asynccontextmanager

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -16,14 +15,9 @@ from pathlib import Path
 import h2.settings
 import pytest
 
+from tests.ports import free_port
 from tests.sidecar.h2peer import connect, grpc_frame, request_headers
 from tests.sidecar.harness import Backend, MeshCerts, endpoints_yaml
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def rss_kib(pid: int) -> int:

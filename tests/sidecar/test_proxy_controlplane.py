@@ -21,6 +21,7 @@ from proto import discovery_pb2 as pb
 from sidecar import config as config_mod
 from sidecar import pki as _pki
 from sidecar.app import Proxy, serve
+from tests.ports import free_port
 from tests.sidecar.fake_control_plane import (
     FakeControlPlane,
     FakeService,
@@ -167,7 +168,7 @@ async def test_the_proxy_is_ready_only_once_its_declared_upstream_is_answered(
     replica = RunningPlane(plane, pki.plane)
     replica.start()
     plane.refuse = "UNAVAILABLE"  # no control plane answers yet
-    cfg = config_mod.load(cp_env(replica, pki, KUBERPC_UPSTREAMS="echo.default:50051=39517"))
+    cfg = config_mod.load(cp_env(replica, pki, KUBERPC_UPSTREAMS=f"echo.default:50051={free_port()}"))
     stop = asyncio.Event()
     started: asyncio.Future[Proxy] = asyncio.get_running_loop().create_future()
     task = asyncio.create_task(serve(cfg, stop=stop, started=started))
@@ -226,7 +227,7 @@ async def test_with_no_control_plane_known_services_keep_working_new_ones_fail_a
     with start_backend("a") as backend:
         async with server_side(pki, backend, tmp_path, "a") as srv:
             plane.set_service("default", "echo", echo(endpoint("127.0.0.1", srv.inbound_port)))
-            env = cp_env(replica, pki, KUBERPC_UPSTREAMS="echo.default:50051=39518")
+            env = cp_env(replica, pki, KUBERPC_UPSTREAMS=f"echo.default:50051={free_port()}")
             async with cp_proxy(env) as client:
                 metrics = await scrape(f"127.0.0.1:{client.bound_port('admin')}")
                 assert metrics[("kuberpc_discovery_last_update_age_seconds", ())] == 0.0
@@ -258,7 +259,7 @@ async def test_a_removed_endpoint_takes_no_new_calls_while_its_open_call_finishe
         ):
             a = endpoint("127.0.0.1", srv_a.inbound_port)
             plane.set_service("default", "echo", echo(a))
-            env = cp_env(replica, pki, KUBERPC_UPSTREAMS="echo.default:50051=39519")
+            env = cp_env(replica, pki, KUBERPC_UPSTREAMS=f"echo.default:50051={free_port()}")
             async with cp_proxy(env) as client, grpc.aio.insecure_channel(
                 outbound(client), options=[("grpc.default_authority", "echo.default")]
             ) as ch:
@@ -326,7 +327,7 @@ async def test_an_authority_naming_a_service_not_yet_known_wins_over_a_known_grp
         ):
             plane.set_service("default", "echo", echo(endpoint("127.0.0.1", srv_a.inbound_port)))  # claims test.Echo
             plane.set_service("default", "other", FakeService([endpoint("127.0.0.1", srv_b.inbound_port)]))
-            env = cp_env(replica, pki, KUBERPC_UPSTREAMS="echo.default:50051=39520")
+            env = cp_env(replica, pki, KUBERPC_UPSTREAMS=f"echo.default:50051={free_port()}")
             async with cp_proxy(env) as client:
                 # The path's gRPC name is claimed by a Service the proxy holds; the authority names another.
                 assert await call(outbound(client), "other.default:50051") == (grpc.StatusCode.OK, "", "b")

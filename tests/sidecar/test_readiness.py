@@ -6,19 +6,13 @@ from __future__ import annotations
 import asyncio
 import datetime
 import json
-import socket
 import urllib.error
 import urllib.request
 from pathlib import Path
 
 from sidecar import identity, pki
+from tests.ports import free_port
 from tests.sidecar.harness import MeshCerts, RunningProxy, Workload, endpoints_yaml, run_proxy, wait_for
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def get(url: str) -> tuple[int, str]:

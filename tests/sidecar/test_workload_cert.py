@@ -55,6 +55,7 @@ from sidecar.workload_cert import (
     IssuedIdentity,
     retry_delay,
 )
+from tests.ports import free_port
 from tests.sidecar.harness import (
     GRPC_OPTIONS,
     Backend,
@@ -1055,12 +1056,6 @@ async def test_a_refusal_is_retried_with_backoff_and_logged_once_with_its_messag
 def start_proxy_process(env: dict[str, str], log_path: Path) -> subprocess.Popen[bytes]:
     with open(log_path, "wb") as log_file:
         return subprocess.Popen([sys.executable, "-m", "sidecar", "run"], cwd=REPO, env=env, stderr=log_file)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def http_status(url: str) -> int:
