@@ -16,6 +16,7 @@ import sys
 import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field, replace
+from functools import partial
 from typing import Any
 
 from prometheus_client import CollectorRegistry
@@ -98,26 +99,32 @@ class Proxy:
         return self.ports[what]
 
     def debug(self) -> dict[str, object]:
+        """/debug's document. Its sections are callables, each built only when the encoder reaches it
+        (admin.render_json), so no one piece holds the event loop for long."""
         cfg = self.config
+        why = self.not_ready_because()
         return {
             "pod": {"name": cfg.pod_name, "namespace": cfg.namespace, "ip": cfg.pod_ip},
-            "ready": not self.not_ready_because(),
-            "not_ready_because": self.not_ready_because(),
+            "ready": not why,
+            "not_ready_because": why,
             "listeners": dict(self.ports),
-            "routes": {
+            "routes": lambda: {
                 "upstreams": {str(u.local_port): f"{u.service}:{u.port}" for u in cfg.upstreams},
                 "services": self.outbound.debug(),
             },
-            "outbound": self.out_relay.debug(),
-            "inbound": {
-                **self.in_relay.debug(),
-                "connections": [connection_debug(c) for c in self.in_relay.downstream],
-            }
-            if self.in_relay is not None
-            else None,
-            "upstream_connections": self.outbound.pool.debug() if self.outbound.pool else [],
-            "identity": self.workload.debug() if self.workload is not None else None,
-            "discovery": self.discovery_debug() if self.discovery_debug is not None else {"source": cfg.discovery},
+            "outbound": self.out_relay.debug,
+            "inbound": self._inbound_debug,
+            "upstream_connections": self.outbound.pool.debug if self.outbound.pool else [],
+            "identity": self.workload.debug if self.workload is not None else None,
+            "discovery": self.discovery_debug if self.discovery_debug is not None else {"source": cfg.discovery},
+        }
+
+    def _inbound_debug(self) -> dict[str, object] | None:
+        if self.in_relay is None:
+            return None
+        return {
+            **self.in_relay.debug(),
+            "connections": [partial(connection_debug, c) for c in list(self.in_relay.downstream)],
         }
 
 

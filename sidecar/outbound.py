@@ -9,6 +9,7 @@ import logging
 import random
 import time
 from collections.abc import Callable
+from functools import partial
 
 from sidecar.balancer import FailureAccrual, make_balancer
 from sidecar.h2.connection import Headers
@@ -187,15 +188,20 @@ class Outbound:
             return Reject(UNAVAILABLE, f"kuberpc: service {found} has no ready endpoints", str(found))
         return Placement(st, self.pool)
 
-    def debug(self) -> dict[str, object]:
+    def debug(self) -> dict[str, Callable[[], dict[str, object]]]:
+        """One section per Service, each built only when /debug's encoder reaches it (sidecar/admin.render_json),
+        so a large catalog is described in slices between which the proxy keeps relaying."""
+        return {str(k): partial(self._service_debug, k) for k in list(self.services)}
+
+    def _service_debug(self, key: ServiceKey) -> dict[str, object]:
+        st = self.services.get(key)
+        if st is None:
+            return {"removed": True}
         return {
-            str(k): {
-                "policy": st.set.policy.lb,
-                "timeout": st.timeout,
-                "retry_on": sorted(st.set.policy.retry_on),
-                "endpoints": _with_tls(st),
-            }
-            for k, st in self.services.items()
+            "policy": st.set.policy.lb,
+            "timeout": st.timeout,
+            "retry_on": sorted(st.set.policy.retry_on),
+            "endpoints": _with_tls(st),
         }
 
 

@@ -652,5 +652,6 @@ class Relay:
         return {
             "direction": self.direction,
             "calls": self.calls,
-            "connections": [c.debug() for c in self.downstream],
+            # Bound methods: each connection is described when /debug's encoder reaches it (admin.render_json).
+            "connections": [c.debug for c in list(self.downstream)],
         }

@@ -151,6 +151,38 @@ async def test_debug_answers_500_naming_the_error_when_the_state_cannot_be_read(
         assert "LookupError: catalog gone" in await response.text()
 
 
+async def test_debug_builds_a_callable_section_when_it_reaches_it(served: Served) -> None:
+    built: list[str] = []
+
+    def section() -> dict[str, object]:
+        built.append("endpoints")
+        return {"endpoints": [{"address": "10.0.0.1", "lazy": lambda: "nested too"}]}
+
+    served.probe.state = {"routes": section}
+    assert built == []
+    async with served.client.get(served.debug_url()) as response:
+        assert response.status == 200
+        assert await response.json() == {"routes": {"endpoints": [{"address": "10.0.0.1", "lazy": "nested too"}]}}
+    assert built == ["endpoints"]
+
+
+async def test_a_section_failing_part_way_truncates_the_document_and_is_logged(
+    served: Served, caplog: pytest.LogCaptureFixture
+) -> None:
+    def broken() -> object:
+        raise LookupError("endpoint vanished")
+
+    # Enough before the broken section that the first chunk (and the 200) has gone out when it fails.
+    served.probe.state = {"big": [{"n": i, "s": "x" * 40} for i in range(60_000)], "broken": broken}
+    with caplog.at_level(logging.ERROR, logger="sidecar.admin"):
+        async with served.client.get(served.debug_url()) as response:
+            assert response.status == 200
+            with pytest.raises(aiohttp.ClientPayloadError):
+                await response.read()
+    assert "debug state failed part way" in caplog.text
+    assert "LookupError: endpoint vanished" in caplog.text
+
+
 async def test_shutdown_from_loopback_is_accepted_and_calls_the_callback(served: Served) -> None:
     async with served.client.post(served.url("/shutdown")) as response:
         assert response.status == 202
