@@ -338,7 +338,9 @@ async def serve(
             clock=time.monotonic,
             on_restart=metrics.watch_restart,
         )
-        out_relay.router = OnDemandRouter(outbound, plane, namespace=cfg.namespace, fail=out_relay.fail)
+        out_relay.router = OnDemandRouter(
+            outbound, plane, namespace=cfg.namespace, fail=out_relay.fail, placed=out_relay.placed_late
+        )
         metrics.discovery_age(plane.last_update_age)
         proxy.discovery_debug = plane.debug
         source = plane

@@ -47,6 +47,7 @@ class OnDemandRouter:
         *,
         namespace: str,
         fail: Callable[[MeshStream, int, str], None],
+        placed: Callable[[MeshStream, Headers, Target], bool],
         wait: float = DEFAULT_WAIT,
     ) -> None:
         self.inner = inner
@@ -55,6 +56,7 @@ class OnDemandRouter:
         self.interest = interest
         self.namespace = namespace
         self.fail = fail
+        self.placed = placed
         self.wait = wait
         self._memo: dict[str, ServiceKey | None] = {}
 
@@ -107,7 +109,9 @@ class PendingCall:
 
     __slots__ = ("_asked", "_conn", "_end", "_headers", "_left", "_placed", "_request", "_router", "_timer", "_up", "_waits", "service")
 
-    timeout: float | None = None  # the Service's default deadline is not known yet
+    # The Service's default deadline and retry policy are not known when the relay asks, at arrival: once the
+    # call is routed, the relay's `placed` callback (Relay.placed_late) applies them.
+    timeout: float | None = None
 
     def __init__(
         self,
@@ -143,7 +147,7 @@ class PendingCall:
 
     @property
     def retries(self) -> RetryPolicy | None:
-        # Read by the relay right after open, when nothing is placed: the first call is not retried.
+        # None when the relay reads it at arrival; the placed Target's once routed, when a retry asks.
         return self._placed.retries if self._placed is not None else None
 
     def open(self, up: MeshStream, headers: Headers, end: bool) -> Reject | None:
@@ -183,6 +187,8 @@ class PendingCall:
         target = router.inner.route(self._conn, self._request)
         if isinstance(target, Reject):
             router.fail(up, target.status, target.message)
+            return
+        if not router.placed(up, self._headers, target):
             return
         self._placed = target
         refused = target.open(up, self._headers, self._end)

@@ -637,6 +637,27 @@ class Relay:
         if up is not None and not up.reset:
             up.conn.reset_stream(up, F.CANCEL)
 
+    def placed_late(self, stream: MeshStream, headers: Headers, target: Target) -> bool:
+        """For a call routed only after it was accepted (sidecar/ondemand.py: its Service was not known yet):
+        what routing at arrival would have given it. The Service's default deadline when the caller set none,
+        counted from the call's arrival, is added to `headers` (about to be forwarded) and enforced here; the
+        retry budget gets the call's deposit. False when that deadline has already passed (the call is then
+        answered DEADLINE_EXCEEDED) or the call is over."""
+        call = stream.call
+        if call is None or call.down is None:
+            return False
+        if call.timeout is None and target.timeout is not None:
+            left = target.timeout - (self.clock() - call.start)
+            call.timeout = target.timeout
+            if left <= 0:
+                self._fail(call, DEADLINE_EXCEEDED, "deadline exceeded (kuberpc.io/timeout)")
+                return False
+            headers.append((b"grpc-timeout", format_grpc_timeout(left)))
+            call.deadline = asyncio.get_running_loop().call_later(left, self._expire, call)
+        if target.retries is not None:
+            target.retries.budget.deposit()
+        return True
+
     def fail(self, stream: MeshStream, status: int, message: str) -> None:
         """Answer the call of `stream` (either side) with this status: for a Target that accepted a call in
         `open` and then could not place it (sidecar/ondemand.py). Nothing when the call is already over."""

@@ -41,6 +41,9 @@ from tests.sidecar.harness import (
     start_backend,
 )
 from tests.sidecar.test_mesh import scrape
+from tests.sidecar.test_resilience import App, app
+
+__all__ = ["app"]  # the fixture
 
 
 @dataclass(frozen=True)
@@ -76,7 +79,7 @@ def replica(plane: FakeControlPlane, pki: Pki) -> Iterator[RunningPlane]:
 
 
 @contextlib.asynccontextmanager
-async def server_side(pki: Pki, backend: Backend, tmp_path: Path, name: str) -> AsyncIterator[RunningProxy]:
+async def server_side(pki: Pki, backend: Backend | App, tmp_path: Path, name: str) -> AsyncIterator[RunningProxy]:
     """A proxy in front of `backend` whose inbound admits any mesh identity (file discovery: not under test)."""
     disc = tmp_path / f"{name}.yaml"
     disc.write_text(endpoints_yaml({"echo.default": []}))
@@ -199,6 +202,48 @@ async def test_a_service_first_named_by_authority_is_subscribed_and_the_first_ca
             # The next calls find it in the catalog (no second subscription).
             assert (await call(outbound(client), "echo"))[0] == grpc.StatusCode.OK
             assert sum(s.name == "echo" for r in plane.requests for s in r.subscribe) == 1
+
+
+async def test_the_first_call_to_a_service_named_on_demand_gets_the_services_default_deadline(
+    plane: FakeControlPlane, replica: RunningPlane, pki: Pki, tmp_path: Path
+) -> None:
+    with start_backend("a") as backend:
+        async with server_side(pki, backend, tmp_path, "a") as srv, cp_proxy(cp_env(replica, pki)) as client:
+            svc = echo(endpoint("127.0.0.1", srv.inbound_port))
+            svc.policy.timeout_seconds = 0.5
+            plane.set_service("default", "echo", svc)
+            opts = [*GRPC_OPTIONS, ("grpc.default_authority", "echo.default:50051")]
+            started = time.monotonic()
+            async with grpc.aio.insecure_channel(outbound(client), options=opts) as ch:
+                # No deadline of the caller's; the app would take 3 s. Nothing about echo is known yet: this call
+                # is the one that subscribes to it.
+                first = ch.unary_unary("/test.Echo/Unary")(b"x", metadata=(("x-sleep-ms", "3000"),))  # type: ignore[arg-type]
+                with pytest.raises(grpc.aio.AioRpcError) as failed:
+                    await first
+            took = time.monotonic() - started
+            assert sum(s.name == "echo" for r in plane.requests for s in r.subscribe) == 1
+            assert failed.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+            assert took < 2.0, f"the Service's 0.5 s deadline was not applied ({took:.2f} s)"
+            seen = backend.state.seen_deadline[0]
+            assert seen is not None and seen <= 0.5, f"the app was not told the deadline ({seen})"
+
+
+async def test_the_first_call_to_a_service_named_on_demand_is_retried_by_the_services_policy(
+    plane: FakeControlPlane, replica: RunningPlane, pki: Pki, tmp_path: Path, app: App
+) -> None:
+    async with server_side(pki, app, tmp_path, "a") as srv, cp_proxy(cp_env(replica, pki)) as client:
+        svc = echo(endpoint("127.0.0.1", srv.inbound_port))
+        svc.policy.retry_on.append("UNAVAILABLE")
+        plane.set_service("default", "echo", svc)
+        opts = [*GRPC_OPTIONS, ("grpc.default_authority", "echo.default:50051")]
+        async with grpc.aio.insecure_channel(outbound(client), options=opts) as ch:
+            md = (("x-fail", "UNAVAILABLE"), ("x-fail-once", "1"))
+            first = ch.unary_unary("/test.Echo/Unary")(b"x", timeout=10, metadata=md)  # type: ignore[arg-type]
+            assert await first == b"x"
+        assert sum(s.name == "echo" for r in plane.requests for s in r.subscribe) == 1
+        assert [m.get("grpc-previous-rpc-attempts") for m in app.seen] == [None, "1"]
+        metrics = await scrape(f"127.0.0.1:{client.bound_port('admin')}")
+        assert metrics[("kuberpc_retries_total", (("reason", "unavailable"), ("service", "echo.default")))] == 1
 
 
 async def test_a_call_named_only_by_its_grpc_service_is_routed_once_the_claims_arrive(
