@@ -23,6 +23,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -175,6 +176,14 @@ class Api:
                     key = "registered_" + kinds[s.labels["kind"]]
                     out[key] = out.get(key, 0.0) + s.value
         return out
+
+
+async def make_namespaces(api: Api) -> None:
+    """The bench's namespaces, each with its default ServiceAccount (Pods are refused until the controller
+    manager has made it)."""
+    await asyncio.gather(*(api.create({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": f"bench-{k}"}}) for k in range(NAMESPACES)))
+    for k in range(NAMESPACES):
+        await wait_for(f"the default ServiceAccount of bench-{k}", partial(api.exists, f"/api/v1/namespaces/bench-{k}/serviceaccounts/default"), 60)
 
 
 async def populate(api: Api, first: int, last: int, per_service: int, pods: int) -> float:
@@ -365,9 +374,7 @@ async def bench(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     with ControlPlane(work / "k8s") as cp:
         async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=32)) as session:
             api = Api(cp, session)
-            await asyncio.gather(*(api.create({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": f"bench-{k}"}}) for k in range(NAMESPACES)))
-            for k in range(NAMESPACES):  # Pods are refused until the controller made the namespace's default SA
-                await wait_for(f"the default ServiceAccount of bench-{k}", partial(api.exists, f"/api/v1/namespaces/bench-{k}/serviceaccounts/default"), 60)
+            await make_namespaces(api)
             result["populate_s"] = round(await populate(api, 0, args.services, args.per_service, args.pods), 1)
             before = await api.watches()
             with control_plane_process(work, cp.kubeconfig, ca) as cpp:
@@ -460,23 +467,30 @@ def main(argv: list[str] | None = None) -> int:
     if os.geteuid() != 0:
         print("bench.discovery needs root (the API server runs in its own network namespace)", file=sys.stderr)
         return 2
-    with tempfile.TemporaryDirectory(prefix="kuberpc-bench-discovery-") as tmp:
-
-        async def bounded() -> dict[str, Any]:
-            async with asyncio.timeout(args.deadline):
-                return await bench(args, Path(tmp))
-
-        try:
-            result = asyncio.run(bounded())
-        finally:
-            log = Path(tmp) / "controlplane.log"
-            if log.exists():
-                print("--- control plane log (tail)\n" + "\n".join(log.read_text(errors="replace").splitlines()[-20:]), file=sys.stderr)
+    result = run_bounded(partial(bench, args), "kuberpc-bench-discovery-", args.deadline, ["controlplane.log"])
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))
     return 0
 
+
+def run_bounded(
+    bench: Callable[[Path], Awaitable[dict[str, Any]]], prefix: str, deadline: float, logs: list[str]
+) -> dict[str, Any]:
+    """`bench(work)` in a fresh temporary directory, given up after `deadline` seconds; whether it finished or
+    not, the tail of each log in `logs` (globs under the directory) is printed to stderr."""
+    with tempfile.TemporaryDirectory(prefix=prefix) as tmp:
+
+        async def bounded() -> dict[str, Any]:
+            async with asyncio.timeout(deadline):
+                return await bench(Path(tmp))
+
+        try:
+            return asyncio.run(bounded())
+        finally:
+            for log in sorted(f for pattern in logs for f in Path(tmp).glob(pattern)):
+                tail = "\n".join(log.read_text(errors="replace").splitlines()[-20:])
+                print(f"--- {log.relative_to(tmp)} (tail)\n{tail}", file=sys.stderr)
 
 if __name__ == "__main__":
     sys.exit(main())

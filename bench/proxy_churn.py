@@ -18,27 +18,28 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
 import time
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 
 from bench.discovery import (
-    NAMESPACES,
     SERVER_NAME,
     TD,
     Api,
     control_plane_process,
     credentials,
     free_port,
+    make_namespaces,
     ns_of,
     populate,
     probe,
+    run_bounded,
 )
 from bench.procstat import cpu_seconds, rss_kib
 from e2e.cluster.control_plane import ControlPlane
@@ -194,7 +195,7 @@ async def bench(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         step("API server up")
         async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=32)) as session:
             api = PatientApi(cp, session)
-            await asyncio.gather(*(api.create({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": f"bench-{k}"}}) for k in range(NAMESPACES)))
+            await make_namespaces(api)
             result["populate_s"] = round(await populate(api, 0, args.services, args.per_service, args.pods), 1)
             step(f"populated in {result['populate_s']} s")
             with control_plane_process(work, cp.kubeconfig, ca) as cpp:
@@ -247,24 +248,11 @@ def main(argv: list[str] | None = None) -> int:
     if os.geteuid() != 0:
         print("bench.proxy_churn needs root (network and mount namespaces)", file=sys.stderr)
         return 2
-    with tempfile.TemporaryDirectory(prefix="kuberpc-bench-churn-") as tmp:
-
-        async def bounded() -> dict[str, Any]:
-            async with asyncio.timeout(args.deadline):
-                return await bench(args, Path(tmp))
-
-        try:
-            result = asyncio.run(bounded())
-        finally:
-            for log in [*sorted(Path(tmp).glob("*/proxy.log")), Path(tmp) / "controlplane.log"]:
-                if log.exists():
-                    tail = "\n".join(log.read_text(errors="replace").splitlines()[-15:])
-                    print(f"--- {log.parent.name}/{log.name} (tail)\n{tail}", file=sys.stderr)
+    result = run_bounded(partial(bench, args), "kuberpc-bench-churn-", args.deadline, ["*/proxy.log", "controlplane.log"])
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())
