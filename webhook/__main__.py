@@ -175,7 +175,6 @@ async def _serve(
     )
     reloader = CertReloader(args.tls_cert, args.tls_key)
     registry = CollectorRegistry()  # one /metrics for the webhook and the identity service
-    app = create_app(cfg=cfg, metrics=WebhookMetrics(registry), namespace_labels=NamespaceLabels(api))
     identity: AbstractAsyncContextManager[int] | None = None
     if ca is not None:
         if api is None:
@@ -203,6 +202,15 @@ async def _serve(
         )
     elif ca is not None:
         log.warning("event=discovery_service_off reason=no_kubernetes_credentials")
+
+    def not_ready() -> list[str]:
+        if catalog is not None and not catalog.synced.is_set():
+            return ["the discovery catalog has not listed Services, EndpointSlices and Pods yet"]
+        return []
+
+    app = create_app(
+        cfg=cfg, metrics=WebhookMetrics(registry), namespace_labels=NamespaceLabels(api), not_ready=not_ready
+    )
     trust = None
     if bundle is not None and api is not None:
         trust = TrustAnchorSync(api, bundle=bundle, control_plane=cfg.control_plane_namespace)

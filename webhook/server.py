@@ -437,6 +437,7 @@ def create_app(
     namespace_labels: NamespaceLabelsLookup,
     clock: Callable[[], float] = time.perf_counter,
     answers: AnswerCache | None = None,
+    not_ready: Callable[[], list[str]] = list,
 ) -> App:
     """The webhook's routes. `answers` (default: a fresh AnswerCache) reuses the answer for identical Pods.
 
@@ -489,9 +490,22 @@ def create_app(
     async def healthz(_: Request) -> Response:
         return text(200, "ok")
 
+    async def readyz(_: Request) -> Response:
+        # Readiness, not liveness: a replica whose discovery catalog has not been listed yet would answer proxies
+        # with nothing; the Service sends them (and the API server's reviews) to a replica that is ready.
+        why = not_ready()
+        return text(503, "not ready: " + "; ".join(why)) if why else text(200, "ready")
+
     async def metrics_page(_: Request) -> Response:
         return Response(200, generate_latest(metrics.registry), CONTENT_TYPE_LATEST)
 
     # The API server appends ?timeout=10s: ASGI's path leaves the query out. App reads up to MAX_BODY_BYTES
     # and refuses a larger body with 413 before it reaches `mutate`.
-    return App({"/mutate": {"POST": mutate}, "/healthz": {"GET": healthz}, "/metrics": {"GET": metrics_page}})
+    return App(
+        {
+            "/mutate": {"POST": mutate},
+            "/healthz": {"GET": healthz},
+            "/readyz": {"GET": readyz},
+            "/metrics": {"GET": metrics_page},
+        }
+    )

@@ -353,11 +353,12 @@ def test_webhook_deployment_runs_the_contracted_container() -> None:
     assert c["resources"]["requests"] and c["resources"]["limits"]["memory"]
 
 
-def test_webhook_probes_check_healthz_over_https_on_8443() -> None:
+def test_webhook_is_ready_on_readyz_and_alive_on_healthz_over_https_on_8443() -> None:
     c = _container(_one("deployment.yaml", "Deployment", "kuberpc-webhook"))
-    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+    # Readiness waits for the discovery catalog (/readyz); start-up and liveness only for the process.
+    for probe, path in (("startupProbe", "/healthz"), ("readinessProbe", "/readyz"), ("livenessProbe", "/healthz")):
         get = c[probe]["httpGet"]
-        assert (get["scheme"], get["path"], get["port"]) == ("HTTPS", "/healthz", 8443), probe
+        assert (get["scheme"], get["path"], get["port"]) == ("HTTPS", path, 8443), probe
 
 
 def test_webhook_runs_non_root_with_a_read_only_root_and_no_capabilities() -> None:

@@ -6,11 +6,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import http.client
 import json
 import os
 import random
 import re
 import signal
+import ssl
 import sys
 import time
 from collections.abc import AsyncIterator
@@ -438,10 +440,30 @@ async def test_a_replica_going_away_ends_its_streams_and_the_other_serves_the_sa
 # ---- as users run it ---------------------------------------------------------------------------------------
 
 
-async def test_python_m_webhook_serve_streams_discovery_on_its_port_and_stops_on_sigterm(
-    cluster: FakeCluster, pki: Pki, tmp_path: Path
-) -> None:
-    shop(cluster)
+@dataclass
+class Served:
+    proc: asyncio.subprocess.Process
+    stderr: asyncio.StreamReader
+    lines: list[bytes]
+
+    async def address(self, event: str) -> int:
+        """The port `event` (e.g. `listening`, `discovery_listening`) says was bound, read from the log."""
+        pattern = re.compile(rb"event=" + event.encode() + rb" address=(\[.*\])")
+        for line in self.lines:
+            if m := pattern.search(line):
+                return int(json.loads(m.group(1))[1])
+        async with asyncio.timeout(30):
+            while True:
+                line = await self.stderr.readline()
+                assert line, f"the control plane exited: {b''.join(self.lines).decode(errors='replace')[-2000:]}"
+                self.lines.append(line)
+                if m := pattern.search(line):
+                    return int(json.loads(m.group(1))[1])
+
+
+@contextlib.asynccontextmanager
+async def webhook_serve(cluster: FakeCluster, pki: Pki, tmp_path: Path) -> AsyncIterator[Served]:
+    """`python -m webhook serve` as the Deployment runs it (identity, discovery), against the fake API server."""
     (tmp_path / "config.yaml").write_text('kubernetesVersion: "1.30"\nlogLevel: info\n')
     (tmp_path / "ca.pem").write_bytes(pki.ca_cert)
     (tmp_path / "ca-key.pem").write_bytes(pki.ca_key)
@@ -460,10 +482,19 @@ async def test_python_m_webhook_serve_streams_discovery_on_its_port_and_stops_on
     )  # fmt: skip
     assert proc.stderr is not None
     try:
-        async with asyncio.timeout(30):
-            while not (m := re.search(rb"event=discovery_listening address=(\[.*\])", await proc.stderr.readline())):
-                pass
-        _, port = json.loads(m.group(1))
+        yield Served(proc, proc.stderr, [])
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+
+
+async def test_python_m_webhook_serve_streams_discovery_on_its_port_and_stops_on_sigterm(
+    cluster: FakeCluster, pki: Pki, tmp_path: Path
+) -> None:
+    shop(cluster)
+    async with webhook_serve(cluster, pki, tmp_path) as served:
+        port = await served.address("discovery_listening")
         async with channel(port, pki.credentials("shop", "web")) as ch:
             s = Stream(ch)
             await s.send(subscribe=[ref("cart")])
@@ -473,10 +504,36 @@ async def test_python_m_webhook_serve_streams_discovery_on_its_port_and_stops_on
         # One watch per kind the catalog needs, whoever asks (and the trust anchors' namespaces).
         assert {w.plural for w in cluster.watchers} >= {"services", "endpointslices", "pods"}
         assert len([w for w in cluster.watchers if w.plural in ("services", "endpointslices", "pods")]) == 3
-        proc.send_signal(signal.SIGTERM)
+        served.proc.send_signal(signal.SIGTERM)
         async with asyncio.timeout(30):
-            assert await proc.wait() == 0
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
+            assert await served.proc.wait() == 0
+
+
+async def test_the_control_plane_is_ready_only_once_its_discovery_catalog_is_listed(
+    cluster: FakeCluster, pki: Pki, tmp_path: Path
+) -> None:
+    shop(cluster)
+    held = cluster.gates["endpointslices"] = asyncio.Event()  # the API server is slow to list EndpointSlices
+    async with webhook_serve(cluster, pki, tmp_path) as served:
+        port = await served.address("listening")
+        ctx = ssl.create_default_context(cadata=pki.ca_cert.decode())
+        ctx.check_hostname = False  # dialled by address; the chain is still verified (this test is about readiness)
+
+        def get(path: str) -> tuple[int, str]:
+            conn = http.client.HTTPSConnection("127.0.0.1", port, timeout=5, context=ctx)
+            try:
+                conn.request("GET", path, headers={"Host": SERVER_NAME})
+                resp = conn.getresponse()
+                return resp.status, resp.read().decode()
+            finally:
+                conn.close()
+
+        await asyncio.sleep(1.0)  # well past start-up: only the held list keeps it unready
+        assert await asyncio.to_thread(get, "/healthz") == (200, "ok\n")  # alive: no reason to restart it
+        status, why = await asyncio.to_thread(get, "/readyz")
+        assert status == 503 and "discovery catalog" in why
+        held.set()
+        deadline = time.monotonic() + 10
+        while (answer := await asyncio.to_thread(get, "/readyz")) != (200, "ready\n"):
+            assert time.monotonic() < deadline, f"still not ready once listed: {answer}"
+            await asyncio.sleep(0.05)
