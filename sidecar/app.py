@@ -75,12 +75,15 @@ class Proxy:
     discovered: set[ServiceKey] = field(default_factory=set)  # Services ever seen with a usable endpoint
     wall_clock: Callable[[], float] = time.time
     discovery_debug: Callable[[], dict[str, object]] | None = None  # the source's own state, if it tells
+    discovery_waiting: Callable[[], list[str]] | None = None  # what the first catalog still waits for
 
     def not_ready_because(self) -> list[str]:
         """Why /ready says no (empty: ready): starting or draining, no valid certificate, an upstream unknown."""
         why: list[str] = []
         if not self.ready:
             why.append("starting or draining")
+            if self.discovery_waiting is not None:
+                why.extend(self.discovery_waiting())
         if self.workload is not None and (problem := certificate_problem(self.workload.current, self.wall_clock())):
             why.append(problem)
         for up in self.config.upstreams:
@@ -343,6 +346,7 @@ async def serve(
         )
         metrics.discovery_age(plane.last_update_age)
         proxy.discovery_debug = plane.debug
+        proxy.discovery_waiting = plane.waiting_for
         source = plane
     else:
         raise StartupError(f"discovery source {cfg.discovery!r} is not available in this build")

@@ -45,6 +45,11 @@ RETRY_CAP = 10.0
 # Services subscribed because a call named them (not declared): bounded, since `:authority` comes from the app.
 # Past the bound, the oldest that turned out not to exist is unsubscribed to make room.
 MAX_ON_DEMAND = 1000
+# Still unready this long after start: say once, in the log, what the first answer lacks (readiness says it too).
+WAITING_WARN_S = 15.0
+# The label the injector puts on every meshed pod; the control plane knows only pods carrying it
+# (sidecar/discovery/objects.py INJECTED_LABEL, not imported: that module needs the Kubernetes client).
+INJECTED_LABEL = "kuberpc.io/injected"
 
 
 def retry_delay(failures: int, rng: random.Random, *, base: float = RETRY_BASE, cap: float = RETRY_CAP) -> float:
@@ -335,6 +340,28 @@ class ControlPlaneDiscovery:
             self._pod is None or self.view.selecting is not None
         )
 
+    def waiting_for(self) -> list[str]:
+        """What the first catalog (and so readiness) still waits for; empty once it has been published."""
+        if self._published:
+            return []
+        why = [
+            f"no answer yet from the control plane about upstream {k}"
+            for k in self._declared
+            if k not in self.view.answered
+        ]
+        if self._pod is not None and self.view.selecting is None:
+            why.append(
+                f"no answer yet from the control plane about the Services selecting pod {'/'.join(self._pod)} "
+                f"(it knows only pods labelled {INJECTED_LABEL}=true)"
+            )
+        if why and not self.current and self.last_error:
+            why.append(f"the control plane stream is down: {self.last_error}")
+        return why
+
+    def _warn_if_waiting(self) -> None:
+        if why := self.waiting_for():
+            log.warning("control plane discovery still not ready after_s=%g waiting_for=%r", WAITING_WARN_S, why)
+
     def debug(self) -> dict[str, object]:
         view = self.view
         return {
@@ -370,6 +397,8 @@ class ControlPlaneDiscovery:
             # Nothing to wait for (no declared upstream, no inbound): ready at once, Services come on demand.
             self._published = True
             publish(self.view.catalog())
+        else:
+            asyncio.get_running_loop().call_later(WAITING_WARN_S, self._warn_if_waiting)
         last: str | None = None  # ip:port of the replica the last stream went to
         while True:
             try:

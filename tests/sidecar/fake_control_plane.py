@@ -72,6 +72,9 @@ class FakeControlPlane(pb_grpc.DiscoveryServicer):
         self.requests: list[pb.WatchRequest] = []
         self.peers: list[str] = []
         self.refuse: str | None = None  # a status name: refuse every new Watch with it
+        # As the real control plane: a pod it has not seen (no kuberpc.io/injected=true label) is waited for,
+        # so `selecting` is not answered until pod_labels has it and something is pushed.
+        self.known_pods_only = False
 
     # ---- what tests change ----
 
@@ -121,7 +124,7 @@ class FakeControlPlane(pb_grpc.DiscoveryServicer):
                     for ref in c.services:
                         self._subscribe(s, (ref.namespace, ref.name))
                 s.outbox.put(pb.WatchResponse(claims=claims))
-            if s.pod is not None:
+            if s.pod is not None and self._knows(s.pod):
                 s.outbox.put(pb.WatchResponse(selecting=self._selecting(s.pod)))
 
     def _claiming(self, grpc_service: str) -> list[pb.ServiceRef]:
@@ -130,6 +133,9 @@ class FakeControlPlane(pb_grpc.DiscoveryServicer):
             for k, svc in sorted(self.services.items())
             if grpc_service in svc.policy.grpc_services
         ]
+
+    def _knows(self, pod: Key) -> bool:
+        return not self.known_pods_only or pod in self.pod_labels
 
     def _selecting(self, pod: Key) -> pb.Selecting:
         labels = self.pod_labels.get(pod, {})
@@ -165,6 +171,8 @@ class FakeControlPlane(pb_grpc.DiscoveryServicer):
                 s.outbox.put(pb.WatchResponse(claims=claims))
             if request.HasField("pod"):
                 s.pod = (request.pod.namespace, request.pod.name)
+                if not self._knows(s.pod):
+                    return
                 selecting = self._selecting(s.pod)
                 for ref in selecting.services:
                     self._subscribe(s, (ref.namespace, ref.name))

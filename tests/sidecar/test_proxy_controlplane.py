@@ -10,7 +10,7 @@ import contextlib
 import json
 import time
 import urllib.request
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -360,6 +360,59 @@ async def test_inbound_follows_the_services_selecting_the_pod_and_their_allow_ch
                 while not await denied():
                     assert time.monotonic() < deadline, "the allow change never took effect"
                     await asyncio.sleep(0.05)
+
+
+async def test_a_proxy_whose_pod_the_control_plane_does_not_know_says_so_until_it_does(
+    plane: FakeControlPlane, replica: RunningPlane, pki: Pki, caplog: pytest.LogCaptureFixture
+) -> None:
+    plane.known_pods_only = True
+    plane.set_service("default", "echo", echo())
+    debug_port = free_port()
+    with start_backend("a") as backend:
+        env = cp_env(
+            replica, pki, pki.server, KUBERPC_INBOUND_ADDR="127.0.0.1:0", KUBERPC_APP_PORT=str(backend.port),
+            POD_NAME="echo-0", KUBERPC_DEBUG_ADDR=f"127.0.0.1:{debug_port}",
+        )  # fmt: skip
+        stop = asyncio.Event()
+        started: asyncio.Future[Proxy] = asyncio.get_running_loop().create_future()
+        monkey = pytest.MonkeyPatch()
+        monkey.setattr("sidecar.discovery.controlplane.WAITING_WARN_S", 0.5)
+        task = asyncio.create_task(serve(config_mod.load(env), stop=stop, started=started))
+        try:
+
+            def reasons() -> list[str]:
+                with urllib.request.urlopen(f"http://127.0.0.1:{debug_port}/debug", timeout=5) as resp:
+                    why: list[str] = json.loads(resp.read())["not_ready_because"]
+                    return why
+
+            deadline = time.monotonic() + 10
+            while True:
+                why = await asyncio.to_thread(_or_empty, reasons)
+                if any("pod default/echo-0" in w for w in why):
+                    break
+                assert time.monotonic() < deadline, f"readiness never named the pod: {why}"
+                await asyncio.sleep(0.1)
+            assert any("kuberpc.io/injected=true" in w for w in why)
+            await asyncio.sleep(0.7)
+            assert not started.done()
+            assert "still not ready" in caplog.text and "pod default/echo-0" in caplog.text
+            with plane.lock:
+                plane.pod_labels[("default", "echo-0")] = {"app": "echo"}
+            plane.set_service("default", "echo", echo())  # any push: the pod is now known and answered
+            await asyncio.wait_for(asyncio.shield(started), 10)
+            assert started.result().not_ready_because() == []
+        finally:
+            monkey.undo()
+            stop.set()
+            await asyncio.wait_for(task, 15)
+
+
+def _or_empty(fetch: Callable[[], list[str]]) -> list[str]:
+    """`fetch()`, or [] while the debug listener is not bound yet."""
+    try:
+        return fetch()
+    except OSError:
+        return []
 
 
 async def test_an_authority_naming_a_service_not_yet_known_wins_over_a_known_grpc_service_claim(
