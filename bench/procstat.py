@@ -61,6 +61,20 @@ def cpu_seconds(pids: list[int]) -> float:
     return ticks / CLOCK_TICKS
 
 
+def cpu_seconds_ns(pid: int) -> float:
+    """CPU time of process `pid` (all its threads) from the scheduler's nanosecond clock
+    (/proc/<pid>/task/*/schedstat): for a near-idle process, where utime + stime's 10 ms ticks read 0."""
+    total = 0
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except FileNotFoundError:
+        return 0.0
+    for tid in tasks:
+        if (text := _read(f"/proc/{pid}/task/{tid}/schedstat")) is not None:
+            total += int(text.split()[0])
+    return total / 1e9
+
+
 def rss_kib(pid: int) -> int:
     """VmRSS of the tree rooted at `pid`, in KiB."""
     total = 0

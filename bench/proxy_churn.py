@@ -41,7 +41,7 @@ from bench.discovery import (
     probe,
     run_bounded,
 )
-from bench.procstat import cpu_seconds, rss_kib
+from bench.procstat import cpu_seconds_ns, rss_kib
 from e2e.cluster.control_plane import ControlPlane
 from sidecar.pki import KeyPair, create_ca, issue_workload
 from sidecar.spiffe import SpiffeId
@@ -74,7 +74,7 @@ class ProxyProcess:
     debug: int
 
     def cpu(self) -> float:
-        return cpu_seconds([self.proc.pid])
+        return cpu_seconds_ns(self.proc.pid)
 
     def rss_mib(self) -> float:
         return rss_kib(self.proc.pid) / 1024
@@ -152,7 +152,7 @@ async def cpu_over(proxies: list[ProxyProcess], seconds: float) -> dict[str, flo
     t0 = time.monotonic()
     await asyncio.sleep(seconds)
     elapsed = time.monotonic() - t0
-    return {p.name: round((p.cpu() - before[p.name]) / elapsed, 4) for p in proxies}
+    return {p.name: round((p.cpu() - before[p.name]) / elapsed, 6) for p in proxies}
 
 
 async def churn(api: Api, services: int, per_service: int, rate: float, seconds: float) -> int:
@@ -229,6 +229,20 @@ async def bench(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     return result
 
 
+def summary(r: dict[str, Any]) -> str:
+    """The README's sentence for a result (tests/bench/test_proxy_churn_results.py checks it is quoted)."""
+    cp, direct = "controlplane", "direct"
+    return (
+        f"With {r['churn_writes']} EndpointSlice writes to other Services over {r['churn_seconds']:g} s, the proxy "
+        f"fed by the control plane used **{r['churn_cpu_cores'][cp] * 1e6:.0f} µs of CPU per second** "
+        f"({r['idle_cpu_cores'][cp] * 1e6:.0f} idle), held {r['services_held'][cp]} Service and "
+        f"{r['rss_mib_after_churn'][cp]:g} MiB, and saw a change of its own Service in "
+        f"{r['change_to_proxy_s'][cp] * 1000:.0f} ms; the same proxy in direct mode used "
+        f"**{r['churn_cpu_cores'][direct]:.2f} of a core**, held {r['services_held'][direct]} Services and "
+        f"{r['rss_mib_after_churn'][direct]:g} MiB, and took {r['change_to_proxy_s'][direct] * 1000:.0f} ms."
+    )
+
+
 def step(what: str) -> None:
     print(f"{time.strftime('%H:%M:%S')} {what}", file=sys.stderr, flush=True)
 
@@ -252,6 +266,7 @@ def main(argv: list[str] | None = None) -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))
+    print(summary(result))
     return 0
 
 if __name__ == "__main__":
