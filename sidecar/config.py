@@ -7,10 +7,13 @@ Does no I/O beyond reading the mapping it is given (file paths are checked by th
 from __future__ import annotations
 
 import ipaddress
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from sidecar.address import Address as Address
+from sidecar.address import parse_address as parse_address
+from sidecar.address import parse_dial_address as parse_dial_address
+from sidecar.address import parse_port as parse_port
 from sidecar.model import Upstream
 from sidecar.policy import ACCESS_LOG_FORMATS, LOG_LEVELS, MAX_DRAIN_SECONDS, UpstreamsError, parse_upstreams
 
@@ -65,15 +68,6 @@ class ConfigError(ValueError):
 
 
 @dataclass(frozen=True, slots=True)
-class Address:
-    host: str
-    port: int
-
-    def __str__(self) -> str:
-        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
-
-
-@dataclass(frozen=True, slots=True)
 class TLSFiles:
     cert: str
     key: str
@@ -120,47 +114,11 @@ class Config:
     extra: Mapping[str, str] = field(default_factory=dict)
 
 
-_HOSTPORT = re.compile(r"^(?:\[(?P<v6>[0-9a-fA-F:.]+)\]|(?P<host>[^:\s]*)):(?P<port>\d{1,5})$")
-
-
 def _is_loopback(host: str) -> bool:
     try:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
-
-
-def parse_port(text: str, *, allow_zero: bool = False) -> int:
-    low = 0 if allow_zero else 1
-    if not text.isdigit() or not low <= int(text) <= 65535:
-        raise ValueError(f"{text!r} is not a port ({low}-65535)")
-    return int(text)
-
-
-def parse_address(text: str) -> Address:
-    """A listener address; port 0 binds any free port (tests)."""
-    m = _HOSTPORT.match(text.strip())
-    if not m:
-        raise ValueError(f"{text!r} is not host:port")
-    host = m.group("v6") or m.group("host") or "0.0.0.0"
-    return Address(host, parse_port(m.group("port"), allow_zero=True))
-
-
-_HOSTNAME = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9]([-A-Za-z0-9]{0,61}[A-Za-z0-9])?(\.[A-Za-z0-9]([-A-Za-z0-9]{0,61}[A-Za-z0-9])?)*$")
-
-
-def parse_dial_address(text: str) -> Address:
-    """A host name or IP and a port (1-65535) to connect to."""
-    m = _HOSTPORT.match(text.strip())
-    if not m or not (m.group("v6") or m.group("host")):
-        raise ValueError(f"{text!r} is not host:port")
-    host = m.group("v6") or m.group("host")
-    if not m.group("v6") and not _HOSTNAME.match(host):
-        raise ValueError(f"{text!r}: {host!r} is not a host name or IP address")
-    try:
-        return Address(host, parse_port(m.group("port")))
-    except ValueError as e:
-        raise ValueError(f"{text!r}: {e}") from e
 
 
 def load(environ: Mapping[str, str]) -> Config:

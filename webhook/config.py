@@ -14,6 +14,7 @@ from typing import Literal
 import yaml
 from kubernetes.utils.quantity import parse_quantity
 
+from sidecar.address import parse_dial_address
 from sidecar.spiffe import is_dns_label, is_trust_domain
 from webhook import __version__
 from webhook import annotations as a
@@ -37,7 +38,6 @@ KEYS = (
 # The apimachinery quantity grammar; kubernetes.utils.parse_quantity alone is too lenient
 # (it hands the number to Decimal, which accepts "NaN", "1_0" and surrounding spaces).
 _QUANTITY = re.compile(r"^[+]?(?:\d+(?:\.\d*)?|\.\d+)(?:[KMGTPE]i|[numkMGTPE]|[eE][+-]?\d+)?$")
-_HOSTPORT = re.compile(r"^[A-Za-z0-9.\-]+:(\d{1,5})$")
 _VERSION = re.compile(r"^v?(\d+)\.(\d+)")
 
 
@@ -181,9 +181,10 @@ def load_config(text: str, *, base: InjectorConfig | None = None) -> InjectorCon
         values["trust_domain"] = td
     for key, attr in (("identityAddr", "identity_addr"), ("discoveryAddr", "discovery_addr")):
         if (addr := _string(data, key, problems)) is not None:
-            m = _HOSTPORT.match(addr)
-            if not m or not 1 <= int(m.group(1)) <= 65535:
-                problems.append(f"{key}: {addr!r} is not host:port")
+            try:
+                parse_dial_address(addr)  # the proxy's own parser: it reads the value the injector sets
+            except ValueError as e:
+                problems.append(f"{key}: {e}")
             values[attr] = addr
     if (ns := _string(data, "controlPlaneNamespace", problems)) is not None:
         if not is_dns_label(ns):

@@ -30,7 +30,7 @@ def test_imports_flow_one_way_and_sidecar_and_webhook_stay_independent() -> None
         assert contract in out, f"contract not checked: {contract}"
 
 
-CONTRACT_MODULES = {"model", "status", "ports", "spiffe", "policy", "pki"}
+CONTRACT_MODULES = {"model", "status", "ports", "address", "spiffe", "policy", "pki"}
 SHARED_WATCHER = {"discovery.objects", "discovery.watch"}  # the one Kubernetes watcher (issue 16)
 
 

@@ -54,6 +54,36 @@ def test_the_discovery_address_is_read_and_checked() -> None:
     with pytest.raises(ConfigError) as e:
         load_config("discoveryAddr: nowhere\nidentityAddr: nor-here")
     assert e.value.problems == ["identityAddr: 'nor-here' is not host:port", "discoveryAddr: 'nowhere' is not host:port"]
+    with pytest.raises(ConfigError) as e:
+        load_config("identityAddr: '..:8081'")  # accepted before, refused by every proxy it was injected into
+    assert e.value.problems == ["identityAddr: '..:8081': '..' is not a host name or IP address"]
+
+
+@pytest.mark.parametrize(
+    "addr",
+    [
+        "identity.mesh.svc:9000", "10.0.0.1:8081", "[fd00::1]:8081", "..:8081", "-bad-.svc:8081", "a_b.svc:8081",
+        "host:0", "host:65536", ":8081", "host:", "host:80:80", " spaced.svc:8081", "x" * 254 + ":8081",
+    ],
+)  # fmt: skip
+def test_the_injector_accepts_an_address_exactly_when_the_proxy_would(addr: str) -> None:
+    """The injector writes identityAddr/discoveryAddr into every proxy's environment, where
+    sidecar.config.parse_dial_address reads it: an address one accepts and the other refuses would start
+    pods whose proxies cannot start."""
+    from sidecar.config import parse_dial_address
+
+    try:
+        parse_dial_address(addr)
+        proxy_accepts = True
+    except ValueError:
+        proxy_accepts = False
+    try:
+        load_config(f"identityAddr: {addr!r}\ndiscoveryAddr: {addr!r}")
+        injector_accepts = True
+    except ConfigError as e:
+        assert all(p.startswith(("identityAddr: ", "discoveryAddr: ")) for p in e.problems)
+        injector_accepts = False
+    assert injector_accepts == proxy_accepts
 
 
 def test_the_shipped_manifest_config_is_valid() -> None:
