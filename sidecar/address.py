@@ -21,7 +21,13 @@ class Address:
 
 
 _HOSTPORT = re.compile(r"^(?:\[(?P<v6>[0-9a-fA-F:.]+)\]|(?P<host>[^:\s]*)):(?P<port>\d{1,5})$")
-_HOSTNAME = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9]([-A-Za-z0-9]{0,61}[A-Za-z0-9])?(\.[A-Za-z0-9]([-A-Za-z0-9]{0,61}[A-Za-z0-9])?)*$")
+# Used with fullmatch (`$` would also match before a trailing newline).
+_HOSTNAME = re.compile(r"(?=.{1,253}\Z)[A-Za-z0-9](?:[-A-Za-z0-9]{0,61}[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[-A-Za-z0-9]{0,61}[A-Za-z0-9])?)*")
+
+
+def is_host_name(text: str) -> bool:
+    """An RFC 1123 host name (labels of letters, digits and inner hyphens, 253 characters at most)."""
+    return _HOSTNAME.fullmatch(text) is not None
 
 
 def parse_port(text: str, *, allow_zero: bool = False) -> int:
@@ -46,7 +52,7 @@ def parse_dial_address(text: str) -> Address:
     if not m or not (m.group("v6") or m.group("host")):
         raise ValueError(f"{text!r} is not host:port")
     host = m.group("v6") or m.group("host")
-    if not m.group("v6") and not _HOSTNAME.match(host):
+    if not m.group("v6") and not is_host_name(host):
         raise ValueError(f"{text!r}: {host!r} is not a host name or IP address")
     try:
         return Address(host, parse_port(m.group("port")))

@@ -9,15 +9,16 @@ import asyncio
 import ipaddress
 import logging
 import os
-import re
 from collections.abc import Callable, Mapping
 from typing import Any
 
 import yaml
 
+from sidecar.address import is_host_name
 from sidecar.discovery import ProblemLog, port_or_none
 from sidecar.model import DEFAULT_WEIGHT, MAX_WEIGHT, Catalog, Endpoint, EndpointSet, ServiceKey, selecting
 from sidecar.policy import parse_service_annotations
+from sidecar.spiffe import is_dns_label
 
 log = logging.getLogger(__name__)
 
@@ -26,10 +27,6 @@ try:
 except AttributeError:  # PyYAML built without libyaml
     _Loader = yaml.SafeLoader
 
-_DNS_LABEL = re.compile(r"[a-z0-9](?:[-a-z0-9]{0,61}[a-z0-9])?")
-_HOSTNAME = re.compile(
-    r"(?=.{1,253}$)[A-Za-z0-9](?:[-A-Za-z0-9]{0,61}[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[-A-Za-z0-9]{0,61}[A-Za-z0-9])?)*"
-)
 _TOP_KEYS = frozenset({"services"})
 _SERVICE_KEYS = frozenset({"name", "namespace", "ports", "annotations", "endpoints", "selector"})
 _ENDPOINT_KEYS = frozenset({"address", "port", "weight", "tls", "ready", "serving", "terminating", "pod"})
@@ -56,7 +53,7 @@ def _parse_endpoint(raw: object, where: str, problems: list[str]) -> Endpoint | 
     address = raw.get("address")
     if isinstance(address, str):
         address = address.strip().strip("[]")
-    ok_address = isinstance(address, str) and (_is_ip(address) or bool(_HOSTNAME.fullmatch(address)))
+    ok_address = isinstance(address, str) and (_is_ip(address) or bool(is_host_name(address)))
     port = port_or_none(raw.get("port"))
     if not ok_address:
         problems.append(
@@ -117,11 +114,11 @@ def _parse_service(raw: object, index: int, namespace: str, problems: list[str])
         problems.append(f"{where}: expected a mapping with name, ports, endpoints; got {raw!r}")
         return None
     name = raw.get("name")
-    if not isinstance(name, str) or not _DNS_LABEL.fullmatch(name):
+    if not isinstance(name, str) or not is_dns_label(name):
         problems.append(f"{where}: name: {name!r} is not a Service name (a DNS label) (service skipped)")
         return None
     ns = raw.get("namespace", namespace)
-    if not isinstance(ns, str) or not _DNS_LABEL.fullmatch(ns):
+    if not isinstance(ns, str) or not is_dns_label(ns):
         problems.append(
             f"{where} ({name}): namespace: {ns!r} is not a namespace (a DNS label) (service skipped)"
         )
