@@ -55,9 +55,11 @@ class Forwarder:
         async def close() -> None:
             if self._server is not None:
                 self._server.close()
-            for task in asyncio.all_tasks():
-                if task is not asyncio.current_task():
-                    task.cancel()
+            tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for task in tasks:
+                task.cancel()
+            # Let them end before the loop stops: a task stopped mid-cancel is reported as destroyed while pending.
+            await asyncio.gather(*tasks, return_exceptions=True)
 
         with contextlib.suppress(Exception):
             asyncio.run_coroutine_threadsafe(close(), self._loop).result(5)
@@ -69,6 +71,14 @@ class Forwarder:
         return socket.create_connection(self._target, timeout=10)
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            await self._relay(reader, writer)
+        except asyncio.CancelledError:
+            # Only __exit__ cancels: the connection ends with the forwarder. Returning (not re-raising) keeps
+            # asyncio's client_connected_cb callback from printing a CancelledError traceback per connection.
+            writer.close()
+
+    async def _relay(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             sock = await self._loop.run_in_executor(self._inside, self._connect)
         except OSError:
