@@ -344,3 +344,10 @@ def test_killing_one_of_two_control_plane_replicas_fails_no_call(example: Kube, 
     outcomes = traffic.finish()
     assert not failures(outcomes), collections.Counter(outcomes)
     assert seen is not None, "a change after the replica's death never reached the client's proxy"
+    # The runner restarts the killed replica; it is ready again once its catalog is listed (/readyz). The tests
+    # after this one find the control plane as they would have without it.
+    example.wait(
+        "both control-plane replicas ready again",
+        lambda: example.get("deploy", "kuberpc-webhook", "-n", "kuberpc-system")["status"].get("readyReplicas", 0) == 2,
+        timeout=90,
+    )
