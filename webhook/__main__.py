@@ -88,6 +88,13 @@ def _parser() -> argparse.ArgumentParser:
         "off without the identity CA key or Kubernetes credentials",
     )
     s.add_argument(
+        "--catalog-ready-grace",
+        type=float,
+        default=60.0,
+        help="seconds /readyz waits for the discovery catalog's first list before answering ready anyway, so "
+        "that injection and certificates keep working while the API server cannot be listed (default 60)",
+    )
+    s.add_argument(
         "--shutdown-delay",
         type=float,
         default=3.0,
@@ -203,9 +210,26 @@ async def _serve(
     elif ca is not None:
         log.warning("event=discovery_service_off reason=no_kubernetes_credentials")
 
+    # Readiness waits for the catalog's first list (a replica would answer proxies with nothing), but only for a
+    # grace period: the webhook and the identity service share the Service and need no catalog, and a control
+    # plane that cannot list (RBAC drift, an API server down at start) must still inject pods and issue
+    # certificates. Discovery streams wait for the list themselves (DiscoveryService.Watch).
+    ready_by = time.monotonic() + args.catalog_ready_grace
+    warned = False
+
     def not_ready() -> list[str]:
-        if catalog is not None and not catalog.synced.is_set():
+        nonlocal warned
+        if catalog is None or catalog.synced.is_set():
+            return []
+        if time.monotonic() < ready_by:
             return ["the discovery catalog has not listed Services, EndpointSlices and Pods yet"]
+        if not warned:
+            warned = True
+            log.warning(
+                "event=ready_without_catalog grace_s=%g reason=the discovery catalog has not been listed; "
+                "injection and identity serve, discovery streams wait",
+                args.catalog_ready_grace,
+            )
         return []
 
     app = create_app(

@@ -17,6 +17,7 @@ import sys
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -448,21 +449,26 @@ class Served:
 
     async def address(self, event: str) -> int:
         """The port `event` (e.g. `listening`, `discovery_listening`) says was bound, read from the log."""
-        pattern = re.compile(rb"event=" + event.encode() + rb" address=(\[.*\])")
+        m = re.search(rb"address=(\[.*\])", await self.line(f"event={event} address="))
+        assert m is not None
+        return int(json.loads(m.group(1))[1])
+
+    async def line(self, needle: str) -> bytes:
+        """The first log line holding `needle`, waiting up to 30 s for it."""
         for line in self.lines:
-            if m := pattern.search(line):
-                return int(json.loads(m.group(1))[1])
+            if needle.encode() in line:
+                return line
         async with asyncio.timeout(30):
             while True:
                 line = await self.stderr.readline()
                 assert line, f"the control plane exited: {b''.join(self.lines).decode(errors='replace')[-2000:]}"
                 self.lines.append(line)
-                if m := pattern.search(line):
-                    return int(json.loads(m.group(1))[1])
+                if needle.encode() in line:
+                    return line
 
 
 @contextlib.asynccontextmanager
-async def webhook_serve(cluster: FakeCluster, pki: Pki, tmp_path: Path) -> AsyncIterator[Served]:
+async def webhook_serve(cluster: FakeCluster, pki: Pki, tmp_path: Path, *extra: str) -> AsyncIterator[Served]:
     """`python -m webhook serve` as the Deployment runs it (identity, discovery), against the fake API server."""
     (tmp_path / "config.yaml").write_text('kubernetesVersion: "1.30"\nlogLevel: info\n')
     (tmp_path / "ca.pem").write_bytes(pki.ca_cert)
@@ -477,7 +483,7 @@ async def webhook_serve(cluster: FakeCluster, pki: Pki, tmp_path: Path) -> Async
         "--tls-cert", str(tmp_path / "tls.crt"), "--tls-key", str(tmp_path / "tls.key"), "--host", "127.0.0.1",
         "--port", "0", "--identity-port", "0", "--discovery-port", "0", "--shutdown-delay", "0",
         "--trust-anchors", str(tmp_path / "ca.pem"), "--identity-ca-key", str(tmp_path / "ca-key.pem"),
-        "--identity-ca-cert", str(tmp_path / "ca.pem"),
+        "--identity-ca-cert", str(tmp_path / "ca.pem"), *extra,
         cwd=Path(__file__).parents[2], env=env, stderr=asyncio.subprocess.PIPE,
     )  # fmt: skip
     assert proc.stderr is not None
@@ -515,19 +521,7 @@ async def test_the_control_plane_is_ready_only_once_its_discovery_catalog_is_lis
     shop(cluster)
     held = cluster.gates["endpointslices"] = asyncio.Event()  # the API server is slow to list EndpointSlices
     async with webhook_serve(cluster, pki, tmp_path) as served:
-        port = await served.address("listening")
-        ctx = ssl.create_default_context(cadata=pki.ca_cert.decode())
-        ctx.check_hostname = False  # dialled by address; the chain is still verified (this test is about readiness)
-
-        def get(path: str) -> tuple[int, str]:
-            conn = http.client.HTTPSConnection("127.0.0.1", port, timeout=5, context=ctx)
-            try:
-                conn.request("GET", path, headers={"Host": SERVER_NAME})
-                resp = conn.getresponse()
-                return resp.status, resp.read().decode()
-            finally:
-                conn.close()
-
+        get = partial(https_get, pki, await served.address("listening"))
         await asyncio.sleep(1.0)  # well past start-up: only the held list keeps it unready
         assert await asyncio.to_thread(get, "/healthz") == (200, "ok\n")  # alive: no reason to restart it
         status, why = await asyncio.to_thread(get, "/readyz")
@@ -537,3 +531,32 @@ async def test_the_control_plane_is_ready_only_once_its_discovery_catalog_is_lis
         while (answer := await asyncio.to_thread(get, "/readyz")) != (200, "ready\n"):
             assert time.monotonic() < deadline, f"still not ready once listed: {answer}"
             await asyncio.sleep(0.05)
+
+
+async def test_a_control_plane_that_cannot_list_is_ready_after_the_grace_so_injection_and_identity_serve(
+    cluster: FakeCluster, pki: Pki, tmp_path: Path
+) -> None:
+    shop(cluster)
+    cluster.gates["endpointslices"] = asyncio.Event()  # never answered: the list hangs for good
+    async with webhook_serve(cluster, pki, tmp_path, "--catalog-ready-grace", "2") as served:
+        get = partial(https_get, pki, await served.address("listening"))
+        status, why = await asyncio.to_thread(get, "/readyz")
+        assert status == 503 and "discovery catalog" in why
+        deadline = time.monotonic() + 15
+        while (answer := await asyncio.to_thread(get, "/readyz")) != (200, "ready\n"):
+            assert time.monotonic() < deadline, f"never ready after the grace: {answer}"
+            await asyncio.sleep(0.1)
+        await served.line("event=ready_without_catalog")  # said once, in the log
+
+
+def https_get(pki: Pki, port: int, path: str) -> tuple[int, str]:
+    """GET `path` from the webhook's HTTPS port: (status, body)."""
+    ctx = ssl.create_default_context(cadata=pki.ca_cert.decode())
+    ctx.check_hostname = False  # dialled by address; the chain is still verified (these tests are about readiness)
+    conn = http.client.HTTPSConnection("127.0.0.1", port, timeout=5, context=ctx)
+    try:
+        conn.request("GET", path, headers={"Host": SERVER_NAME})
+        resp = conn.getresponse()
+        return resp.status, resp.read().decode()
+    finally:
+        conn.close()
