@@ -639,15 +639,26 @@ class Relay:
 
     def placed_late(self, stream: MeshStream, headers: Headers, target: Target) -> bool:
         """For a call routed only after it was accepted (sidecar/ondemand.py: its Service was not known yet):
-        what routing at arrival would have given it. The Service's default deadline when the caller set none,
-        counted from the call's arrival, is added to `headers` (about to be forwarded) and enforced here; the
-        retry budget gets the call's deposit. False when that deadline has already passed (the call is then
-        answered DEADLINE_EXCEEDED) or the call is over."""
+        what routing at arrival would have given it, counted from the call's arrival. The caller's
+        `grpc-timeout` in `headers` (about to be forwarded) is cut by the time spent waiting; with none, the
+        Service's default deadline is added and enforced here. The retry budget gets the call's deposit.
+        False when the deadline has already passed (the call is then answered DEADLINE_EXCEEDED) or the call
+        is over."""
         call = stream.call
         if call is None or call.down is None:
             return False
-        if call.timeout is None and target.timeout is not None:
-            left = target.timeout - (self.clock() - call.start)
+        waited = self.clock() - call.start
+        at = next((i for i, (name, _) in enumerate(headers) if name == b"grpc-timeout"), -1)
+        if at >= 0:
+            # The caller's own (a malformed one stays as it is, as at arrival, and adds no default).
+            if call.timeout is not None:
+                left = call.timeout - waited
+                if left <= 0:
+                    self._fail(call, DEADLINE_EXCEEDED, "deadline exceeded")
+                    return False
+                headers[at] = (b"grpc-timeout", format_grpc_timeout(left))
+        elif target.timeout is not None:
+            left = target.timeout - waited
             call.timeout = target.timeout
             if left <= 0:
                 self._fail(call, DEADLINE_EXCEEDED, "deadline exceeded (kuberpc.io/timeout)")

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import threading
 import time
 import urllib.request
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -226,6 +227,32 @@ async def test_the_first_call_to_a_service_named_on_demand_gets_the_services_def
             assert took < 2.0, f"the Service's 0.5 s deadline was not applied ({took:.2f} s)"
             seen = backend.state.seen_deadline[0]
             assert seen is not None and seen <= 0.5, f"the app was not told the deadline ({seen})"
+
+
+async def test_the_callers_deadline_is_cut_by_the_time_the_first_call_waited_for_the_control_plane(
+    plane: FakeControlPlane, replica: RunningPlane, pki: Pki, tmp_path: Path
+) -> None:
+    with start_backend("a") as backend:
+        async with server_side(pki, backend, tmp_path, "a") as srv, cp_proxy(cp_env(replica, pki)) as client:
+            plane.set_service("default", "echo", echo(endpoint("127.0.0.1", srv.inbound_port)))
+            opts = [*GRPC_OPTIONS, ("grpc.default_authority", "echo.default:50051")]
+            held = threading.Event()
+
+            def slow_control_plane() -> None:
+                with plane.lock:  # the fake answers subscriptions under this lock: 1 s late
+                    held.set()
+                    time.sleep(1.0)
+
+            holder = threading.Thread(target=slow_control_plane)
+            holder.start()
+            held.wait(5)
+            try:
+                async with grpc.aio.insecure_channel(outbound(client), options=opts) as ch:
+                    assert await ch.unary_unary("/test.Echo/Unary")(b"x", timeout=3.0) == b"x"  # type: ignore[arg-type]
+            finally:
+                holder.join()
+            seen = backend.state.seen_deadline[0]
+            assert seen is not None and 1.0 < seen < 2.2, f"the app was told {seen} s of a 3 s call that waited 1 s"
 
 
 async def test_the_first_call_to_a_service_named_on_demand_is_retried_by_the_services_policy(
