@@ -33,6 +33,9 @@ TIMEOUT = PREFIX + "timeout"
 RETRY = PREFIX + "retry"
 RETRY_BUDGET = PREFIX + "retry-budget"
 EXPORT_GRPC_SERVICES = PREFIX + "export-grpc-services"
+# The injector's mark on every meshed pod (label value "true"; as an annotation, the injector's version): the
+# control plane watches and knows only pods labelled so.
+INJECTED = PREFIX + "injected"
 SERVICE_KEYS = (LB, GRPC_SERVICES, ALLOW, TIMEOUT, RETRY, RETRY_BUDGET, EXPORT_GRPC_SERVICES)
 
 # gRPC status codes by their kebab-case annotation names; OK is not retryable.

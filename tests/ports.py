@@ -27,6 +27,8 @@ def _ephemeral_low() -> int:
 def free_port(host: str = "127.0.0.1") -> int:
     """A TCP port on `host` that is free now, outside the ephemeral range, and not returned before in this run."""
     high = _ephemeral_low() - 1
+    if high < 2048:  # an ephemeral range starting this low leaves no room below it: use the top of the ports
+        high = 65535
     low = max(1024, high - 12000)
     rng = random.Random()
     for _ in range(500):
@@ -42,3 +44,8 @@ def free_port(host: str = "127.0.0.1") -> int:
         _handed_out.add(port)
         return port
     raise RuntimeError(f"no free port in {low}-{high} on {host} after 500 tries")
+
+
+def dead_port(host: str = "127.0.0.1") -> int:
+    """A port nothing listens on (a dead app or proxy), which no listener of this run will be given either."""
+    return free_port(host)

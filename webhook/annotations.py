@@ -46,7 +46,7 @@ INJECT_ENABLED: Final = "enabled"
 INJECT_DISABLED: Final = "disabled"
 
 # --- written by the injector ---
-INJECTED: Final = PREFIX + "injected"  # annotation: the injector's version; label: "true"
+INJECTED: Final = policy.INJECTED  # annotation: the injector's version; label: "true"
 INJECTED_LABEL_VALUE: Final = "true"
 DEFAULT_CONTAINER: Final = "kubectl.kubernetes.io/default-container"
 PROMETHEUS_SCRAPE: Final = "prometheus.io/scrape"

@@ -24,6 +24,7 @@ import grpc
 from prometheus_client import CollectorRegistry, Counter
 
 from proto import identity_pb2, identity_pb2_grpc
+from sidecar.address import parse_dial_address
 from webhook import annotations as a
 from webhook.identity import (
     CertificateAuthority,
@@ -246,9 +247,9 @@ def peer_host(peer: str) -> str:
 def identity_dns_names(namespace: str, identity_addr: str = "") -> list[str]:
     """The names proxies may dial the service by: the webhook Service's, and the host of `identityAddr`."""
     names = [f"{a.WEBHOOK_NAME}.{namespace}.svc", f"{a.WEBHOOK_NAME}.{namespace}.svc.cluster.local"]
-    host = identity_addr.rpartition(":")[0]
+    host = parse_dial_address(identity_addr).host if identity_addr else ""  # the proxy's parser (config checked it)
     try:
-        ipaddress.ip_address(host.strip("[]"))
+        ipaddress.ip_address(host)
     except ValueError:
         if host and host not in names:
             names.append(host)

@@ -32,7 +32,7 @@ from sidecar.model import (
     ServiceKey,
     ServicePolicy,
 )
-from sidecar.policy import GRPC_CODES
+from sidecar.policy import GRPC_CODES, INJECTED
 
 log = logging.getLogger(__name__)
 
@@ -47,9 +47,7 @@ RETRY_CAP = 10.0
 MAX_ON_DEMAND = 1000
 # Still unready this long after start: say once, in the log, what the first answer lacks (readiness says it too).
 WAITING_WARN_S = 15.0
-# The label the injector puts on every meshed pod; the control plane knows only pods carrying it
-# (sidecar/discovery/objects.py INJECTED_LABEL, not imported: that module needs the Kubernetes client).
-INJECTED_LABEL = "kuberpc.io/injected"
+
 
 
 def retry_delay(failures: int, rng: random.Random, *, base: float = RETRY_BASE, cap: float = RETRY_CAP) -> float:
@@ -352,7 +350,7 @@ class ControlPlaneDiscovery:
         if self._pod is not None and self.view.selecting is None:
             why.append(
                 f"no answer yet from the control plane about the Services selecting pod {'/'.join(self._pod)} "
-                f"(it knows only pods labelled {INJECTED_LABEL}=true)"
+                f"(it knows only pods labelled {INJECTED}=true)"
             )
         if why and not self.current and self.last_error:
             why.append(f"the control plane stream is down: {self.last_error}")
@@ -393,12 +391,20 @@ class ControlPlaneDiscovery:
             ",".join(str(k) for k in self._declared) or "-",
             "/".join(self._pod) if self._pod else "-",
         )
+        warn: asyncio.TimerHandle | None = None
         if self._initial_answered():
             # Nothing to wait for (no declared upstream, no inbound): ready at once, Services come on demand.
             self._published = True
             publish(self.view.catalog())
         else:
-            asyncio.get_running_loop().call_later(WAITING_WARN_S, self._warn_if_waiting)
+            warn = asyncio.get_running_loop().call_later(WAITING_WARN_S, self._warn_if_waiting)
+        try:
+            await self._stream_forever()
+        finally:
+            if warn is not None:
+                warn.cancel()
+
+    async def _stream_forever(self) -> None:
         last: str | None = None  # ip:port of the replica the last stream went to
         while True:
             try:

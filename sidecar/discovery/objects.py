@@ -13,11 +13,10 @@ from typing import Generic, TypeVar
 
 from sidecar.discovery import port_or_none
 from sidecar.model import DEFAULT_WEIGHT, Catalog, Endpoint, EndpointSet, ServiceKey, selecting
-from sidecar.policy import PREFIX, parse_service_annotations, parse_weight
+from sidecar.policy import INJECTED, PREFIX, WEIGHT, parse_service_annotations, parse_weight
 from sidecar.ports import INBOUND_PORT
 
-INJECTED_LABEL = PREFIX + "injected"  # set to "true" by the webhook on every meshed pod
-WEIGHT = PREFIX + "weight"
+INJECTED_LABEL = INJECTED  # set to "true" by the webhook on every meshed pod
 SERVICE_NAME_LABEL = "kubernetes.io/service-name"  # set by Kubernetes on every EndpointSlice of a Service
 # Service ports whose appProtocol says the backend speaks HTTP/2 (gRPC) in plaintext.
 GRPC_APP_PROTOCOLS = frozenset({"grpc", "h2c", "kubernetes.io/h2c", "http2"})

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import socket
 import ssl
 import urllib.request
 from collections import Counter
@@ -15,6 +14,7 @@ import grpc
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from tests.ports import dead_port
 from tests.sidecar.harness import (
     GRPC_OPTIONS,
     Backend,
@@ -89,10 +89,7 @@ async def test_calls_are_shared_across_replicas_exactly_by_weight(mesh_certs: Me
 
 
 async def test_the_app_being_down_is_unavailable_naming_the_service_and_the_endpoint(mesh_certs: MeshCerts, tmp_path: Path) -> None:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        dead_port = s.getsockname()[1]  # closed when the block ends: nothing listens there
-    async with run_pair(mesh_certs, dead_port, tmp_path) as p:
+    async with run_pair(mesh_certs, dead_port(), tmp_path) as p:
         call = await unary(p.target)
         assert await call.code() == grpc.StatusCode.UNAVAILABLE
         # The endpoint's proxy refused the call unprocessed (its app is down) and there was no other endpoint.
@@ -235,12 +232,9 @@ async def test_drain_lets_an_in_flight_call_finish_and_refuses_new_connections(p
 async def test_a_call_whose_endpoint_cannot_be_reached_is_placed_on_another(
     mesh_certs: MeshCerts, backend: Backend, tmp_path: Path
 ) -> None:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        dead_port = s.getsockname()[1]
     async with run_pair(mesh_certs, backend.port, tmp_path) as p:
         alive = {"address": "127.0.0.1", "port": p.server_side.inbound_port, "tls": True}
-        dead = {"address": "127.0.0.1", "port": dead_port, "tls": True}
+        dead = {"address": "127.0.0.1", "port": dead_port(), "tls": True}
         p.discovery.write_text(
             endpoints_yaml({"echo.default": [dead, alive]}, {"echo.default": {"kuberpc.io/grpc-services": "test.Echo"}})
         )

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import socket
 import urllib.request
 from collections.abc import AsyncIterator, Iterator
 from concurrent import futures
@@ -27,6 +26,7 @@ from sidecar.balancer import CONSECUTIVE_FAILURES
 from sidecar.pool import PEER_KEEPALIVE_S
 from sidecar.relay import MAX_PLACEMENTS
 from sidecar.retry import MAX_ATTEMPTS, MAX_REPLAY_BYTES
+from tests.ports import dead_port
 from tests.sidecar.h2peer import client_tls, connect, grpc_frame, request_headers
 from tests.sidecar.harness import (
     GRPC_OPTIONS,
@@ -73,12 +73,6 @@ def app() -> Iterator[App]:
         yield state
     finally:
         server.stop(0)
-
-
-def dead_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])  # closed when the block ends: nothing listens there
 
 
 @dataclass

@@ -6,10 +6,10 @@ import asyncio
 import contextlib
 import io
 import json
-import socket
 
 import grpc
 
+from tests.ports import dead_port
 from tests.sidecar.harness import Pair, backend, mesh_certs, pair, wait_for
 from tests.sidecar.test_mesh import channel
 from webhook.cli.main import main
@@ -63,9 +63,7 @@ async def test_top_aggregates_the_calls_by_route_and_peer(pair: Pair) -> None:
 
 
 def test_tap_of_a_proxy_that_does_not_answer_fails_naming_it() -> None:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        dead = f"127.0.0.1:{s.getsockname()[1]}"
+    dead = f"127.0.0.1:{dead_port()}"
     err = io.StringIO()
 
     code = main(["tap", "--admin", dead, "--seconds", "1"], stdout=io.StringIO(), stderr=err)

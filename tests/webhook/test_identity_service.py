@@ -34,6 +34,7 @@ from prometheus_client import CollectorRegistry
 from proto import identity_pb2, identity_pb2_grpc
 from sidecar import pki
 from sidecar.pki import KeyPair
+from tests.ports import dead_port
 from webhook.identity import (
     CertificateAuthority,
     CertifyError,
@@ -99,12 +100,6 @@ def api_client(url: str) -> client.ApiClient:
     conf = client.Configuration()
     conf.host = url.rstrip("/")
     return client.ApiClient(conf)
-
-
-def closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def csr(key: ec.EllipticCurvePrivateKey) -> bytes:
@@ -265,7 +260,7 @@ async def test_a_malformed_request_is_invalid_argument_and_costs_no_token_review
 
 
 async def test_an_unreachable_api_is_unavailable_so_the_proxy_retries(mesh: Mesh) -> None:
-    with api_client(f"http://127.0.0.1:{closed_port()}") as api:
+    with api_client(f"http://127.0.0.1:{dead_port()}") as api:
         review = partial(review_token, api, audience="kuberpc-identity", request_timeout=2.0)
         async with running_service(mesh, review) as live:
             assert await code_of(live.certify(SHOP_TOKEN)) == grpc.StatusCode.UNAVAILABLE
