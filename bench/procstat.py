@@ -63,7 +63,8 @@ def cpu_seconds(pids: list[int]) -> float:
 
 def cpu_seconds_ns(pid: int) -> float:
     """CPU time of process `pid` (all its threads) from the scheduler's nanosecond clock
-    (/proc/<pid>/task/*/schedstat): for a near-idle process, where utime + stime's 10 ms ticks read 0."""
+    (/proc/<pid>/task/*/schedstat): for a near-idle process, where utime + stime's 10 ms ticks read 0. Threads that
+    have exited are not counted (the proxy keeps none that come and go: asyncio's resolver threads live on)."""
     total = 0
     try:
         tasks = os.listdir(f"/proc/{pid}/task")
