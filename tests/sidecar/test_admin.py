@@ -1,23 +1,27 @@
 """The admin server's HTTP contract: each route, its status codes, and who may ask for shutdown.
 
-Served for real on 127.0.0.1 port 0 and called with an aiohttp client.
+Served for real on 127.0.0.1 port 0 and called with an aiohttp client; HTTP/1.1's own edges (keep-alive, HEAD,
+malformed and oversize requests, timeouts, slow readers) with raw sockets and h11 as the client.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import socket
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Iterator, Mapping
 from dataclasses import dataclass, field
+from functools import partial
 
 import aiohttp
+import h11
 import pytest
 from prometheus_client import CollectorRegistry, Counter
 from prometheus_client.parser import text_string_to_metric_families
 
-from sidecar.admin import AdminServer, is_loopback_peer
+from sidecar.admin import AdminServer, HttpLimits, accepts_gzip, is_loopback_peer
 
 
 @dataclass
@@ -303,3 +307,315 @@ def test_the_debug_listener_must_be_a_loopback_address(address: str) -> None:
         config_mod.load({**base, "KUBERPC_DEBUG_ADDR": address})
     assert config_mod.load(base).debug == config_mod.Address("127.0.0.1", 15091)
     assert config_mod.load({**base, "KUBERPC_DEBUG_ADDR": "off"}).debug is None
+
+
+# ---- HTTP/1.1 itself: what h11 and the connection glue promise, on raw sockets -----------------------------
+
+
+@dataclass
+class Answer:
+    status: int
+    headers: dict[str, str]
+    body: bytes
+
+
+async def read_answer(reader: asyncio.StreamReader, conn: h11.Connection, *, chunk: int = 65536) -> Answer:
+    """The next complete response on `conn` (a client-side h11 connection fed from `reader`)."""
+    head: h11.Response | None = None
+    body = bytearray()
+    while True:
+        event = conn.next_event()
+        if event is h11.NEED_DATA:
+            conn.receive_data(await reader.read(chunk))
+        elif isinstance(event, h11.Response):
+            head = event
+        elif isinstance(event, h11.Data):
+            body += event.data
+        elif isinstance(event, h11.EndOfMessage):
+            assert head is not None
+            headers = {k.decode(): v.decode() for k, v in head.headers}
+            return Answer(head.status_code, headers, bytes(body))
+        else:
+            raise AssertionError(f"unexpected {event!r} before the end of the response")
+
+
+async def raw(port: int, data: bytes) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(data)
+    return reader, writer
+
+
+async def until_closed(reader: asyncio.StreamReader) -> bytes:
+    """Everything the server sends until it closes the connection (a reset counts as closed)."""
+    out = bytearray()
+    try:
+        while chunk := await asyncio.wait_for(reader.read(65536), 5):
+            out += chunk
+    except ConnectionResetError:
+        pass
+    return bytes(out)
+
+
+async def test_head_answers_what_get_would_without_the_body(served: Served) -> None:
+    reader, writer = await raw(served.server.port, b"HEAD /live HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    reply = await until_closed(reader)
+    writer.close()
+
+    assert reply.startswith(b"HTTP/1.1 200 OK\r\n")
+    assert b"content-length: 4\r\n" in reply.lower()
+    assert reply.endswith(b"\r\n\r\n")  # and no "live" after the head
+
+
+async def test_one_kept_alive_connection_answers_requests_in_turn(served: Served) -> None:
+    served.probe.is_ready = True
+    Counter("demo_events", "Events.", registry=served.registry).inc()
+    client = h11.Connection(h11.CLIENT)
+    reader, writer = await asyncio.open_connection("127.0.0.1", served.server.port)
+    answers = []
+    for path in ("/live", "/ready", "/metrics"):
+        writer.write(client.send(h11.Request(method="GET", target=path, headers=[("host", "x")])))
+        writer.write(client.send(h11.EndOfMessage()))
+        answers.append(await read_answer(reader, client))
+        client.start_next_cycle()
+    writer.close()
+
+    assert [(a.status, a.body[:5]) for a in answers] == [(200, b"live"), (200, b"ready"), (200, b"# HEL")]
+
+
+async def test_pipelined_requests_are_answered_in_order(served: Served) -> None:
+    reader, writer = await raw(
+        served.server.port,
+        b"GET /ready HTTP/1.1\r\nHost: x\r\n\r\nGET /live HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    )
+    reply = await until_closed(reader)
+    writer.close()
+
+    assert reply.startswith(b"HTTP/1.1 503 ")
+    assert reply.endswith(b"\r\n\r\nlive")
+
+
+async def test_a_malformed_request_answers_400_and_the_connection_is_closed(served: Served) -> None:
+    reader, writer = await raw(served.server.port, b"GET /live HTTP/1.1\r\nHost x\r\n\r\n")
+    reply = await until_closed(reader)
+    writer.close()
+
+    assert reply.startswith(b"HTTP/1.1 400 ")
+
+
+async def test_a_request_head_over_the_limit_is_refused_with_431_and_closed(served: Served) -> None:
+    huge = b"x-filler: " + b"a" * (HttpLimits().max_head + 1) + b"\r\n"
+    reader, writer = await raw(served.server.port, b"GET /live HTTP/1.1\r\nHost: x\r\n" + huge)
+    reply = await until_closed(reader)
+    writer.close()
+
+    assert reply.startswith(b"HTTP/1.1 431 ")
+
+
+async def test_a_request_body_over_the_limit_is_refused_with_413_and_closed(served: Served) -> None:
+    size = HttpLimits().max_body + 1
+    head = f"POST /shutdown HTTP/1.1\r\nHost: x\r\nContent-Length: {size}\r\n\r\n".encode()
+    reader, writer = await raw(served.server.port, head + b"z" * size)
+    reply = await until_closed(reader)
+    writer.close()
+
+    assert reply.startswith(b"HTTP/1.1 413 ")
+    assert served.probe.shutdowns == 0
+
+
+async def test_a_client_expecting_100_continue_is_told_to_send_its_body(served: Served) -> None:
+    head = b"POST /shutdown HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\nExpect: 100-continue\r\n\r\n"
+    reader, writer = await raw(served.server.port, head)
+    assert await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5) == b"HTTP/1.1 100 \r\n\r\n"
+    writer.write(b"{}")
+    client = h11.Connection(h11.CLIENT)
+    client.send(h11.Request(method="POST", target="/shutdown", headers=[("host", "x"), ("content-length", "2")]))
+    client.send(h11.Data(data=b"{}"))
+    client.send(h11.EndOfMessage())
+    answer = await read_answer(reader, client)
+    writer.close()
+
+    assert (answer.status, served.probe.shutdowns) == (202, 1)
+
+
+@pytest.fixture
+async def impatient() -> AsyncIterator[AdminServer]:
+    """A server whose connections time out within a test's patience."""
+    server = AdminServer(
+        registry=CollectorRegistry(), ready=lambda: True, debug=dict, shutdown=lambda: None,
+        limits=HttpLimits(keepalive_s=0.2, request_s=0.3, write_s=0.3),
+    )  # fmt: skip
+    await server.start("127.0.0.1", 0)
+    try:
+        yield server
+    finally:
+        await server.close()
+
+
+async def test_an_idle_kept_alive_connection_is_closed_after_the_keepalive_timeout(impatient: AdminServer) -> None:
+    reader, writer = await raw(impatient.port, b"GET /live HTTP/1.1\r\nHost: x\r\n\r\n")
+    reply = await until_closed(reader)  # the answer, then nothing more: the server closes after keepalive_s
+    writer.close()
+
+    assert reply.startswith(b"HTTP/1.1 200 ") and reply.endswith(b"live")
+
+
+async def test_a_request_trickled_in_is_dropped_after_the_request_timeout(impatient: AdminServer) -> None:
+    reader, writer = await raw(impatient.port, b"GET /live HTTP/1.1\r\n")
+
+    async def trickle() -> None:
+        with contextlib.suppress(ConnectionError):
+            for _ in range(100):  # 5 s at this pace: far beyond request_s
+                writer.write(b"x-a: b\r\n")
+                await asyncio.sleep(0.05)
+
+    trickling = asyncio.create_task(trickle())
+    try:
+        assert await until_closed(reader) == b""
+    finally:
+        trickling.cancel()
+        writer.close()
+
+
+async def test_a_slow_reader_of_debug_holds_the_document_back_instead_of_the_server_buffering_it(
+    served: Served,
+) -> None:
+    built: list[int] = []
+
+    def section(i: int) -> str:
+        built.append(i)
+        return "x" * 10_000
+
+    sections = 2000  # 20 MB in all: far more than a socket's buffers hold
+    served.probe.state = {f"s{i}": partial(section, i) for i in range(sections)}
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # before connecting: the window stays small
+    sock.setblocking(False)
+    await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", served.server.debug_port))
+    reader, writer = await asyncio.open_connection(sock=sock, limit=4096)
+    writer.write(b"GET /debug HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert (await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)).startswith(b"HTTP/1.1 200 ")
+
+    # Nothing more is read: building must stop once the socket, the server's write buffer and one chunk are full.
+    last = -1
+    while len(built) != last:
+        last = len(built)
+        await asyncio.sleep(0.2)
+    assert 0 < last < sections // 2, f"{last} of {sections} sections built while the reader took nothing"
+
+    client = h11.Connection(h11.CLIENT)
+    client.send(h11.Request(method="GET", target="/debug", headers=[("host", "x")]))
+    client.send(h11.EndOfMessage())
+    client.receive_data(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ntransfer-encoding: chunked\r\n\r\n")
+    answer = await asyncio.wait_for(read_answer(reader, client, chunk=1 << 20), 60)
+    writer.close()
+    assert len(built) == sections
+    assert json.loads(answer.body)["s7"] == "x" * 10_000
+
+
+class _SilentFeed:
+    """A tap no call ever finishes on."""
+
+    dropped = 0
+
+    async def next(self) -> Mapping[str, object]:
+        await asyncio.Event().wait()
+        raise AssertionError("unreachable")
+
+
+async def test_close_ends_open_connections_promptly_idle_or_mid_stream() -> None:
+    subscribed: list[bool] = []
+    listening = asyncio.Event()
+
+    @contextlib.contextmanager
+    def tap() -> Iterator[_SilentFeed]:
+        subscribed.append(True)
+        listening.set()
+        try:
+            yield _SilentFeed()
+        finally:
+            subscribed.append(False)
+
+    server = AdminServer(registry=CollectorRegistry(), ready=lambda: True, debug=dict, shutdown=lambda: None, tap=tap)
+    await server.start("127.0.0.1", 0)
+    await server.start_debug("127.0.0.1", 0)
+    idle_reader, idle = await raw(server.port, b"GET /live HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert (await asyncio.wait_for(idle_reader.readuntil(b"live"), 5)).startswith(b"HTTP/1.1 200 ")
+    tap_reader, tapping = await raw(server.debug_port, b"GET /tap?limit=5&seconds=60 HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert (await asyncio.wait_for(tap_reader.readuntil(b"\r\n\r\n"), 5)).startswith(b"HTTP/1.1 200 ")
+    await asyncio.wait_for(listening.wait(), 5)
+
+    await asyncio.wait_for(server.close(), 1.0)  # the proxy's shutdown waits on this: not the tap's 60 s
+
+    assert await until_closed(idle_reader) == b""
+    assert b'"end"' not in await until_closed(tap_reader)  # cut off, not a tap that ended
+    assert subscribed == [True, False]
+    idle.close()
+    tapping.close()
+
+
+def _non_loopback_address() -> str | None:
+    """This host's address on its default route, if it has one (no packet is sent)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        try:
+            probe.connect(("198.51.100.1", 9))  # TEST-NET-2: routed, never reached
+        except OSError:
+            return None
+        address: str = probe.getsockname()[0]
+    return None if is_loopback_peer(address) else address
+
+
+async def test_the_peer_is_the_transports_address_never_a_header() -> None:
+    address = _non_loopback_address()
+    if address is None:
+        pytest.skip("this host has no address besides loopback")
+    probe = Probe()
+    server = AdminServer(registry=CollectorRegistry(), ready=probe.ready, debug=probe.debug, shutdown=probe.shutdown)
+    await server.start("0.0.0.0", 0)
+    try:
+        forged = {"X-Forwarded-For": "127.0.0.1", "X-Real-IP": "127.0.0.1", "Forwarded": "for=127.0.0.1"}
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(local_addr=(address, 0))) as remote:
+            async with remote.post(f"http://{address}:{server.port}/shutdown", headers=forged) as response:
+                assert response.status == 403
+        async with (
+            aiohttp.ClientSession() as local,
+            local.post(f"http://127.0.0.1:{server.port}/shutdown", headers={"X-Forwarded-For": "10.0.0.1"}) as response,
+        ):
+            assert response.status == 202
+    finally:
+        await server.close()
+    assert probe.shutdowns == 1
+
+
+async def test_an_ipv6_loopback_peer_may_ask_for_shutdown() -> None:
+    probe = Probe()
+    server = AdminServer(registry=CollectorRegistry(), ready=probe.ready, debug=probe.debug, shutdown=probe.shutdown)
+    try:
+        await server.start("::1", 0)
+    except OSError:
+        pytest.skip("no IPv6 loopback here")
+    try:
+        async with aiohttp.ClientSession() as client, client.post(f"http://[::1]:{server.port}/shutdown") as response:
+            assert response.status == 202
+    finally:
+        await server.close()
+    assert probe.shutdowns == 1
+
+
+@pytest.mark.parametrize(
+    ("header", "gzip"),
+    [
+        ("gzip", True),
+        ("gzip, deflate, br", True),
+        ("deflate, gzip;q=0.5", True),
+        ("x-gzip", True),
+        ("GZIP", True),
+        ("gzip;q=0", False),
+        ("gzip; q=0.000", False),
+        ("deflate", False),
+        ("identity", False),
+        ("*", False),
+        ("", False),
+    ],
+)
+def test_metrics_are_gzipped_only_when_the_scraper_admits_gzip(header: str, gzip: bool) -> None:
+    assert accepts_gzip(header) is gzip
