@@ -201,7 +201,7 @@ class _Listener:
         self._closing = False
 
     async def start(self, host: str, port: int) -> None:
-        self._server = await asyncio.start_server(self._connection, host, port)
+        self._server = await asyncio.start_server(self._accepted, host, port)
 
     @property
     def port(self) -> int:
@@ -211,7 +211,7 @@ class _Listener:
 
     async def close(self) -> None:
         """Stops listening and ends every open connection now, idle or mid-response."""
-        self._closing = True  # a connection accepted but not yet started ends as soon as it starts
+        self._closing = True
         if self._server is not None:
             self._server.close()
         connections = list(self._connections)
@@ -221,12 +221,18 @@ class _Listener:
         if self._server is not None:
             await self._server.wait_closed()
 
-    async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        if self._closing or task is None:
+    def _accepted(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        # A plain function, so each connection's task is made here, kept in _connections and ended by close():
+        # asyncio's own task for a coroutine callback reports a cancelled one as an error (3.11.7 calls
+        # task.exception() on it), which every shutdown with a connection open would log.
+        if self._closing:  # accepted before close() stopped listening, handed over after
             writer.transport.abort()
             return
+        task = asyncio.get_running_loop().create_task(self._connection(reader, writer))
         self._connections.add(task)
+        task.add_done_callback(self._connections.discard)
+
+    async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         conn = h11.Connection(h11.SERVER, max_incomplete_event_size=self._limits.max_head)
         peer = _peer_host(writer.get_extra_info("peername"))
         try:
@@ -242,8 +248,6 @@ class _Listener:
             writer.transport.abort()
         else:
             writer.close()
-        finally:
-            self._connections.discard(task)
 
     async def _exchange(
         self, conn: h11.Connection, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, peer: str | None

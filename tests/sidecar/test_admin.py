@@ -522,7 +522,7 @@ class _SilentFeed:
         raise AssertionError("unreachable")
 
 
-async def test_close_ends_open_connections_promptly_idle_or_mid_stream() -> None:
+async def test_close_ends_open_connections_promptly_idle_or_mid_stream(caplog: pytest.LogCaptureFixture) -> None:
     subscribed: list[bool] = []
     listening = asyncio.Event()
 
@@ -551,6 +551,7 @@ async def test_close_ends_open_connections_promptly_idle_or_mid_stream() -> None
     assert subscribed == [True, False]
     idle.close()
     tapping.close()
+    assert not [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]  # a shutdown, not an error
 
 
 def _non_loopback_address() -> str | None:
