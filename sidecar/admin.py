@@ -46,8 +46,17 @@ DEBUG_SLICE_S = 0.002
 
 def _debug_value(o: object) -> object:
     """json's fallback for /debug: a no-argument callable is a section built only when the encoder reaches it (so
-    building, like encoding, happens in slices); anything else (Endpoint, ServiceKey) shows as its str()."""
-    return o() if callable(o) else str(o)
+    building, like encoding, happens in slices); anything else (Endpoint, ServiceKey) shows as its str().
+
+    A section that fails to build shows as {"error": ...} in its place (and is logged): the document stays
+    valid JSON and the status 200 whether the failure comes before or after the first chunk went out."""
+    if not callable(o):
+        return str(o)
+    try:
+        return o()
+    except Exception as e:
+        log.exception("debug section failed")
+        return {"error": f"{type(e).__name__}: {e}"}
 
 
 async def render_json(doc: object, *, slice_s: float = DEBUG_SLICE_S) -> AsyncGenerator[bytes, None]:

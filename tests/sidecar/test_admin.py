@@ -156,35 +156,57 @@ async def test_debug_answers_500_naming_the_error_when_the_state_cannot_be_read(
 
 
 async def test_debug_builds_a_callable_section_when_it_reaches_it(served: Served) -> None:
-    built: list[str] = []
+    order: list[str] = []
 
     def section() -> dict[str, object]:
-        built.append("endpoints")
+        order.append("routes")
         return {"endpoints": [{"address": "10.0.0.1", "lazy": lambda: "nested too"}]}
 
-    served.probe.state = {"routes": section}
-    assert built == []
+    def earlier() -> str:
+        order.append("pod")
+        return "pod-0"
+
+    served.probe.state = {"pod": earlier, "routes": section}
     async with served.client.get(served.debug_url()) as response:
         assert response.status == 200
-        assert await response.json() == {"routes": {"endpoints": [{"address": "10.0.0.1", "lazy": "nested too"}]}}
-    assert built == ["endpoints"]
+        assert await response.json() == {
+            "pod": "pod-0",
+            "routes": {"endpoints": [{"address": "10.0.0.1", "lazy": "nested too"}]},
+        }
+    assert order == ["pod", "routes"]  # each built once, in the document's order, as the encoder reached it
 
 
-async def test_a_section_failing_part_way_truncates_the_document_and_is_logged(
-    served: Served, caplog: pytest.LogCaptureFixture
+@pytest.mark.parametrize("before", [0, 60_000], ids=["in-the-first-chunk", "after-the-first-chunk"])
+async def test_a_section_that_fails_shows_its_error_in_place_and_is_logged(
+    served: Served, caplog: pytest.LogCaptureFixture, before: int
 ) -> None:
     def broken() -> object:
         raise LookupError("endpoint vanished")
 
-    # Enough before the broken section that the first chunk (and the 200) has gone out when it fails.
-    served.probe.state = {"big": [{"n": i, "s": "x" * 40} for i in range(60_000)], "broken": broken}
+    # 60,000 entries first: the first chunk (and the 200) has gone out when the broken section is reached.
+    served.probe.state = {"big": [{"n": i} for i in range(before)], "broken": broken, "after": "still here"}
+    with caplog.at_level(logging.ERROR, logger="sidecar.admin"):
+        async with served.client.get(served.debug_url()) as response:
+            assert response.status == 200
+            doc = await response.json()
+    assert doc["broken"] == {"error": "LookupError: endpoint vanished"}
+    assert doc["after"] == "still here" and len(doc["big"]) == before
+    assert "debug section failed" in caplog.text and "LookupError: endpoint vanished" in caplog.text
+
+
+async def test_a_document_that_cannot_be_encoded_part_way_is_truncated_and_logged(
+    served: Served, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A mapping with a key JSON cannot hold, after enough that the 200 has gone out: the reader gets a body
+    # without its last chunk (invalid, and seen as incomplete), the log says why.
+    served.probe.state = {"big": [{"n": i, "s": "x" * 40} for i in range(60_000)], "bad": {("a", 1): 2}}
     with caplog.at_level(logging.ERROR, logger="sidecar.admin"):
         async with served.client.get(served.debug_url()) as response:
             assert response.status == 200
             with pytest.raises(aiohttp.ClientPayloadError):
                 await response.read()
     assert "debug state failed part way" in caplog.text
-    assert "LookupError: endpoint vanished" in caplog.text
+    assert "TypeError" in caplog.text
 
 
 async def test_shutdown_from_loopback_is_accepted_and_calls_the_callback(served: Served) -> None:
