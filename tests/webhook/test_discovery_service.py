@@ -232,8 +232,12 @@ async def test_subscribe_gets_a_snapshot_then_deltas_then_nothing_after_unsubscr
         update = (await s.read()).services[0]
         assert endpoints(update) == [("10.1.0.1", 15443, 7, True, False)] and not update.removed
 
-        # Unsubscribed: later changes of that Service are not sent.
+        # Unsubscribed: later changes of that Service are not sent. A stream's requests are handled in order, so
+        # the snapshot of a Service subscribed after the unsubscribe says the unsubscribe has been handled (the
+        # change made before that could race it and be sent, rightly).
         await s.send(unsubscribe=[ref("cart")])
+        await s.send(subscribe=[ref("web")])
+        assert [u.service.name for u in (await s.read()).services] == ["web"]
         cluster.put(endpoint_slice("cart-a", "cart", ("10.1.0.4", None, True)))
         await s.nothing_for(0.5)
         s.call.cancel()
