@@ -91,6 +91,16 @@ async def server_side(pki: Pki, backend: Backend | App, tmp_path: Path, name: st
         yield p
 
 
+@contextlib.asynccontextmanager
+async def echo_and_client(
+    replica: RunningPlane, pki: Pki, tmp_path: Path
+) -> AsyncIterator[tuple[Backend, RunningProxy, Proxy]]:
+    """Backend "a" behind its proxy (file discovery), and a client proxy fed by `replica`."""
+    with start_backend("a") as backend:
+        async with server_side(pki, backend, tmp_path, "a") as srv, cp_proxy(cp_env(replica, pki)) as client:
+            yield backend, srv, client
+
+
 def echo(*endpoints: pb.Endpoint, allow: list[str] | None = None) -> FakeService:
     policy = pb.Policy(grpc_services=["test.Echo"], allow=allow or [], allow_any=allow is None)
     return FakeService(list(endpoints), policy=policy, selector={"app": "echo"})
@@ -195,64 +205,61 @@ async def test_the_proxy_is_ready_only_once_its_declared_upstream_is_answered(
 async def test_a_service_first_named_by_authority_is_subscribed_and_the_first_call_waits_for_it(
     plane: FakeControlPlane, replica: RunningPlane, pki: Pki, tmp_path: Path
 ) -> None:
-    with start_backend("a") as backend:
-        async with server_side(pki, backend, tmp_path, "a") as srv, cp_proxy(cp_env(replica, pki)) as client:
-            plane.set_service("default", "echo", echo(endpoint("127.0.0.1", srv.inbound_port)))
-            assert await call(outbound(client), "echo.default:50051") == (grpc.StatusCode.OK, "", "a")
-            assert any(s.name == "echo" for r in plane.requests for s in r.subscribe)
-            # The next calls find it in the catalog (no second subscription).
-            assert (await call(outbound(client), "echo"))[0] == grpc.StatusCode.OK
-            assert sum(s.name == "echo" for r in plane.requests for s in r.subscribe) == 1
+    async with echo_and_client(replica, pki, tmp_path) as (backend, srv, client):
+        plane.set_service("default", "echo", echo(endpoint("127.0.0.1", srv.inbound_port)))
+        assert await call(outbound(client), "echo.default:50051") == (grpc.StatusCode.OK, "", "a")
+        assert any(s.name == "echo" for r in plane.requests for s in r.subscribe)
+        # The next calls find it in the catalog (no second subscription).
+        assert (await call(outbound(client), "echo"))[0] == grpc.StatusCode.OK
+        assert sum(s.name == "echo" for r in plane.requests for s in r.subscribe) == 1
 
 
 async def test_the_first_call_to_a_service_named_on_demand_gets_the_services_default_deadline(
     plane: FakeControlPlane, replica: RunningPlane, pki: Pki, tmp_path: Path
 ) -> None:
-    with start_backend("a") as backend:
-        async with server_side(pki, backend, tmp_path, "a") as srv, cp_proxy(cp_env(replica, pki)) as client:
-            svc = echo(endpoint("127.0.0.1", srv.inbound_port))
-            svc.policy.timeout_seconds = 0.5
-            plane.set_service("default", "echo", svc)
-            opts = [*GRPC_OPTIONS, ("grpc.default_authority", "echo.default:50051")]
-            started = time.monotonic()
-            async with grpc.aio.insecure_channel(outbound(client), options=opts) as ch:
-                # No deadline of the caller's; the app would take 3 s. Nothing about echo is known yet: this call
-                # is the one that subscribes to it.
-                first = ch.unary_unary("/test.Echo/Unary")(b"x", metadata=(("x-sleep-ms", "3000"),))  # type: ignore[arg-type]
-                with pytest.raises(grpc.aio.AioRpcError) as failed:
-                    await first
-            took = time.monotonic() - started
-            assert sum(s.name == "echo" for r in plane.requests for s in r.subscribe) == 1
-            assert failed.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-            assert took < 2.0, f"the Service's 0.5 s deadline was not applied ({took:.2f} s)"
-            seen = backend.state.seen_deadline[0]
-            assert seen is not None and seen <= 0.5, f"the app was not told the deadline ({seen})"
+    async with echo_and_client(replica, pki, tmp_path) as (backend, srv, client):
+        svc = echo(endpoint("127.0.0.1", srv.inbound_port))
+        svc.policy.timeout_seconds = 0.5
+        plane.set_service("default", "echo", svc)
+        opts = [*GRPC_OPTIONS, ("grpc.default_authority", "echo.default:50051")]
+        started = time.monotonic()
+        async with grpc.aio.insecure_channel(outbound(client), options=opts) as ch:
+            # No deadline of the caller's; the app would take 3 s. Nothing about echo is known yet: this call
+            # is the one that subscribes to it.
+            first = ch.unary_unary("/test.Echo/Unary")(b"x", metadata=(("x-sleep-ms", "3000"),))  # type: ignore[arg-type]
+            with pytest.raises(grpc.aio.AioRpcError) as failed:
+                await first
+        took = time.monotonic() - started
+        assert sum(s.name == "echo" for r in plane.requests for s in r.subscribe) == 1
+        assert failed.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        assert took < 2.0, f"the Service's 0.5 s deadline was not applied ({took:.2f} s)"
+        seen = backend.state.seen_deadline[0]
+        assert seen is not None and seen <= 0.5, f"the app was not told the deadline ({seen})"
 
 
 async def test_the_callers_deadline_is_cut_by_the_time_the_first_call_waited_for_the_control_plane(
     plane: FakeControlPlane, replica: RunningPlane, pki: Pki, tmp_path: Path
 ) -> None:
-    with start_backend("a") as backend:
-        async with server_side(pki, backend, tmp_path, "a") as srv, cp_proxy(cp_env(replica, pki)) as client:
-            plane.set_service("default", "echo", echo(endpoint("127.0.0.1", srv.inbound_port)))
-            opts = [*GRPC_OPTIONS, ("grpc.default_authority", "echo.default:50051")]
-            held = threading.Event()
+    async with echo_and_client(replica, pki, tmp_path) as (backend, srv, client):
+        plane.set_service("default", "echo", echo(endpoint("127.0.0.1", srv.inbound_port)))
+        opts = [*GRPC_OPTIONS, ("grpc.default_authority", "echo.default:50051")]
+        held = threading.Event()
 
-            def slow_control_plane() -> None:
-                with plane.lock:  # the fake answers subscriptions under this lock: 1 s late
-                    held.set()
-                    time.sleep(1.0)
+        def slow_control_plane() -> None:
+            with plane.lock:  # the fake answers subscriptions under this lock: 1 s late
+                held.set()
+                time.sleep(1.0)
 
-            holder = threading.Thread(target=slow_control_plane)
-            holder.start()
-            held.wait(5)
-            try:
-                async with grpc.aio.insecure_channel(outbound(client), options=opts) as ch:
-                    assert await ch.unary_unary("/test.Echo/Unary")(b"x", timeout=3.0) == b"x"  # type: ignore[arg-type]
-            finally:
-                holder.join()
-            seen = backend.state.seen_deadline[0]
-            assert seen is not None and 1.0 < seen < 2.2, f"the app was told {seen} s of a 3 s call that waited 1 s"
+        holder = threading.Thread(target=slow_control_plane)
+        holder.start()
+        held.wait(5)
+        try:
+            async with grpc.aio.insecure_channel(outbound(client), options=opts) as ch:
+                assert await ch.unary_unary("/test.Echo/Unary")(b"x", timeout=3.0) == b"x"  # type: ignore[arg-type]
+        finally:
+            holder.join()
+        seen = backend.state.seen_deadline[0]
+        assert seen is not None and 1.0 < seen < 2.2, f"the app was told {seen} s of a 3 s call that waited 1 s"
 
 
 async def test_the_first_call_to_a_service_named_on_demand_is_retried_by_the_services_policy(
@@ -276,11 +283,10 @@ async def test_the_first_call_to_a_service_named_on_demand_is_retried_by_the_ser
 async def test_a_call_named_only_by_its_grpc_service_is_routed_once_the_claims_arrive(
     plane: FakeControlPlane, replica: RunningPlane, pki: Pki, tmp_path: Path
 ) -> None:
-    with start_backend("a") as backend:
-        async with server_side(pki, backend, tmp_path, "a") as srv, cp_proxy(cp_env(replica, pki)) as client:
-            plane.set_service("default", "echo", echo(endpoint("127.0.0.1", srv.inbound_port)))
-            assert await call(outbound(client), outbound(client)) == (grpc.StatusCode.OK, "", "a")
-            assert [r.grpc_services for r in plane.requests if r.grpc_services] == [["test.Echo"]]
+    async with echo_and_client(replica, pki, tmp_path) as (backend, srv, client):
+        plane.set_service("default", "echo", echo(endpoint("127.0.0.1", srv.inbound_port)))
+        assert await call(outbound(client), outbound(client)) == (grpc.StatusCode.OK, "", "a")
+        assert [r.grpc_services for r in plane.requests if r.grpc_services] == [["test.Echo"]]
 
 
 async def test_a_service_the_control_plane_does_not_know_fails_unavailable_naming_it(
