@@ -29,7 +29,7 @@ from tests.sidecar.fake_control_plane import (
     endpoint,
     server_cert,
 )
-from tests.sidecar.harness import Workload, _issue
+from tests.sidecar.harness import Workload, _issue, wait_for
 
 ARITH = ServiceKey("arith", "default")
 
@@ -204,15 +204,6 @@ def source(pki: Pki, *ports: int, upstreams: tuple[ServiceKey, ...] = (ARITH,), 
     )
 
 
-async def wait_until(pred: object, what: str, timeout: float = 10.0) -> None:
-    assert callable(pred)
-    deadline = time.monotonic() + timeout
-    while not pred():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.02)
-
-
 async def test_the_first_catalog_comes_once_every_declared_upstream_and_the_pods_selectors_are_answered(
     plane: FakeControlPlane, replica: RunningPlane, pki: Pki, running: list[asyncio.Task[None]]
 ) -> None:
@@ -267,8 +258,8 @@ async def test_a_control_plane_gone_leaves_the_last_endpoints_and_a_restart_gets
     assert disc.current and disc.last_update_age() == 0.0
 
     replica.stop()
-    await wait_until(lambda: not disc.current, "the stream to be seen down")
-    await wait_until(lambda: disc.last_update_age() > 0.2, "the age to grow")
+    await wait_for(lambda: not disc.current, "the stream to be seen down")
+    await wait_for(lambda: disc.last_update_age() > 0.2, "the age to grow")
     debug = disc.debug()
     assert debug["current"] is False and debug["last_error"]
     # The last known endpoints stay in service: nothing was published that drops them.
@@ -298,7 +289,7 @@ async def test_killing_one_of_two_replicas_moves_the_stream_to_the_other(
         first = disc.connected_to
         assert first is not None
         (a if first.endswith(f":{a.port}") else b).stop()
-        await wait_until(lambda: disc.connected_to not in (None, first), "the stream on the other replica", 15)
+        await wait_for(lambda: disc.connected_to not in (None, first), "the stream on the other replica", 15)
         plane.set_service("default", "arith", FakeService([endpoint("10.0.0.8", 15443)]))
         await published.until(lambda c: c.services[ARITH].endpoints[0].address == "10.0.0.8", "a change via the other")
     finally:
@@ -315,7 +306,7 @@ async def test_a_server_whose_certificate_names_another_host_is_not_trusted(
         published = Published()
         disc = source(pki, impostor.port)
         running.append(asyncio.create_task(disc.run(published)))
-        await wait_until(lambda: disc.last_error is not None, "a failed connection")
+        await wait_for(lambda: disc.last_error is not None, "a failed connection")
         assert "certificate" in (disc.last_error or "") and not published.catalogs and not plane.requests
     finally:
         impostor.stop()
@@ -347,10 +338,10 @@ async def test_refused_streams_are_retried_with_backoff_and_said_in_debug(
     plane.refuse = "PERMISSION_DENIED"
     disc = source(pki, replica.port)
     running.append(asyncio.create_task(disc.run(Published())))
-    await wait_until(lambda: disc.failures >= 3, "three refusals")
+    await wait_for(lambda: disc.failures >= 3, "three refusals")
     assert "PERMISSION_DENIED" in (disc.last_error or "")
     plane.refuse = None
-    await wait_until(lambda: disc.current, "the stream up once allowed", 15)
+    await wait_for(lambda: disc.current, "the stream up once allowed", 15)
 
 
 async def test_on_demand_subscriptions_are_bounded_and_make_room_by_dropping_services_that_do_not_exist(pki: Pki) -> None:

@@ -40,6 +40,7 @@ from tests.sidecar.harness import (
     endpoints_yaml,
     run_proxy,
     start_backend,
+    wait_for,
 )
 from tests.sidecar.test_mesh import scrape
 from tests.sidecar.test_resilience import App, app
@@ -164,15 +165,6 @@ async def discovery_debug(p: Proxy) -> dict[str, object]:
             return out
 
     return await asyncio.to_thread(fetch)
-
-
-async def wait_until(pred: object, what: str, timeout: float = 10.0) -> None:
-    assert callable(pred)
-    deadline = time.monotonic() + timeout
-    while not pred():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.02)
 
 
 async def test_the_proxy_is_ready_only_once_its_declared_upstream_is_answered(
@@ -348,7 +340,7 @@ async def test_a_removed_endpoint_takes_no_new_calls_while_its_open_call_finishe
                 plane.delta("default", "echo", pb.ServiceUpdate(
                     endpoints=[endpoint("127.0.0.1", srv_b.inbound_port)], removed=[pb.EndpointKey(address="127.0.0.1", port=a.port)],
                 ))  # fmt: skip
-                await wait_until(
+                await wait_for(
                     lambda: [e.port for e in client.outbound.catalog.services[_echo()].endpoints] == [srv_b.inbound_port],
                     "the delta",
                 )
