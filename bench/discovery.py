@@ -33,6 +33,7 @@ import aiohttp
 import grpc
 from prometheus_client.parser import text_string_to_metric_families
 
+from bench.procs import stop
 from bench.procstat import cpu_seconds, rss_kib
 from e2e.cluster.control_plane import ControlPlane
 from proto import discovery_pb2 as pb
@@ -273,12 +274,7 @@ def control_plane_process(work: Path, kubeconfig: Path, ca: KeyPair) -> Any:
     try:
         yield ControlPlaneProcess(proc, port)
     finally:
-        proc.terminate()
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop(proc, grace_s=15)
 
 
 async def wait_for(what: str, check: Any, timeout: float) -> None:

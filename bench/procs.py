@@ -100,10 +100,16 @@ def launched(
             time.sleep(0.001)
         yield Started(name, popen, clock() - start, log)
     finally:
-        if popen.poll() is None:
-            popen.terminate()
-            try:
-                popen.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                popen.kill()
-                popen.wait(timeout=5)
+        stop(popen, grace_s=5)
+
+
+def stop(popen: subprocess.Popen[bytes], *, grace_s: float) -> None:
+    """SIGTERM, then SIGKILL if `popen` has not exited within `grace_s`; returns once it has exited."""
+    if popen.poll() is not None:
+        return
+    popen.terminate()
+    try:
+        popen.wait(timeout=grace_s)
+    except subprocess.TimeoutExpired:
+        popen.kill()
+        popen.wait(timeout=5)

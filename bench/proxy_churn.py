@@ -41,6 +41,7 @@ from bench.discovery import (
     probe,
     run_bounded,
 )
+from bench.procs import stop
 from bench.procstat import cpu_seconds_ns, rss_kib
 from e2e.cluster.control_plane import ControlPlane
 from sidecar.pki import KeyPair, create_ca, issue_workload
@@ -124,12 +125,7 @@ def proxy_process(name: str, work: Path, ca: KeyPair, env: dict[str, str], *, ho
     try:
         yield ProxyProcess(name, proc, admin, debug)
     finally:
-        proc.terminate()
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop(proc, grace_s=15)
 
 
 def python_pid(p: ProxyProcess) -> None:
